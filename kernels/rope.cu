@@ -1,0 +1,179 @@
+// Rotary position embedding, specialized at run time.
+//
+// rope_jit renders this file after common.cuh and a generated prelude that defines, as
+// compile-time constants: scalar_t (q/k storage), cache_t (cos/sin cache storage),
+// index_t (positions, indptr and offsets), HEAD_SIZE, ROT_DIM, VEC (elements per vector
+// access), CACHE_VEC, HEAD_BATCH (heads whose loads are issued together), NEOX,
+// OUT_OF_PLACE, INDPTR, COS_SIN_FROM_CACHE, and the RopeParams struct (every field 8 bytes; its
+// order is fixed by rope_jit/specs.py, which also packs it on the host).
+//
+// Work split. A thread owns one token and one "chunk" of VEC consecutive frequencies,
+// i.e. VEC rotated pairs = two vector accesses per head:
+//   NeoX:  x[c*VEC .. c*VEC+VEC)      paired with x[R/2 + c*VEC ..]
+//   GPT-J: x[2*c*VEC .. 2*c*VEC+2*VEC) (pairs are adjacent elements)
+// It fetches (or computes) cos/sin for its chunk once, then applies them to every head of
+// its head group, HEAD_BATCH heads at a time with all their loads in flight before the
+// first store. Block = (CHUNKS, head groups, tokens); grid = (token tiles, head-group
+// tiles). In place, the pass-through part of a partially rotated head is never touched;
+// out of place, the same threads copy it.
+
+constexpr int HALF = ROT_DIM / 2;
+constexpr int CHUNKS = HALF / VEC;
+constexpr int PASS_VECS = OUT_OF_PLACE ? (HEAD_SIZE - ROT_DIM) / VEC : 0;
+constexpr int PASS_PER_THREAD = (PASS_VECS + CHUNKS - 1) / CHUNKS;
+constexpr int OFF_A = 0;                           // first vector of a chunk, per chunk index
+constexpr int OFF_B = NEOX ? HALF : VEC;           // its partner vector
+constexpr int CHUNK_STRIDE = NEOX ? VEC : 2 * VEC; // elements between consecutive chunks
+
+static_assert(ROT_DIM % 2 == 0 && ROT_DIM <= HEAD_SIZE, "rotary dim");
+static_assert(HALF % VEC == 0, "VEC must divide ROT_DIM/2");
+static_assert(VEC % CACHE_VEC == 0, "CACHE_VEC must divide VEC");
+
+typedef Vec<scalar_t, VEC> vec_t;
+
+// cos/sin of the VEC frequencies of chunk `chunk` at position `pos`. `valid` false gives
+// the identity rotation (a token no request owns, or a position outside the cache: the
+// cache is never read out of bounds).
+__device__ __forceinline__ void cos_sin(const RopeParams& p, i64 pos, bool valid, int chunk,
+                                        float (&c)[VEC], float (&s)[VEC]) {
+  if constexpr (COS_SIN_FROM_CACHE) {
+    if (!(valid && pos >= 0 && pos < p.max_position)) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) { c[v] = 1.f; s[v] = 0.f; }
+      return;
+    }
+    const cache_t* row = (const cache_t*)p.cache + pos * p.cache_stride + chunk * VEC;
+#pragma unroll
+    for (int i = 0; i < VEC; i += CACHE_VEC) {
+      const Vec<cache_t, CACHE_VEC> cv = load_vec<cache_t, CACHE_VEC>(row + i);
+      const Vec<cache_t, CACHE_VEC> sv = load_vec<cache_t, CACHE_VEC>(row + HALF + i);
+#pragma unroll
+      for (int j = 0; j < CACHE_VEC; ++j) {
+        c[i + j] = to_float(cv.e[j]);
+        s[i + j] = to_float(sv.e[j]);
+      }
+    }
+  } else {
+    // On the fly, in double precision, once per thread and frequency (shared by all the
+    // heads of the thread): an fp32 angle pos*inv_freq has lost nearly all its fraction by
+    // position 2^20, and fast-math sincos adds more. Rounded once to fp32, this is as
+    // accurate as an fp32 cache built in float64.
+    //   inv_freq = theta^(-2j/R) = 2^(j * freq_exponent)
+    //   Llama 3.1 smoothing: f = (1-w) * inv_freq * inv_scale + w * inv_freq with
+    //   w = clamp(inv_freq * smooth_a + smooth_b, 0, 1); smooth_a = smooth_b = 0 is plain
+    //   RoPE with the frequencies divided by rope_scale (linear scaling).
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const int j = chunk * VEC + v;
+      const double inv_freq = exp2((double)j * p.freq_exponent);
+      const double w = fmin(fmax(fma(inv_freq, p.smooth_a, p.smooth_b), 0.0), 1.0);
+      const double freq = (1.0 - w) * (inv_freq * p.inv_scale) + w * inv_freq;
+      double sd, cd;
+      sincos(valid ? (double)pos * freq : 0.0, &sd, &cd);
+      c[v] = (float)cd;
+      s[v] = (float)sd;
+    }
+  }
+}
+
+// One pair (x1, x2) -> (x1*c - x2*s, x2*c + x1*s), in fp32, rounded once.
+__device__ __forceinline__ void rotate(scalar_t& a, scalar_t& b, float c, float s) {
+  const float x1 = to_float(a), x2 = to_float(b);
+  a = from_float<scalar_t>(fmaf(x1, c, -x2 * s));
+  b = from_float<scalar_t>(fmaf(x2, c, x1 * s));
+}
+
+__device__ __forceinline__ void rotate_chunk(vec_t& va, vec_t& vb, const float (&c)[VEC],
+                                             const float (&s)[VEC]) {
+  if constexpr (NEOX || VEC == 1) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) rotate(va.e[v], vb.e[v], c[v], s[v]);
+  } else {
+    // GPT-J: va holds pairs 0 .. VEC/2-1 of the chunk, vb pairs VEC/2 .. VEC-1.
+#pragma unroll
+    for (int u = 0; u < VEC / 2; ++u) {
+      rotate(va.e[2 * u], va.e[2 * u + 1], c[u], s[u]);
+      rotate(vb.e[2 * u], vb.e[2 * u + 1], c[VEC / 2 + u], s[VEC / 2 + u]);
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(1024) rope_kernel(const RopeParams p) {
+  const i64 t = (i64)blockIdx.x * blockDim.z + threadIdx.z;
+  if (t >= p.num_tokens) return;
+  const int chunk = threadIdx.x;
+  const int group = blockIdx.y * blockDim.y + threadIdx.y;
+  const int num_groups = gridDim.y * blockDim.y;
+  const int num_heads = (int)(p.num_q_heads + p.num_k_heads);
+  if (group * HEAD_BATCH >= num_heads) return;
+
+  // Token dims are [tokens] or [batch, seq] with independent strides.
+  i64 outer = 0, inner = t;
+  if (p.inner_tokens != p.num_tokens) {
+    outer = t / p.inner_tokens;
+    inner = t - outer * p.inner_tokens;
+  }
+
+  i64 pos;
+  bool valid = true;
+  if constexpr (INDPTR) {
+    const index_t* indptr = (const index_t*)p.positions;
+    const int b = find_request<index_t>(indptr, (int)p.batch_size, t);
+    valid = b >= 0;
+    pos = valid ? (i64)((const index_t*)p.offsets)[b] + (t - (i64)indptr[b]) : 0;
+  } else {
+    pos = (i64)((const index_t*)p.positions)[outer * p.pos_stride_outer +
+                                              inner * p.pos_stride_inner];
+  }
+
+  float c[VEC], s[VEC];
+  cos_sin(p, pos, valid, chunk, c, s);
+
+  const i64 q_tok = outer * p.q_stride_outer + inner * p.q_stride_inner;
+  const i64 k_tok = outer * p.k_stride_outer + inner * p.k_stride_inner;
+  const i64 qo_tok = outer * p.qo_stride_outer + inner * p.qo_stride_inner;
+  const i64 ko_tok = outer * p.ko_stride_outer + inner * p.ko_stride_inner;
+  const int off = chunk * CHUNK_STRIDE;
+
+  for (int h0 = group * HEAD_BATCH; h0 < num_heads; h0 += num_groups * HEAD_BATCH) {
+    vec_t va[HEAD_BATCH], vb[HEAD_BATCH];
+    vec_t pass[HEAD_BATCH][PASS_PER_THREAD > 0 ? PASS_PER_THREAD : 1];
+    scalar_t* dst[HEAD_BATCH];
+    // Issue every load of the batch before the first store.
+#pragma unroll
+    for (int i = 0; i < HEAD_BATCH; ++i) {
+      const int h = h0 + i;
+      if (h < num_heads) {
+        const scalar_t* src;
+        if (h < p.num_q_heads) {
+          src = (const scalar_t*)p.q + q_tok + h * p.q_stride_head;
+          dst[i] = (scalar_t*)p.q_out + qo_tok + h * p.qo_stride_head;
+        } else {
+          const i64 hk = h - p.num_q_heads;
+          src = (const scalar_t*)p.k + k_tok + hk * p.k_stride_head;
+          dst[i] = (scalar_t*)p.k_out + ko_tok + hk * p.ko_stride_head;
+        }
+        va[i] = load_vec<scalar_t, VEC>(src + off + OFF_A);
+        vb[i] = load_vec<scalar_t, VEC>(src + off + OFF_B);
+#pragma unroll
+        for (int m = 0; m < PASS_PER_THREAD; ++m) {
+          const int pv = chunk + m * CHUNKS;
+          if (pv < PASS_VECS) pass[i][m] = load_vec<scalar_t, VEC>(src + ROT_DIM + pv * VEC);
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < HEAD_BATCH; ++i) {
+      if (h0 + i < num_heads) {
+        rotate_chunk(va[i], vb[i], c, s);
+        store_vec<scalar_t, VEC>(dst[i] + off + OFF_A, va[i]);
+        store_vec<scalar_t, VEC>(dst[i] + off + OFF_B, vb[i]);
+#pragma unroll
+        for (int m = 0; m < PASS_PER_THREAD; ++m) {
+          const int pv = chunk + m * CHUNKS;
+          if (pv < PASS_VECS) store_vec<scalar_t, VEC>(dst[i] + ROT_DIM + pv * VEC, pass[i][m]);
+        }
+      }
+    }
+  }
+}

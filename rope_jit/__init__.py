@@ -1,0 +1,43 @@
+"""rope_jit: rotary position embedding kernels specialized at run time (NVRTC via CuPy).
+
+One namespace with vLLM's and FlashInfer's RoPE APIs. Importing it needs only NumPy;
+CuPy is imported on the first GPU call.
+"""
+
+from ._version import __version__
+from .api import (
+    apply_llama31_rope,
+    apply_llama31_rope_inplace,
+    apply_llama31_rope_pos_ids,
+    apply_llama31_rope_pos_ids_inplace,
+    apply_rope,
+    apply_rope_inplace,
+    apply_rope_inplace_with_cache,
+    apply_rope_pos_ids,
+    apply_rope_pos_ids_inplace,
+    apply_rope_with_cos_sin_cache,
+    apply_rope_with_cos_sin_cache_inplace,
+    positions_from_offsets,
+)
+from .arrays import ArrayDesc
+from .cos_sin_cache import compute_cos_sin_cache
+from .jit import CompileError
+
+__all__ = [
+    "__version__",
+    "ArrayDesc",
+    "CompileError",
+    "apply_llama31_rope",
+    "apply_llama31_rope_inplace",
+    "apply_llama31_rope_pos_ids",
+    "apply_llama31_rope_pos_ids_inplace",
+    "apply_rope",
+    "apply_rope_inplace",
+    "apply_rope_inplace_with_cache",
+    "apply_rope_pos_ids",
+    "apply_rope_pos_ids_inplace",
+    "apply_rope_with_cos_sin_cache",
+    "apply_rope_with_cos_sin_cache_inplace",
+    "compute_cos_sin_cache",
+    "positions_from_offsets",
+]

@@ -1,0 +1,111 @@
+"""CuPy, imported on first use, and the few device queries rope_jit needs.
+
+Importing rope_jit never imports CuPy: the reference, validation, planning and cache
+builders work without it. The first call that needs the GPU or NVRTC lands here, and
+if CuPy is missing the error says which extra to install.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+_INSTALL_HINT = (
+    "rope_jit needs CuPy for this: install the extra matching your CUDA, "
+    "`pip install rope_jit[cuda12]` (cupy-cuda12x) or `pip install rope_jit[cuda13]` "
+    "(cupy-cuda13x)")
+
+_cupy = None
+
+
+def cupy_module():
+    global _cupy
+    if _cupy is None:
+        try:
+            import cupy
+        except ImportError as e:
+            raise ImportError(f"{_INSTALL_HINT} ({e})") from None
+        _cupy = cupy
+    return _cupy
+
+
+def nvrtc_module():
+    cupy_module()
+    from cupy_backends.cuda.libs import nvrtc
+
+    return nvrtc
+
+
+def driver_module():
+    cupy_module()
+    from cupy_backends.cuda.api import driver
+
+    return driver
+
+
+def current_device() -> int:
+    return cupy_module().cuda.runtime.getDevice()
+
+
+def device_count() -> int:
+    try:
+        return cupy_module().cuda.runtime.getDeviceCount()
+    except Exception:
+        return 0
+
+
+@functools.lru_cache(maxsize=None)
+def device_arch(device: int) -> str:
+    """'90' for an H100."""
+    return cupy_module().cuda.Device(device).compute_capability
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: int) -> int:
+    return cupy_module().cuda.runtime.getDeviceProperties(device)["multiProcessorCount"]
+
+
+def cupy_stream(device: int) -> int:
+    cp = cupy_module()
+    with cp.cuda.Device(device):
+        return cp.cuda.get_current_stream().ptr
+
+
+def pointer_device(ptr: int) -> int:
+    if ptr == 0:
+        return current_device()
+    attrs = cupy_module().cuda.runtime.pointerGetAttributes(ptr)
+    if attrs.type not in (2, 3):  # cudaMemoryTypeDevice, cudaMemoryTypeManaged
+        return -1
+    return attrs.device
+
+
+def wait_for_producer_stream(stream, device: int) -> None:
+    """__cuda_array_interface__ v3: order our stream after the producer's, on the device."""
+    if stream is None or device < 0:
+        return
+    cp = cupy_module()
+    with cp.cuda.Device(device):
+        ours = cp.cuda.get_current_stream()
+        if stream in (1, 2):  # legacy / per-thread default stream
+            stream = 0
+        if stream == ours.ptr:
+            return
+        event = cp.cuda.Event(disable_timing=True)
+        event.record(cp.cuda.ExternalStream(stream))
+        ours.wait_event(event)
+
+
+def cupy_empty(shape, dtype: str, device: int):
+    from .arrays import numpy_dtype
+
+    cp = cupy_module()
+    with cp.cuda.Device(device):
+        return cp.empty(shape, dtype=numpy_dtype(dtype))
+
+
+def cupy_from_host(host: np.ndarray, device: int):
+    cp = cupy_module()
+    with cp.cuda.Device(max(device, 0)):
+        return cp.asarray(host)

@@ -1,0 +1,271 @@
+"""The call path: fingerprint the arguments, reuse a cached plan, launch on the caller's stream.
+
+A warm call costs: one fingerprint per array (pointer, shape, strides, dtype, device),
+one dict look-up, packing the kernel-argument struct, and one cuLaunchKernel. Everything
+that depends only on shapes, strides, dtypes, alignment and devices (validation, planning,
+the compiled function) is computed once per distinct fingerprint by ``_prepare``.
+
+The kernel argument is one struct passed by value; its bytes are packed into a per-thread
+buffer (cuLaunchKernel copies them before it returns, and the GIL may be released inside
+it, so buffers are never shared between threads). Nothing is allocated on the device for
+an in-place call, so it can be captured in a CUDA graph once its kernel is loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import threading
+from dataclasses import dataclass
+
+from . import jit
+from ._cuda import current_device, cupy_module, driver_module, num_sms
+from .arrays import Framework, describe, framework_of
+from .plan import plan_positions, plan_rope
+from .specs import POSITIONS_PARAMS, ROPE_PARAMS, PositionsSpec
+
+_ARG_BYTES = 1024
+_tls = threading.local()
+
+
+def _arg_buffer():
+    """(struct buffer, address of the one-element void* array that points at it)."""
+    b = getattr(_tls, "buf", None)
+    if b is None:
+        buf = ctypes.create_string_buffer(_ARG_BYTES)
+        argv = (ctypes.c_void_p * 1)(ctypes.addressof(buf))
+        b = _tls.buf = (buf, ctypes.addressof(argv), argv)
+    return b
+
+
+def launch_kernel(func: int, grid, block, stream: int, packer, values) -> None:
+    buf, argv, _keep = _arg_buffer()
+    packer.pack_into(buf, 0, *values)
+    driver_module().launchKernel(func, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                                 0, stream, argv, 0)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    func: int              # CUfunction, 0 when there is nothing to launch
+    grid: tuple
+    block: tuple
+    static: tuple
+    device: int
+    q_out_shape: tuple
+    k_out_shape: tuple | None
+    dtype: str
+
+
+_prepared: dict = {}
+
+
+def _freq_values(on_the_fly) -> tuple:
+    """Kernel values (freq_exponent, inv_scale, smooth_a, smooth_b) of the on-the-fly
+    parameters (rotary_dim, rope_theta, rope_scale, llama31 or None)."""
+    if on_the_fly is None:
+        return (0.0, 1.0, 0.0, 0.0)
+    rot, theta, scale, llama = on_the_fly
+    exponent = -2.0 * math.log2(theta) / rot
+    if llama is None:
+        return (exponent, 1.0 / scale, 0.0, 0.0)
+    low, high, old_ctx = llama
+    smooth_a = old_ctx / (2 * math.pi * high - 2 * math.pi * low)
+    smooth_b = -1.0 / (high / low - 1.0)
+    return (exponent, 1.0 / scale, smooth_a, smooth_b)
+
+
+def _check_freq(theta, scale, llama) -> None:
+    if not (isinstance(theta, (int, float)) and theta > 0 and math.isfinite(theta)) or theta == 1:
+        raise ValueError(f"rope_theta: expected a finite number > 0 and != 1, got {theta!r}")
+    if not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"rope_scale: expected a finite number > 0, got {scale!r}")
+    if llama is not None:
+        low, high, old_ctx = llama
+        if not (low > 0 and high > low):
+            raise ValueError(f"high_freq_factor must exceed low_freq_factor > 0, got "
+                             f"low_freq_factor={low!r}, high_freq_factor={high!r}")
+        if not old_ctx > 0:
+            raise ValueError(f"old_context_len: expected a positive number, got {old_ctx!r}")
+
+
+_freq_cache: dict = {}
+
+
+def _freq(on_the_fly) -> tuple:
+    v = _freq_cache.get(on_the_fly)
+    if v is None:
+        if on_the_fly is not None:
+            _check_freq(*on_the_fly[1:])
+        v = _freq_cache[on_the_fly] = _freq_values(on_the_fly)
+    return v
+
+
+def _prepare(fw: Framework, query, key, positions, indptr, offsets, cache, head_size,
+             rotary_dim, is_neox, inplace) -> _Prepared:
+    qd = fw.describe(query)
+    kd = describe(key, "key") if key is not None else None
+    pd = describe(positions, "positions") if positions is not None else None
+    ind = describe(indptr, "indptr") if indptr is not None else None
+    od = describe(offsets, "offsets") if offsets is not None else None
+    cd = describe(cache, "cos_sin_cache") if cache is not None else None
+    sms = num_sms(qd.device) if qd.device >= 0 else 132
+    plan = plan_rope(qd, kd, head_size=head_size, rotary_dim=rotary_dim, is_neox=is_neox,
+                     positions=pd, indptr=ind, offsets=od, cos_sin_cache=cd, inplace=inplace,
+                     num_sms=sms)
+    if plan.spec is None:
+        return _Prepared(0, (), (), plan.static, plan.device, plan.q_out_shape,
+                         plan.k_out_shape, qd.dtype)
+    func = jit.get_function(plan.spec, plan.device)
+    return _Prepared(func, plan.launch.grid, plan.launch.block, plan.static, plan.device,
+                     plan.q_out_shape, plan.k_out_shape, qd.dtype)
+
+
+def _fp(fw_obj):
+    """fingerprint of an optional argument of any framework."""
+    if fw_obj is None:
+        return None, 0
+    return framework_of(fw_obj).fingerprint(fw_obj)
+
+
+def run_rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions=None,
+             indptr=None, offsets=None, cache=None, on_the_fly=None, check_positions=False):
+    """Apply RoPE. In place: returns None. Out of place: returns (q_out, k_out) of the
+    caller's array type (k_out None when key is None).
+
+    on_the_fly: None with a cache, else (rotary_dim, rope_theta, rope_scale, llama) where
+    llama is None or (low_freq_factor, high_freq_factor, old_context_len).
+    """
+    fw = framework_of(query, "query")
+    if not fw.native:
+        return _run_foreign(fw, query, key, head_size=head_size, rotary_dim=rotary_dim,
+                            is_neox=is_neox, inplace=inplace, positions=positions, indptr=indptr,
+                            offsets=offsets, cache=cache, on_the_fly=on_the_fly,
+                            check_positions=check_positions)
+    fq, q_ptr = fw.fingerprint(query)
+    fk, k_ptr = _fp(key)
+    fpos, pos_ptr = _fp(positions)
+    find, ind_ptr = _fp(indptr)
+    foff, off_ptr = _fp(offsets)
+    fc, c_ptr = _fp(cache)
+    sig = (fq, fk, fpos, find, foff, fc, head_size, rotary_dim, is_neox, inplace)
+    prep = _prepared.get(sig)
+    if prep is None:
+        prep = _prepare(fw, query, key, positions, indptr, offsets, cache, head_size,
+                        rotary_dim, is_neox, inplace)
+        _prepared[sig] = prep
+    freq = _freq(on_the_fly)
+    if check_positions and cache is not None and prep.func:
+        _check_positions_in_cache(positions, cache)
+    if inplace:
+        qo_ptr, ko_ptr, outs = q_ptr, k_ptr, None
+    else:
+        q_out = fw.empty(prep.q_out_shape, prep.dtype, prep.device, query)
+        k_out = fw.empty(prep.k_out_shape, prep.dtype, prep.device, key) if key is not None else None
+        qo_ptr = fw.fingerprint(q_out)[1]
+        ko_ptr = fw.fingerprint(k_out)[1] if k_out is not None else 0
+        outs = (q_out, k_out)
+    if prep.func:
+        values = (q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr or ind_ptr, off_ptr, c_ptr) + freq + prep.static
+        dev = prep.device
+        if dev == current_device():
+            launch_kernel(prep.func, prep.grid, prep.block, fw.stream(dev), ROPE_PARAMS.packer, values)
+        else:
+            with cupy_module().cuda.Device(dev):
+                launch_kernel(prep.func, prep.grid, prep.block, fw.stream(dev), ROPE_PARAMS.packer,
+                              values)
+    return outs
+
+
+def _run_foreign(fw: Framework, query, key, *, inplace, **kw):
+    """Arrays that arrive through __cuda_array_interface__ or __dlpack__: read them as CuPy
+    views, run on CuPy's current stream, and hand results back in the caller's type."""
+    if inplace:
+        for obj, name in ((query, "query"), (key, "key")):
+            if obj is not None and not framework_of(obj, name).mutable(obj):
+                raise TypeError(f"{name}: {type(obj).__module__}.{type(obj).__name__} arrays are "
+                                "immutable; use the out-of-place function, which returns new arrays")
+
+    def view(obj, name):
+        if obj is None:
+            return None
+        f = framework_of(obj, name)
+        obj = f.prepare(obj)
+        if framework_of(obj).native:
+            return obj
+        d = f.describe(obj)
+        return _cupy_view(d)
+
+    args = {n: view(kw.pop(n), n) for n in ("positions", "indptr", "offsets", "cache")}
+    q = view(query, "query")
+    k = view(key, "key")
+    outs = run_rope(q, k, inplace=inplace, **args, **kw)
+    if outs is None:
+        return None
+    return fw.from_cupy(outs[0], query), (fw.from_cupy(outs[1], key) if key is not None else None)
+
+
+def _cupy_view(d):
+    """A CuPy ndarray over the memory an ArrayDesc describes (no copy)."""
+    from .arrays import numpy_dtype
+
+    cp = cupy_module()
+    dt = numpy_dtype(d.dtype)
+    extent = 1 + sum((n - 1) * s for n, s in zip(d.shape, d.strides)) if d.size else 0
+    mem = cp.cuda.UnownedMemory(d.ptr, extent * dt.itemsize, None, d.device)
+    return cp.ndarray(d.shape, dt, cp.cuda.MemoryPointer(mem, 0),
+                      tuple(s * dt.itemsize for s in d.strides))
+
+
+def _check_positions_in_cache(positions, cache) -> None:
+    """Checked mode: raise before launch if any position is outside [0, max_position).
+    Costs a device reduction and one host synchronization."""
+    d = describe(positions, "positions")
+    max_pos = describe(cache, "cos_sin_cache").shape[0]
+    if d.size == 0:
+        return
+    fw = framework_of(positions)
+    cp = cupy_module()
+    view = positions if fw.name == "cupy" else _cupy_view(d)
+    with cp.cuda.Device(d.device), cp.cuda.ExternalStream(fw.stream(d.device)):
+        lo, hi = int(view.min()), int(view.max())
+    if lo < 0 or hi >= max_pos:
+        raise ValueError(f"positions: values must lie in [0, {max_pos}) (cos_sin_cache has "
+                         f"{max_pos} rows), got min {lo}, max {hi}")
+
+
+# ------------------------------------------------------------------ positions_from_offsets
+
+def run_positions(indptr, offsets, nnz):
+    fw = framework_of(indptr, "indptr")
+    ind, off = fw.describe(indptr), describe(offsets, "offsets")
+    if nnz is None:
+        if ind.shape[0] < 1:
+            plan_positions(ind, off, 0)
+        nnz = _last_entry(indptr, ind)
+    index_dtype, batch = plan_positions(ind, off, int(nnz))
+    out = fw.empty((int(nnz),), index_dtype, ind.device, indptr)
+    if nnz == 0:
+        return out
+    spec = PositionsSpec(index_dtype)
+    func = jit.get_function(spec, ind.device)
+    out_ptr = describe(out).ptr
+    ind_ptr = ind.ptr if fw.native else _cupy_view(ind).data.ptr
+    off_ptr = off.ptr
+    block = 256
+    grid = (-(-int(nnz) // block), 1, 1)
+    with cupy_module().cuda.Device(ind.device):
+        launch_kernel(func, grid, (block, 1, 1), fw.stream(ind.device), POSITIONS_PARAMS.packer,
+                      (ind_ptr, off_ptr, out_ptr, int(nnz), batch))
+    return out
+
+
+def _last_entry(indptr, d) -> int:
+    """indptr[-1] read back to the host (one small copy and a sync; pass nnz to avoid it)."""
+    if d.shape[0] < 1:
+        return 0
+    cp = cupy_module()
+    fw = framework_of(indptr)
+    view = _cupy_view(d)
+    with cp.cuda.Device(d.device), cp.cuda.ExternalStream(fw.stream(d.device)):
+        return int(view[-1].get())

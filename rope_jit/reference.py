@@ -1,0 +1,114 @@
+"""The math of SPEC section 1 in NumPy float64: the oracle every test compares against.
+
+Written for clarity, not speed, and independently of the kernels' formulation (the
+Llama 3.1 frequencies, for instance, follow transformers' piecewise definition while the
+kernel uses an equivalent clamped blend).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def inv_frequencies(rotary_dim: int, base: float = 10000.0, rope_scale: float = 1.0,
+                    llama31: tuple | None = None) -> np.ndarray:
+    """inv_freq[i] = base ** (-2i / rotary_dim), i < rotary_dim/2, float64.
+
+    llama31=None: divided by rope_scale (linear scaling, FlashInfer's rope_scale).
+    llama31=(low_freq_factor, high_freq_factor, old_context_len): Llama 3.1 smoothing with
+    factor rope_scale, as transformers' `_compute_llama3_parameters`.
+    """
+    inv = 1.0 / base ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+    if llama31 is None:
+        return inv / rope_scale
+    low, high, old_ctx = llama31
+    factor = rope_scale
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv
+    out = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * out / factor + smooth * out
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, out)
+
+
+def cos_sin(positions, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of positions x inv_freq: shape positions.shape + (rotary_dim/2,)."""
+    angle = np.asarray(positions, dtype=np.float64)[..., None] * inv_freq
+    return np.cos(angle), np.sin(angle)
+
+
+def cos_sin_cache(rotary_dim: int, max_position: int, inv_freq: np.ndarray | None = None,
+                  base: float = 10000.0) -> np.ndarray:
+    """vLLM layout [max_position, rotary_dim]: cos of the R/2 angles, then their sin (float64)."""
+    if inv_freq is None:
+        inv_freq = inv_frequencies(rotary_dim, base)
+    c, s = cos_sin(np.arange(max_position), inv_freq)
+    return np.concatenate([c, s], axis=-1)
+
+
+def cos_sin_from_cache(cache, positions) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a cache (any dtype; values taken exactly) at positions."""
+    cache = np.asarray(cache).astype(np.float64)
+    half = cache.shape[-1] // 2
+    rows = cache[np.asarray(positions)]
+    return rows[..., :half], rows[..., half:]
+
+
+def apply_rotary(x, cos: np.ndarray, sin: np.ndarray, is_neox: bool) -> np.ndarray:
+    """Rotate x [token dims..., heads, head_size] by cos/sin [token dims..., rotary_dim/2].
+
+    Elements past rotary_dim pass through. Returns float64.
+    """
+    x = np.asarray(x).astype(np.float64)
+    half = cos.shape[-1]
+    rot = 2 * half
+    c, s = cos[..., None, :], sin[..., None, :]  # broadcast over heads
+    out = x.copy()
+    if is_neox:
+        x1, x2 = x[..., :half], x[..., half:rot]
+        out[..., :half] = x1 * c - x2 * s
+        out[..., half:rot] = x2 * c + x1 * s
+    else:
+        x1, x2 = x[..., 0:rot:2], x[..., 1:rot:2]
+        out[..., 0:rot:2] = x1 * c - x2 * s
+        out[..., 1:rot:2] = x2 * c + x1 * s
+    return out
+
+
+def positions_from_offsets(indptr, offsets) -> np.ndarray:
+    """Token j of request b sits at offsets[b] + (j - indptr[b]) (SPEC section 2)."""
+    indptr = np.asarray(indptr)
+    offsets = np.asarray(offsets)
+    lengths = np.diff(indptr)
+    starts = np.repeat(indptr[:-1], lengths)
+    base = np.repeat(offsets, lengths)
+    return (base + np.arange(int(indptr[-1]) - int(indptr[0])) + indptr[0] - starts).astype(offsets.dtype)
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Round float64 values once, to nearest even, to float16, bfloat16 or float32.
+
+    NumPy rounds float64 -> float16/float32 directly; bfloat16 is rounded here on the
+    mantissa (8 significant bits) so it is not rounded twice through float32.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        m, e = np.frexp(x)                  # x = m * 2**e, 0.5 <= |m| < 1
+        y = np.ldexp(np.round(m * 256.0) / 256.0, e)  # exact in bf16's 8 bits
+        return y.astype(np.float32).astype(ml_dtypes.bfloat16)
+    return x.astype(np.dtype(dtype))
+
+
+def ulp(y: np.ndarray, dtype: str) -> np.ndarray:
+    """Spacing of the `dtype` grid at |y| (float64), subnormals included."""
+    mant, min_exp = {"float16": (10, -14), "bfloat16": (7, -126), "float32": (23, -126)}[dtype]
+    a = np.abs(np.asarray(y, dtype=np.float64))
+    with np.errstate(divide="ignore"):
+        e = np.floor(np.log2(np.where(a > 0, a, 1.0)))
+    e = np.maximum(e, min_exp)
+    return np.ldexp(1.0, (e - mant).astype(np.int64))

@@ -1,0 +1,164 @@
+"""Specializations: what is a compile-time constant of a kernel, and the source it renders to.
+
+A spec is a frozen dataclass; equal specs render identical source. The CUDA templates live
+in ``kernels/`` (shipped inside the wheel as ``rope_jit/kernels``); rendering puts
+``common.cuh``, a generated prelude of constants and the kernel file into one translation
+unit that NVRTC compiles with no include path at all.
+
+Kernel arguments travel as one struct passed by value. Its layout is declared once, here
+(``ParamStruct``): the same field list renders the C struct and packs the bytes on the
+host, so the two can never disagree. Every field is 8 bytes, so there is no padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+
+
+def kernel_dir() -> Path:
+    """kernels/ inside an installed wheel, or at the root of a source checkout."""
+    for d in (_HERE / "kernels", _HERE.parent / "kernels"):
+        if (d / "rope.cu").is_file():
+            return d
+    raise FileNotFoundError("rope_jit's CUDA templates (kernels/*.cu) are missing from the install")
+
+
+@lru_cache(maxsize=None)
+def template(name: str) -> str:
+    return (kernel_dir() / name).read_text()
+
+
+class ParamStruct:
+    """A kernel-argument struct of 8-byte fields: 'q' is a long long (also pointers), 'd' a double."""
+
+    def __init__(self, c_name: str, fields_: list):
+        self.c_name = c_name
+        self.names = tuple(n for n, _ in fields_)
+        self.packer = struct.Struct("<" + "".join(code for _, code in fields_))
+        ctype = {"q": "long long", "d": "double"}
+        body = "".join(f"  {ctype[code]} {n};\n" for n, code in fields_)
+        self.c_decl = f"struct {c_name} {{\n{body}}};\n"
+
+    @property
+    def size(self) -> int:
+        return self.packer.size
+
+
+# Pointers first (they change every call), then the on-the-fly frequency parameters,
+# then everything that depends only on shapes and strides (fixed per cached plan).
+ROPE_POINTERS = ("q", "k", "q_out", "k_out", "positions", "offsets", "cache")
+ROPE_FREQ = ("freq_exponent", "inv_scale", "smooth_a", "smooth_b")
+ROPE_STATIC = (
+    "num_tokens", "inner_tokens", "num_q_heads", "num_k_heads", "batch_size",
+    "max_position", "cache_stride",
+    "q_stride_outer", "q_stride_inner", "q_stride_head",
+    "k_stride_outer", "k_stride_inner", "k_stride_head",
+    "qo_stride_outer", "qo_stride_inner", "qo_stride_head",
+    "ko_stride_outer", "ko_stride_inner", "ko_stride_head",
+    "pos_stride_outer", "pos_stride_inner",
+)
+ROPE_PARAMS = ParamStruct(
+    "RopeParams",
+    [(n, "q") for n in ROPE_POINTERS] + [(n, "d") for n in ROPE_FREQ]
+    + [(n, "q") for n in ROPE_STATIC])
+
+POSITIONS_PARAMS = ParamStruct(
+    "PositionsParams",
+    [("indptr", "q"), ("offsets", "q"), ("out", "q"), ("num_tokens", "q"), ("batch_size", "q")])
+
+C_TYPE = {"float16": "f16_t", "bfloat16": "bf16_t", "float32": "float",
+          "int32": "int", "int64": "long long"}
+
+
+def _c_bool(b: bool) -> str:
+    return "true" if b else "false"
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Everything that is a compile-time constant of one RoPE kernel."""
+
+    head_size: int
+    rotary_dim: int
+    dtype: str                 # q/k storage: float16 | bfloat16 | float32
+    cache_dtype: str | None    # cos/sin cache storage; None: computed on the fly
+    index_dtype: str           # positions, or indptr + offsets: int32 | int64
+    indptr: bool               # positions come from indptr + offsets
+    neox: bool                 # NeoX pairs (i, i+R/2); False: GPT-J pairs (2i, 2i+1)
+    out_of_place: bool         # writes whole heads to separate outputs
+    vec: int                   # q/k elements per vector access
+    cache_vec: int             # cache elements per vector access
+    head_batch: int            # heads whose loads are issued together
+
+    kernel_name = "rope_kernel"
+    params = ROPE_PARAMS
+
+    def words(self) -> str:
+        """The spec in words, for logs and `rope-jit cache list`."""
+        cs = f"{self.cache_dtype} cache" if self.cache_dtype else "on the fly"
+        pos = f"indptr+offsets {self.index_dtype}" if self.indptr else f"positions {self.index_dtype}"
+        return (f"rope {self.dtype} head {self.head_size} rotary {self.rotary_dim} "
+                f"{'neox' if self.neox else 'gptj'} {cs} {pos} "
+                f"{'out-of-place' if self.out_of_place else 'in-place'} "
+                f"vec {self.vec}/{self.cache_vec} heads/batch {self.head_batch}")
+
+    def prelude(self) -> str:
+        cache_t = C_TYPE[self.cache_dtype] if self.cache_dtype else "float"
+        lines = [
+            f"// rope_jit specialization: {self.words()}",
+            f"typedef {C_TYPE[self.dtype]} scalar_t;",
+            f"typedef {cache_t} cache_t;",
+            f"typedef {C_TYPE[self.index_dtype]} index_t;",
+            f"constexpr int HEAD_SIZE = {self.head_size};",
+            f"constexpr int ROT_DIM = {self.rotary_dim};",
+            f"constexpr int VEC = {self.vec};",
+            f"constexpr int CACHE_VEC = {self.cache_vec};",
+            f"constexpr int HEAD_BATCH = {self.head_batch};",
+            f"constexpr bool NEOX = {_c_bool(self.neox)};",
+            f"constexpr bool OUT_OF_PLACE = {_c_bool(self.out_of_place)};",
+            f"constexpr bool INDPTR = {_c_bool(self.indptr)};",
+            f"constexpr bool COS_SIN_FROM_CACHE = {_c_bool(self.cache_dtype is not None)};",
+        ]
+        return "\n".join(lines) + "\n" + self.params.c_decl
+
+    def render(self) -> str:
+        return _render(self.prelude(), "rope.cu")
+
+
+@dataclass(frozen=True)
+class PositionsSpec:
+    """positions_from_offsets on the device."""
+
+    index_dtype: str
+
+    kernel_name = "positions_kernel"
+    params = POSITIONS_PARAMS
+
+    def words(self) -> str:
+        return f"positions_from_offsets {self.index_dtype}"
+
+    def render(self) -> str:
+        prelude = (f"// rope_jit specialization: {self.words()}\n"
+                   f"typedef {C_TYPE[self.index_dtype]} index_t;\n" + self.params.c_decl)
+        return _render(prelude, "positions.cu")
+
+
+Spec = RopeSpec | PositionsSpec
+
+
+def _render(prelude: str, kernel_file: str) -> str:
+    return "\n".join([template("common.cuh"), prelude, template(kernel_file)])
+
+
+def spec_fields(spec) -> dict:
+    return {f.name: getattr(spec, f.name) for f in fields(spec)}
+
+
+def source_hash(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()

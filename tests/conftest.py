@@ -1,0 +1,41 @@
+import os
+import tempfile
+
+import pytest
+
+# Every test session compiles into its own cache directory unless told otherwise, so a
+# stale entry of the developer's cache can never make a test pass.
+os.environ.setdefault("ROPE_JIT_CACHE_DIR", tempfile.mkdtemp(prefix="rope_jit_test_cache_"))
+
+
+def _has_gpu() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def _has_nvrtc() -> bool:
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+        return True
+    except Exception:
+        return False
+
+
+HAS_GPU = _has_gpu()
+HAS_NVRTC = _has_nvrtc()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU (run the GPU suite on a GPU machine)")
+    skip_nvrtc = pytest.mark.skip(reason="needs CuPy with NVRTC (pip install -e '.[cuda12]')")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_GPU:
+            item.add_marker(skip_gpu)
+        if "nvrtc" in item.keywords and not HAS_NVRTC:
+            item.add_marker(skip_nvrtc)
