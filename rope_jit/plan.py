@@ -14,9 +14,6 @@ from dataclasses import dataclass
 from .arrays import FLOAT_DTYPES, HOST, INDEX_DTYPES, ArrayDesc, contiguous_strides
 from .specs import ROPE_STATIC, RopeSpec
 
-MAX_THREADS_PER_BLOCK_TARGET = 256
-
-
 @dataclass(frozen=True)
 class Launch:
     grid: tuple
@@ -124,6 +121,17 @@ def choose_vec(itemsize: int, must_divide: list[int], pointers: list[int]) -> in
 
 # ------------------------------------------------------------------ dispatch rules
 
+# Knobs of the dispatch rules below, measured on an H100 (benchmarks/ sweeps them).
+TUNING = {
+    "small_waves": 2.0,     # problems up to this many GPU waves at 1 head/thread: head-parallel
+    "fill_waves": 4.0,      # otherwise: threads launched, in waves of 2048 threads per SM
+    "fill_waves_fly": 4.0,  # the same on the fly
+    "head_batch": 2,        # heads whose loads are in flight together, large problems
+    "block": 256,           # threads per block, large problems
+    "small_block": 128,     # threads per block, head-parallel problems
+}
+
+
 def choose_launch(num_tokens: int, chunks: int, num_heads: int, num_sms: int,
                   on_the_fly: bool) -> tuple[int, int, Launch]:
     """(head_batch, heads per group, launch) for a problem of num_tokens x num_heads heads
@@ -133,26 +141,29 @@ def choose_launch(num_tokens: int, chunks: int, num_heads: int, num_sms: int,
     * A thread owns one token, one chunk of VEC frequencies, and a group of heads; it
       loads or computes cos/sin once and applies them to every head of its group,
       head_batch heads with all their loads in flight at a time.
-    * Few tokens (the whole problem at one head per thread fits in two waves of the GPU):
-      one head per thread and many small blocks, so the work spreads over every SM
-      (head-parallel grid). This is decode.
-    * Many tokens: 4 heads per batch and as few head groups as still fill the GPU
-      (about 2048 threads per SM), so cos/sin (fetched or computed) is shared by as many
-      heads as possible. On the fly, where cos/sin costs double-precision math, the GPU
-      is filled to half that.
+    * Few tokens (the whole problem at one head per thread fits in `small_waves` waves of
+      the GPU): one head per thread and small blocks, so the work spreads over every SM
+      (head-parallel grid). This is decode and small prefill.
+    * Many tokens: head_batch heads per batch and as few head groups as still launch
+      `fill_waves` waves of threads, so cos/sin (fetched or computed) is shared by as many
+      heads as possible while enough loads are in flight. Measured on an H100 (64
+      registers/thread at most): 2 heads per batch and 4 waves beat 4 heads and 1 wave by
+      15-20% (occupancy, not load width, was the limit: ncu showed 50% theoretical
+      occupancy and 80% DRAM throughput there).
     """
+    t = TUNING
     wave = num_sms * 2048
     rows = num_tokens * chunks
-    if rows * num_heads <= 2 * wave:
+    if rows * num_heads <= t["small_waves"] * wave:
         head_batch, per_group = 1, 1
-        block_target = 64 if rows * num_heads <= num_sms * 64 else 128
+        block_target = t["small_block"]
     else:
-        head_batch = 4 if num_heads >= 4 else num_heads
-        fill = wave // 2 if on_the_fly else wave
+        head_batch = min(t["head_batch"], num_heads)
+        fill = int(wave * (t["fill_waves_fly"] if on_the_fly else t["fill_waves"]))
         groups = min(max(1, -(-fill // rows)), -(-num_heads // head_batch))
         per_group = -(-num_heads // groups)
         per_group = -(-per_group // head_batch) * head_batch
-        block_target = MAX_THREADS_PER_BLOCK_TARGET
+        block_target = t["block"]
     groups = -(-num_heads // per_group)
     # Block = (chunks, groups in block, tokens in block), about block_target threads.
     g_block = max(1, min(groups, block_target // chunks))
