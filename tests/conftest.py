@@ -30,6 +30,10 @@ def _has_nvrtc() -> bool:
 HAS_GPU = _has_gpu()
 HAS_NVRTC = _has_nvrtc()
 
+if os.environ.get("ROPE_JIT_REQUIRE_NVRTC") and not HAS_NVRTC:
+    raise RuntimeError("ROPE_JIT_REQUIRE_NVRTC is set but CuPy/NVRTC cannot be used: the NVRTC "
+                       "compile tests would be skipped")
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU (run the GPU suite on a GPU machine)")
