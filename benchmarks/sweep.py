@@ -1,40 +1,58 @@
-"""Development sweep of the dispatch knobs (rope_jit.plan.TUNING) over the benchmark shapes."""
-import itertools, json, os, sys
+"""Development sweep: rope_jit dispatch knobs (rope_jit.plan.TUNING) side by side with
+FlashInfer's kernels (from .peers/libfi_rope.so, see ../shared/peers/flashinfer) and a torch
+copy of the same bytes, by CUDA-graph replay over rotating buffers.
+
+usage: python benchmarks/sweep.py [json list of TUNING overrides]
+"""
+import ctypes, json, os, sys
 import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import rope_jit
 from rope_jit import plan, launch
 from timing import time_calls, buffer_sets, copy_bandwidth
 
+configs = json.loads(sys.argv[1]) if len(sys.argv) > 1 else [{}]
+lib = None
+so = os.path.join(os.path.dirname(__file__), "..", ".peers", "libfi_rope.so")
+if os.path.exists(so):
+    lib = ctypes.CDLL(so)
+    P, U, S = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_size_t
+    lib.fi_cache_bf16.argtypes = [P, P, P, P, U, U, U, U, U, S, S, S, S, ctypes.c_int, P]
+    lib.fi_posids_bf16.argtypes = [P, P, P, U, U, U, U, U, S, S, S, S, ctypes.c_int, ctypes.c_float, ctypes.c_float, P]
 bw = copy_bandwidth()
 print(f"copy {bw/1e12:.3f} TB/s", flush=True)
 shapes = [("llama", 32, 8, 128, 128, True), ("gptj", 32, 2, 128, 64, False),
           ("dsv3", 128, 1, 64, 64, False), ("phi2", 32, 32, 80, 32, True)]
-configs = [dict(), dict(head_batch=2), dict(head_batch=8), dict(fill_waves=2.0, fill_waves_fly=1.0),
-           dict(fill_waves=4.0, fill_waves_fly=2.0), dict(fill_waves=0.5, fill_waves_fly=0.25),
-           dict(head_batch=2, fill_waves=4.0, fill_waves_fly=4.0), dict(head_batch=1, fill_waves=8, fill_waves_fly=8),
-           dict(block=128), dict(block=512)]
 default = dict(plan.TUNING)
 out = []
 for name, hq, hk, D, R, neox in shapes:
-    for T in (1024, 8192, 32768):
+    for T in (1, 16, 128, 1024, 8192, 32768):
         per = T * (hq + hk) * D * 2
         n = buffer_sets(per)
         qs = [torch.randn(T, hq, D, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
         ks = [torch.randn(T, hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
         pos = torch.randint(0, 100000, (T,), device="cuda")
         c32 = rope_jit.compute_cos_sin_cache(R, 100000, like=qs[0])
-        nbytes = T * (hq + hk) * R * 2 * 2 + T * 8 + T * R * 4
+        c16 = rope_jit.compute_cos_sin_cache(R, 100000, dtype="bfloat16", like=qs[0])
+        base = T * (hq + hk) * R * 2 * 2 + T * 8
+        res = {}
+        srcs = [torch.empty(per, dtype=torch.uint8, device="cuda") for _ in range(n)]
+        dst = torch.empty(per, dtype=torch.uint8, device="cuda")
+        res["copy"] = (time_calls([lambda s=s: dst.copy_(s) for s in srcs]), 2 * per)
+        del srcs, dst
+        if lib is not None:
+            st = lambda: torch.cuda.current_stream().cuda_stream
+            res["fi_c32"] = (time_calls([lambda q=q, k=k: lib.fi_cache_bf16(q.data_ptr(), k.data_ptr(), c32.data_ptr(), pos.data_ptr(), T, hq, hk, R, D, hq*D, D, hk*D, D, int(not neox), st()) for q, k in zip(qs, ks)]), base + T * R * 4)
+            if lib.fi_posids_bf16(qs[0].data_ptr(), ks[0].data_ptr(), pos.data_ptr(), T, hq, hk, R, D, hq*D, D, hk*D, D, int(not neox), 1.0, 1e4, st()) == 0:
+                res["fi_fly"] = (time_calls([lambda q=q, k=k: lib.fi_posids_bf16(q.data_ptr(), k.data_ptr(), pos.data_ptr(), T, hq, hk, R, D, hq*D, D, hk*D, D, int(not neox), 1.0, 1e4, st()) for q, k in zip(qs, ks)]), base)
         for ci, cfg in enumerate(configs):
             plan.TUNING.clear(); plan.TUNING.update(default); plan.TUNING.update(cfg)
             launch._prepared.clear()
-            for mode in ("c32", "fly"):
-                if mode == "c32":
-                    calls = [lambda q=q, k=k: rope_jit.apply_rope_inplace_with_cache(pos, q, k, D, c32, neox) for q, k in zip(qs, ks)]
-                else:
-                    calls = [lambda q=q, k=k: rope_jit.apply_rope_pos_ids_inplace(q, k, pos, rotary_dim=R, interleave=not neox) for q, k in zip(qs, ks)]
-                t = time_calls(calls, replays=10)
-                out.append(dict(shape=name, T=T, cfg=cfg, mode=mode, us=t*1e6, pct=nbytes/t/bw*100))
-                print(f"{name:6s} T={T:6d} {mode} cfg{ci} {str(cfg):60s} {t*1e6:8.2f} us {nbytes/t/bw*100:6.1f}%", flush=True)
+            res[f"c32/{ci}"] = (time_calls([lambda q=q, k=k: rope_jit.apply_rope_inplace_with_cache(pos, q, k, D, c32, neox) for q, k in zip(qs, ks)]), base + T * R * 4)
+            res[f"c16/{ci}"] = (time_calls([lambda q=q, k=k: rope_jit.apply_rope_inplace_with_cache(pos, q, k, D, c16, neox) for q, k in zip(qs, ks)]), base + T * R * 2)
+            res[f"fly/{ci}"] = (time_calls([lambda q=q, k=k: rope_jit.apply_rope_pos_ids_inplace(q, k, pos, rotary_dim=R, interleave=not neox) for q, k in zip(qs, ks)]), base)
+        cols = " ".join(f"{k}={t*1e6:7.2f}us/{b/t/bw*100:5.1f}%" for k, (t, b) in res.items())
+        print(f"{name:6s} T={T:6d} {cols}", flush=True)
+        out.append(dict(shape=name, T=T, res={k: [t, b] for k, (t, b) in res.items()}))
         del qs, ks
-json.dump(out, open(os.path.join(os.environ.get("OUT", "."), "sweep.json"), "w"))
+json.dump(dict(copy_bw=bw, configs=configs, rows=out), open(os.path.join(os.environ.get("OUT", "."), "sweep.json"), "w"))

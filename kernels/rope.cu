@@ -31,49 +31,46 @@ static_assert(VEC % CACHE_VEC == 0, "CACHE_VEC must divide VEC");
 
 typedef Vec<scalar_t, VEC> vec_t;
 
-// cos/sin of the VEC frequencies of chunk `chunk` at position `pos`. `valid` false gives
-// the identity rotation (a token no request owns, or a position outside the cache: the
-// cache is never read out of bounds).
+// cos/sin of the VEC frequencies of chunk `chunk` at position `pos`, from the cache.
+// `valid` false, or a position outside the cache, gives the identity rotation: the cache
+// is never read out of bounds.
 __device__ __forceinline__ void cos_sin(const RopeParams& p, i64 pos, bool valid, int chunk,
                                         float (&c)[VEC], float (&s)[VEC]) {
-  if constexpr (COS_SIN_FROM_CACHE) {
-    if (!(valid && pos >= 0 && pos < p.max_position)) {
+  if (!(valid && pos >= 0 && pos < p.max_position)) {
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) { c[v] = 1.f; s[v] = 0.f; }
-      return;
-    }
-    const cache_t* row = (const cache_t*)p.cache + pos * p.cache_stride + chunk * VEC;
+    for (int v = 0; v < VEC; ++v) { c[v] = 1.f; s[v] = 0.f; }
+    return;
+  }
+  const cache_t* row = (const cache_t*)p.cache + pos * p.cache_stride + chunk * VEC;
 #pragma unroll
-    for (int i = 0; i < VEC; i += CACHE_VEC) {
-      const Vec<cache_t, CACHE_VEC> cv = load_vec<cache_t, CACHE_VEC>(row + i);
-      const Vec<cache_t, CACHE_VEC> sv = load_vec<cache_t, CACHE_VEC>(row + HALF + i);
+  for (int i = 0; i < VEC; i += CACHE_VEC) {
+    const Vec<cache_t, CACHE_VEC> cv = load_vec<cache_t, CACHE_VEC>(row + i);
+    const Vec<cache_t, CACHE_VEC> sv = load_vec<cache_t, CACHE_VEC>(row + HALF + i);
 #pragma unroll
-      for (int j = 0; j < CACHE_VEC; ++j) {
-        c[i + j] = to_float(cv.e[j]);
-        s[i + j] = to_float(sv.e[j]);
-      }
-    }
-  } else {
-    // On the fly, in double precision, once per thread and frequency (shared by all the
-    // heads of the thread): an fp32 angle pos*inv_freq has lost nearly all its fraction by
-    // position 2^20, and fast-math sincos adds more. Rounded once to fp32, this is as
-    // accurate as an fp32 cache built in float64.
-    //   inv_freq = theta^(-2j/R) = 2^(j * freq_exponent)
-    //   Llama 3.1 smoothing: f = (1-w) * inv_freq * inv_scale + w * inv_freq with
-    //   w = clamp(inv_freq * smooth_a + smooth_b, 0, 1); smooth_a = smooth_b = 0 is plain
-    //   RoPE with the frequencies divided by rope_scale (linear scaling).
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      const int j = chunk * VEC + v;
-      const double inv_freq = exp2((double)j * p.freq_exponent);
-      const double w = fmin(fmax(fma(inv_freq, p.smooth_a, p.smooth_b), 0.0), 1.0);
-      const double freq = (1.0 - w) * (inv_freq * p.inv_scale) + w * inv_freq;
-      double sd, cd;
-      sincos(valid ? (double)pos * freq : 0.0, &sd, &cd);
-      c[v] = (float)cd;
-      s[v] = (float)sd;
+    for (int j = 0; j < CACHE_VEC; ++j) {
+      c[i + j] = to_float(cv.e[j]);
+      s[i + j] = to_float(sv.e[j]);
     }
   }
+}
+
+// cos/sin of frequency j at position pos, computed on the fly in double precision and
+// rounded once to fp32: an fp32 angle pos*inv_freq has lost nearly all its fraction by
+// position 2^20, and fast-math sincos adds more; this is as accurate as an fp32 cache
+// built in float64.
+//   inv_freq = theta^(-2j/R) = 2^(j * freq_exponent)
+//   Llama 3.1 smoothing: f = (1-w) * inv_freq * inv_scale + w * inv_freq with
+//   w = clamp(inv_freq * smooth_a + smooth_b, 0, 1); smooth_a = smooth_b = 0 is plain
+//   RoPE with the frequencies divided by rope_scale (linear scaling).
+__device__ __forceinline__ void fly_cos_sin(const RopeParams& p, i64 pos, bool valid, int j,
+                                            float& c, float& s) {
+  const double inv_freq = exp2((double)j * p.freq_exponent);
+  const double w = fmin(fmax(fma(inv_freq, p.smooth_a, p.smooth_b), 0.0), 1.0);
+  const double freq = (1.0 - w) * (inv_freq * p.inv_scale) + w * inv_freq;
+  double sd, cd;
+  sincos(valid ? (double)pos * freq : 0.0, &sd, &cd);
+  c = (float)cd;
+  s = (float)sd;
 }
 
 // One pair (x1, x2) -> (x1*c - x2*s, x2*c + x1*s), in fp32, rounded once.
@@ -98,14 +95,74 @@ __device__ __forceinline__ void rotate_chunk(vec_t& va, vec_t& vb, const float (
   }
 }
 
+// Position of token t (valid false: no request owns it, or t is past the end).
+__device__ __forceinline__ i64 token_position(const RopeParams& p, i64 t, bool& valid) {
+  valid = t < p.num_tokens;
+  if (!valid) return 0;
+  if constexpr (INDPTR) {
+    const index_t* indptr = (const index_t*)p.positions;
+    const int b = find_request<index_t>(indptr, (int)p.batch_size, t);
+    valid = b >= 0;
+    return valid ? (i64)((const index_t*)p.offsets)[b] + (t - (i64)indptr[b]) : 0;
+  } else {
+    i64 outer = 0, inner = t;
+    if (p.inner_tokens != p.num_tokens) {
+      outer = t / p.inner_tokens;
+      inner = t - outer * p.inner_tokens;
+    }
+    return (i64)((const index_t*)p.positions)[outer * p.pos_stride_outer +
+                                              inner * p.pos_stride_inner];
+  }
+}
+
+// On the fly, the block first computes cos/sin of its blockDim.z tokens x HALF frequencies
+// into shared memory, each (token, frequency) once, spread over all its threads; every
+// thread then reads its chunk. Without this, the double-precision sincos would be repeated
+// by every head group (40 times at 1024 tokens on Llama-3-8B shapes). Dynamic shared
+// memory: blockDim.z * (HALF float2 + 2 i64) bytes, sized by the planner.
+extern __shared__ float2 fly_tile[];
+
 extern "C" __global__ void __launch_bounds__(1024) rope_kernel(const RopeParams p) {
   const i64 t = (i64)blockIdx.x * blockDim.z + threadIdx.z;
-  if (t >= p.num_tokens) return;
   const int chunk = threadIdx.x;
   const int group = blockIdx.y * blockDim.y + threadIdx.y;
   const int num_groups = gridDim.y * blockDim.y;
   const int num_heads = (int)(p.num_q_heads + p.num_k_heads);
-  if (group * HEAD_BATCH >= num_heads) return;
+
+  float c[VEC], s[VEC];
+  if constexpr (COS_SIN_FROM_CACHE) {
+    if (t >= p.num_tokens || group * HEAD_BATCH >= num_heads) return;
+    bool valid;
+    const i64 pos = token_position(p, t, valid);
+    cos_sin(p, pos, valid, chunk, c, s);
+  } else {
+    const int tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    const int nthreads = blockDim.x * blockDim.y * blockDim.z;
+    const int ntok = blockDim.z;
+    i64* tile_pos = (i64*)(fly_tile + ntok * HALF);
+    i64* tile_valid = tile_pos + ntok;
+    for (int i = tid; i < ntok; i += nthreads) {
+      bool valid;
+      tile_pos[i] = token_position(p, (i64)blockIdx.x * ntok + i, valid);
+      tile_valid[i] = valid;
+    }
+    __syncthreads();
+    for (int i = tid; i < ntok * HALF; i += nthreads) {
+      const int tz = i / HALF, j = i - tz * HALF;
+      float cj, sj;
+      fly_cos_sin(p, tile_pos[tz], tile_valid[tz] != 0, j, cj, sj);
+      fly_tile[i] = make_float2(cj, sj);
+    }
+    __syncthreads();
+    if (t >= p.num_tokens || group * HEAD_BATCH >= num_heads) return;
+    const float2* mine = fly_tile + threadIdx.z * HALF + chunk * VEC;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const float2 cs = mine[v];
+      c[v] = cs.x;
+      s[v] = cs.y;
+    }
+  }
 
   // Token dims are [tokens] or [batch, seq] with independent strides.
   i64 outer = 0, inner = t;
@@ -113,22 +170,6 @@ extern "C" __global__ void __launch_bounds__(1024) rope_kernel(const RopeParams 
     outer = t / p.inner_tokens;
     inner = t - outer * p.inner_tokens;
   }
-
-  i64 pos;
-  bool valid = true;
-  if constexpr (INDPTR) {
-    const index_t* indptr = (const index_t*)p.positions;
-    const int b = find_request<index_t>(indptr, (int)p.batch_size, t);
-    valid = b >= 0;
-    pos = valid ? (i64)((const index_t*)p.offsets)[b] + (t - (i64)indptr[b]) : 0;
-  } else {
-    pos = (i64)((const index_t*)p.positions)[outer * p.pos_stride_outer +
-                                              inner * p.pos_stride_inner];
-  }
-
-  float c[VEC], s[VEC];
-  cos_sin(p, pos, valid, chunk, c, s);
-
   const i64 q_tok = outer * p.q_stride_outer + inner * p.q_stride_inner;
   const i64 k_tok = outer * p.k_stride_outer + inner * p.k_stride_inner;
   const i64 qo_tok = outer * p.qo_stride_outer + inner * p.qo_stride_inner;

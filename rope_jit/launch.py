@@ -38,11 +38,11 @@ def _arg_buffer():
     return b
 
 
-def launch_kernel(func: int, grid, block, stream: int, packer, values) -> None:
+def launch_kernel(func: int, grid, block, smem: int, stream: int, packer, values) -> None:
     buf, argv, _keep = _arg_buffer()
     packer.pack_into(buf, 0, *values)
     driver_module().launchKernel(func, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                                 0, stream, argv, 0)
+                                 smem, stream, argv, 0)
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class _Prepared:
     func: int              # CUfunction, 0 when there is nothing to launch
     grid: tuple
     block: tuple
+    smem: int
     static: tuple
     device: int
     q_out_shape: tuple
@@ -114,10 +115,11 @@ def _prepare(fw: Framework, query, key, positions, indptr, offsets, cache, head_
                      positions=pd, indptr=ind, offsets=od, cos_sin_cache=cd, inplace=inplace,
                      num_sms=sms)
     if plan.spec is None:
-        return _Prepared(0, (), (), plan.static, plan.device, plan.q_out_shape,
+        return _Prepared(0, (), (), 0, plan.static, plan.device, plan.q_out_shape,
                          plan.k_out_shape, qd.dtype)
     func = jit.get_function(plan.spec, plan.device)
-    return _Prepared(func, plan.launch.grid, plan.launch.block, plan.static, plan.device,
+    return _Prepared(func, plan.launch.grid, plan.launch.block, plan.launch.smem, plan.static,
+                     plan.device,
                      plan.q_out_shape, plan.k_out_shape, qd.dtype)
 
 
@@ -169,11 +171,12 @@ def run_rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions=N
         values = (q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr or ind_ptr, off_ptr, c_ptr) + freq + prep.static
         dev = prep.device
         if dev == current_device():
-            launch_kernel(prep.func, prep.grid, prep.block, fw.stream(dev), ROPE_PARAMS.packer, values)
+            launch_kernel(prep.func, prep.grid, prep.block, prep.smem, fw.stream(dev),
+                          ROPE_PARAMS.packer, values)
         else:
             with cupy_module().cuda.Device(dev):
-                launch_kernel(prep.func, prep.grid, prep.block, fw.stream(dev), ROPE_PARAMS.packer,
-                              values)
+                launch_kernel(prep.func, prep.grid, prep.block, prep.smem, fw.stream(dev),
+                              ROPE_PARAMS.packer, values)
     return outs
 
 
@@ -255,7 +258,7 @@ def run_positions(indptr, offsets, nnz):
     block = 256
     grid = (-(-int(nnz) // block), 1, 1)
     with cupy_module().cuda.Device(ind.device):
-        launch_kernel(func, grid, (block, 1, 1), fw.stream(ind.device), POSITIONS_PARAMS.packer,
+        launch_kernel(func, grid, (block, 1, 1), 0, fw.stream(ind.device), POSITIONS_PARAMS.packer,
                       (ind_ptr, off_ptr, out_ptr, int(nnz), batch))
     return out
 

@@ -18,6 +18,7 @@ from .specs import ROPE_STATIC, RopeSpec
 class Launch:
     grid: tuple
     block: tuple
+    smem: int = 0    # dynamic shared memory bytes (on the fly: the block's cos/sin tile)
 
 
 @dataclass(frozen=True)
@@ -294,6 +295,8 @@ def plan_rope(query: ArrayDesc, key: ArrayDesc | None, *, head_size, rotary_dim=
 
     head_batch, _, launch = choose_launch(num_tokens, chunks, nq + nk, num_sms,
                                           on_the_fly=cos_sin_cache is None)
+    if cos_sin_cache is None:  # kernels/rope.cu: tokens x (R/2 float2 + position + flag)
+        launch = Launch(launch.grid, launch.block, launch.block[2] * (rot // 2 * 8 + 16))
     spec = RopeSpec(
         head_size=head_size, rotary_dim=rot, dtype=query.dtype,
         cache_dtype=cos_sin_cache.dtype if cos_sin_cache is not None else None,
