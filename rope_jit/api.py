@@ -134,18 +134,10 @@ def apply_llama31_rope_pos_ids_inplace(q, k, pos_ids, rotary_dim=None, interleav
 def positions_from_offsets(indptr, offsets, nnz=None):
     """Positions of a ragged batch: token j of request b gets offsets[b] + (j - indptr[b]).
 
-    NumPy in, NumPy out (on the host). Device arrays stay on the device: one kernel, no
-    host round trip when ``nnz`` (= indptr[-1], the token count) is given; without it,
-    indptr[-1] is read back first. The result has the dtype of ``offsets``.
+    Returns ``nnz`` positions (default ``indptr[-1]``), one per token 0 .. nnz-1; a token no
+    request owns gets -1. NumPy in, NumPy out (host arrays of any framework are computed on
+    the host). Device arrays stay on the device: one kernel, no host round trip when
+    ``nnz`` is given; without it, indptr[-1] is read back first. The result has the dtype
+    of ``offsets``.
     """
-    import numpy as np
-
-    if isinstance(indptr, np.ndarray) and isinstance(offsets, np.ndarray):
-        from .arrays import describe
-        from .plan import plan_positions
-        from .reference import positions_from_offsets as host_positions
-
-        total = int(indptr[-1]) - int(indptr[0]) if indptr.size else 0
-        plan_positions(describe(indptr), describe(offsets), total if nnz is None else nnz)
-        return host_positions(indptr, offsets)
     return run_positions(indptr, offsets, nnz)

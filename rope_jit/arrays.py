@@ -206,6 +206,9 @@ class NumpyFramework(Framework):
         return ArrayDesc(a.ctypes.data, tuple(a.shape), tuple(s // item for s in a.strides),
                          dtype_name(a.dtype), HOST, not a.flags.writeable)
 
+    def from_host(self, host, like):
+        return host
+
 
 # ---------------------------------------------------------------- protocols
 

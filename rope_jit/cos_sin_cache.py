@@ -23,8 +23,10 @@ def compute_cos_sin_cache(rotary_dim: int, max_position: int, base: float = 1000
         raise ValueError(f"rotary_dim: expected a positive even integer, got {rotary_dim!r}")
     if isinstance(max_position, bool) or not isinstance(max_position, int) or max_position < 0:
         raise ValueError(f"max_position: expected a non-negative integer, got {max_position!r}")
-    if not base > 0 or base == 1:
-        raise ValueError(f"base: expected a number > 0 and != 1, got {base!r}")
+    if isinstance(base, bool) or not isinstance(base, (int, float)):
+        raise TypeError(f"base: expected a number, got {type(base).__name__}")
+    if not (0 < base < float("inf")) or base == 1:
+        raise ValueError(f"base: expected a finite number > 0 and != 1, got {base!r}")
     host = reference.round_to(reference.cos_sin_cache(rotary_dim, max_position, base=base), name)
     if like is None:
         return host

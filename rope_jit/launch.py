@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from . import jit
 from ._cuda import current_device, cupy_module, driver_module, num_sms
-from .arrays import Framework, describe, framework_of
+from .arrays import HOST, Framework, describe, framework_of
 from .plan import plan_positions, plan_rope
 from .specs import POSITIONS_PARAMS, ROPE_PARAMS, PositionsSpec
 
@@ -123,11 +123,11 @@ def _prepare(fw: Framework, query, key, positions, indptr, offsets, cache, head_
                      plan.q_out_shape, plan.k_out_shape, qd.dtype)
 
 
-def _fp(fw_obj):
+def _fp(obj, name: str):
     """fingerprint of an optional argument of any framework."""
-    if fw_obj is None:
+    if obj is None:
         return None, 0
-    return framework_of(fw_obj).fingerprint(fw_obj)
+    return framework_of(obj, name).fingerprint(obj)
 
 
 def run_rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions=None,
@@ -145,11 +145,11 @@ def run_rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions=N
                             offsets=offsets, cache=cache, on_the_fly=on_the_fly,
                             check_positions=check_positions)
     fq, q_ptr = fw.fingerprint(query)
-    fk, k_ptr = _fp(key)
-    fpos, pos_ptr = _fp(positions)
-    find, ind_ptr = _fp(indptr)
-    foff, off_ptr = _fp(offsets)
-    fc, c_ptr = _fp(cache)
+    fk, k_ptr = _fp(key, "key")
+    fpos, pos_ptr = _fp(positions, "positions")
+    find, ind_ptr = _fp(indptr, "indptr")
+    foff, off_ptr = _fp(offsets, "offsets")
+    fc, c_ptr = _fp(cache, "cos_sin_cache")
     sig = (fq, fk, fpos, find, foff, fc, head_size, rotary_dim, is_neox, inplace)
     prep = _prepared.get(sig)
     if prep is None:
@@ -197,11 +197,15 @@ def _run_foreign(fw: Framework, query, key, *, inplace, **kw):
         if framework_of(obj).native:
             return obj
         d = f.describe(obj)
+        if d.device == HOST:
+            raise TypeError(f"{name}: expected a CUDA device array, got an array in host memory "
+                            f"({type(obj).__module__}.{type(obj).__name__})")
         return _cupy_view(d)
 
-    args = {n: view(kw.pop(n), n) for n in ("positions", "indptr", "offsets", "cache")}
     q = view(query, "query")
     k = view(key, "key")
+    args = {n: view(kw.pop(n), "cos_sin_cache" if n == "cache" else n)
+            for n in ("positions", "indptr", "offsets", "cache")}
     outs = run_rope(q, k, inplace=inplace, **args, **kw)
     if outs is None:
         return None
@@ -242,9 +246,15 @@ def _check_positions_in_cache(positions, cache) -> None:
 def run_positions(indptr, offsets, nnz):
     fw = framework_of(indptr, "indptr")
     ind, off = fw.describe(indptr), describe(offsets, "offsets")
+    plan_positions(ind, off, 0 if nnz is None else int(nnz))
+    if ind.device == HOST:  # host memory of any framework: computed on the host
+        import numpy as np
+
+        from .reference import positions_from_offsets as host_positions
+
+        out = host_positions(np.asarray(indptr), np.asarray(offsets), nnz)
+        return out if fw.name == "numpy" else fw.from_host(out, None)
     if nnz is None:
-        if ind.shape[0] < 1:
-            plan_positions(ind, off, 0)
         nnz = _last_entry(indptr, ind)
     index_dtype, batch = plan_positions(ind, off, int(nnz))
     out = fw.empty((int(nnz),), index_dtype, ind.device, indptr)

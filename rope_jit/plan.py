@@ -292,6 +292,9 @@ def plan_rope(query: ArrayDesc, key: ArrayDesc | None, *, head_size, rotary_dim=
     else:
         cache_vec = 1
     chunks = rot // 2 // vec
+    if chunks > 1024:
+        raise ValueError(f"{rot_name}: {rot} needs {chunks} threads per head row at this "
+                         f"alignment (vector width {vec}); at most 1024 are possible")
 
     head_batch, _, launch = choose_launch(num_tokens, chunks, nq + nk, num_sms,
                                           on_the_fly=cos_sin_cache is None)

@@ -78,14 +78,21 @@ def apply_rotary(x, cos: np.ndarray, sin: np.ndarray, is_neox: bool) -> np.ndarr
     return out
 
 
-def positions_from_offsets(indptr, offsets) -> np.ndarray:
-    """Token j of request b sits at offsets[b] + (j - indptr[b]) (SPEC section 2)."""
-    indptr = np.asarray(indptr)
+def positions_from_offsets(indptr, offsets, nnz=None) -> np.ndarray:
+    """Token j of request b sits at offsets[b] + (j - indptr[b]) (SPEC section 2).
+
+    One entry per token 0 .. nnz-1 (nnz defaults to indptr[-1]); tokens no request owns
+    get -1. Same dtype as offsets.
+    """
+    indptr = np.asarray(indptr).astype(np.int64)
     offsets = np.asarray(offsets)
-    lengths = np.diff(indptr)
-    starts = np.repeat(indptr[:-1], lengths)
-    base = np.repeat(offsets, lengths)
-    return (base + np.arange(int(indptr[-1]) - int(indptr[0])) + indptr[0] - starts).astype(offsets.dtype)
+    n = int(indptr[-1]) if nnz is None else int(nnz)
+    out = np.full(n, -1, dtype=np.int64)
+    for b in range(len(offsets)):
+        lo, hi = int(indptr[b]), min(int(indptr[b + 1]), n)
+        if hi > lo:
+            out[lo:hi] = int(offsets[b]) + np.arange(hi - lo)
+    return out.astype(offsets.dtype)
 
 
 def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -100,6 +107,8 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
 
         m, e = np.frexp(x)                  # x = m * 2**e, 0.5 <= |m| < 1
         y = np.ldexp(np.round(m * 256.0) / 256.0, e)  # exact in bf16's 8 bits
+        sub = np.abs(x) < 2.0 ** -126         # subnormals: a fixed grid of 2**-133
+        y = np.where(sub, np.round(x * 2.0 ** 133) * 2.0 ** -133, y)
         return y.astype(np.float32).astype(ml_dtypes.bfloat16)
     return x.astype(np.dtype(dtype))
 
@@ -108,7 +117,6 @@ def ulp(y: np.ndarray, dtype: str) -> np.ndarray:
     """Spacing of the `dtype` grid at |y| (float64), subnormals included."""
     mant, min_exp = {"float16": (10, -14), "bfloat16": (7, -126), "float32": (23, -126)}[dtype]
     a = np.abs(np.asarray(y, dtype=np.float64))
-    with np.errstate(divide="ignore"):
-        e = np.floor(np.log2(np.where(a > 0, a, 1.0)))
+    e = np.where(a > 0, np.frexp(a)[1] - 1, min_exp)   # exact floor(log2(a))
     e = np.maximum(e, min_exp)
     return np.ldexp(1.0, (e - mant).astype(np.int64))

@@ -1,0 +1,299 @@
+"""The public API on a machine with no GPU (SPEC sections 3 and 7).
+
+* ``import rope_jit`` needs only NumPy: it imports neither CuPy nor torch;
+* every entry point has FlashInfer's / vLLM's exact parameter names and defaults;
+* GPU entry points called with host arrays fail in validation, with a TypeError naming
+  the argument, before CuPy, NVRTC or a kernel is touched (checked in a process where
+  CuPy cannot even be imported);
+* the on-the-fly frequency parameters the launcher derives reproduce the reference.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import rope_jit
+from rope_jit import jit, launch, reference
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=120)
+
+
+# ------------------------------------------------------------------ import
+
+def test_import_does_not_import_cupy():
+    """`import rope_jit` leaves CuPy (and torch) unimported."""
+    r = _run_python("import rope_jit, sys; print('cupy' in sys.modules)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+    r = _run_python("""
+        import rope_jit, sys
+        print(sorted(m for m in sys.modules
+                     if m.split('.')[0] in ('cupy', 'cupy_backends', 'torch', 'jax', 'numba')))
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_public_names():
+    """__all__ lists what SPEC section 3 requires, and every name exists."""
+    required = {
+        "apply_rope_inplace_with_cache", "apply_rope_with_cos_sin_cache",
+        "apply_rope_with_cos_sin_cache_inplace", "apply_rope", "apply_rope_inplace",
+        "apply_rope_pos_ids", "apply_rope_pos_ids_inplace", "apply_llama31_rope",
+        "apply_llama31_rope_inplace", "apply_llama31_rope_pos_ids",
+        "apply_llama31_rope_pos_ids_inplace", "positions_from_offsets", "compute_cos_sin_cache",
+    }
+    assert required <= set(rope_jit.__all__)
+    for name in rope_jit.__all__:
+        assert hasattr(rope_jit, name), name
+    assert isinstance(rope_jit.__version__, str) and rope_jit.__version__
+
+
+# ------------------------------------------------------------------ signatures
+
+_E = inspect.Parameter.empty
+_FLY = [("rotary_dim", None), ("interleave", False), ("rope_scale", 1), ("rope_theta", 1e4)]
+_LLAMA = [("rotary_dim", None), ("interleave", False), ("rope_scale", 8), ("rope_theta", 5e5),
+          ("low_freq_factor", 1), ("high_freq_factor", 4), ("old_context_len", 8192)]
+_CACHE = [("positions", _E), ("query", _E), ("key", _E), ("head_size", _E), ("cos_sin_cache", _E)]
+
+SIGNATURES = {
+    # vLLM's torch.ops._C.rotary_embedding
+    "apply_rope_inplace_with_cache": _CACHE + [("is_neox", _E)],
+    # FlashInfer
+    "apply_rope_with_cos_sin_cache": _CACHE + [("is_neox", True)],
+    "apply_rope_with_cos_sin_cache_inplace": _CACHE + [("is_neox", True)],
+    "apply_rope": [("q", _E), ("k", _E), ("indptr", _E), ("offsets", _E)] + _FLY,
+    "apply_rope_inplace": [("q", _E), ("k", _E), ("indptr", _E), ("offsets", _E)] + _FLY,
+    "apply_rope_pos_ids": [("q", _E), ("k", _E), ("pos_ids", _E)] + _FLY,
+    "apply_rope_pos_ids_inplace": [("q", _E), ("k", _E), ("pos_ids", _E)] + _FLY,
+    "apply_llama31_rope": [("q", _E), ("k", _E), ("indptr", _E), ("offsets", _E)] + _LLAMA,
+    "apply_llama31_rope_inplace": [("q", _E), ("k", _E), ("indptr", _E), ("offsets", _E)] + _LLAMA,
+    "apply_llama31_rope_pos_ids": [("q", _E), ("k", _E), ("pos_ids", _E)] + _LLAMA,
+    "apply_llama31_rope_pos_ids_inplace": [("q", _E), ("k", _E), ("pos_ids", _E)] + _LLAMA,
+    "positions_from_offsets": [("indptr", _E), ("offsets", _E)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
+def test_signature(name):
+    """Positional parameters: exactly the reference library's names, order and defaults
+    (compared by value: FlashInfer writes rope_scale=1, 1.0 is the same default).
+    Anything extra must be optional, so every existing call keeps working."""
+    params = list(inspect.signature(getattr(rope_jit, name)).parameters.values())
+    want = SIGNATURES[name]
+    positional = [p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert [p.name for p in positional[:len(want)]] == [n for n, _ in want]
+    for p, (n, default) in zip(positional, want):
+        if default is _E:
+            assert p.default is _E, f"{n} must be required"
+        else:
+            assert p.default is not _E and p.default == default, (n, p.default, default)
+    for p in params[len(want):]:
+        assert p.default is not _E, f"extra parameter {p.name} must have a default"
+        assert p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    assert not any(p.kind in (p.VAR_POSITIONAL,) for p in params)
+
+
+def test_rope_defaults_are_exact():
+    """Spot-check the documented numbers once more, by name."""
+    sig = inspect.signature(rope_jit.apply_llama31_rope_pos_ids_inplace).parameters
+    assert (sig["rope_scale"].default, sig["rope_theta"].default, sig["low_freq_factor"].default,
+            sig["high_freq_factor"].default, sig["old_context_len"].default) == (8, 5e5, 1, 4, 8192)
+    sig = inspect.signature(rope_jit.apply_rope).parameters
+    assert (sig["rope_scale"].default, sig["rope_theta"].default) == (1, 1e4)
+    assert inspect.signature(rope_jit.apply_rope_with_cos_sin_cache).parameters["is_neox"].default is True
+
+
+# ------------------------------------------------------------------ host arrays are refused
+
+T, HQ, HK, D = 4, 2, 1, 64
+
+
+def _torch_args(torch, name):
+    """Valid-looking CPU torch arguments for entry point `name` (positional)."""
+    g = torch.Generator().manual_seed(0)
+    if "cache" in name:
+        q = torch.randn(T, HQ * D, generator=g)
+        k = torch.randn(T, HK * D, generator=g)
+        return (torch.arange(T), q, k, D, torch.randn(32, D, generator=g), True)
+    q = torch.randn(T, HQ, D, generator=g)
+    k = torch.randn(T, HK, D, generator=g)
+    if "pos_ids" in name:
+        return (q, k, torch.arange(T, dtype=torch.int32))
+    return (q, k, torch.tensor([0, 1, T], dtype=torch.int32), torch.tensor([0, 5], dtype=torch.int32))
+
+
+GPU_ENTRY_POINTS = sorted(n for n in SIGNATURES if n != "positions_from_offsets")
+
+
+@pytest.mark.parametrize("name", GPU_ENTRY_POINTS)
+def test_cpu_torch_tensors_refused(name):
+    """CPU torch tensors: TypeError naming the query argument and 'host memory', raised in
+    validation: nothing compiled, in-place inputs untouched."""
+    torch = pytest.importorskip("torch")
+    args = _torch_args(torch, name)
+    before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    compiles = jit.stats.compiles
+    with pytest.raises(TypeError, match=r"^(q|query): expected a CUDA device array .*host memory"):
+        getattr(rope_jit, name)(*args)
+    assert jit.stats.compiles == compiles
+    for a, b in zip(args, before):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
+
+
+def test_cpu_torch_refused_without_cupy():
+    """Validation needs no CuPy: in a process where `import cupy` fails, CPU tensors still
+    get the TypeError (not an ImportError), for each kind of entry point."""
+    pytest.importorskip("torch")
+    r = _run_python("""
+        import sys
+        sys.modules['cupy'] = None  # import cupy raises ImportError
+        import torch, rope_jit
+        q3, k3 = torch.randn(4, 2, 64), torch.randn(4, 1, 64)
+        calls = [
+            lambda: rope_jit.apply_rope_inplace_with_cache(torch.arange(4), q3.view(4, 128),
+                                                           None, 64, torch.randn(8, 64), True),
+            lambda: rope_jit.apply_rope(q3, k3, torch.tensor([0, 4], dtype=torch.int32),
+                                        torch.tensor([0], dtype=torch.int32)),
+            lambda: rope_jit.apply_llama31_rope_pos_ids_inplace(q3, k3, torch.arange(4)),
+        ]
+        for call in calls:
+            try:
+                call()
+                print('no error')
+            except TypeError as e:
+                print('TypeError', 'host' in str(e))
+            except Exception as e:
+                print(type(e).__name__, e)
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:3] == ["TypeError True"] * 3, r.stdout
+
+
+def test_missing_cupy_names_the_extra():
+    """Where CuPy is genuinely needed (NVRTC) and missing: ImportError naming the extra to
+    install. Host-only features keep working without it."""
+    r = _run_python("""
+        import sys
+        sys.modules['cupy'] = None
+        import numpy as np, rope_jit
+        from rope_jit import jit
+        print(rope_jit.compute_cos_sin_cache(8, 4).shape)
+        print(rope_jit.positions_from_offsets(np.array([0, 2], np.int32), np.array([5], np.int32)).tolist())
+        try:
+            jit.compile_cubin('extern "C" __global__ void f() {}', 'sm_90')
+        except ImportError as e:
+            print('ImportError', 'rope_jit[cuda12]' in str(e), 'cupy-cuda12x' in str(e))
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:3] == ["(4, 8)", "[5, 6]", "ImportError True True"], r.stdout
+
+
+def _numpy_args(name):
+    """The CPU torch arguments of `name`, as NumPy arrays."""
+    import torch
+
+    return tuple(a.numpy() if isinstance(a, torch.Tensor) else a for a in _torch_args(torch, name))
+
+
+@pytest.mark.parametrize("name", ["apply_rope_inplace_with_cache", "apply_rope_with_cos_sin_cache",
+                                  "apply_rope", "apply_rope_pos_ids_inplace"])
+def test_numpy_arrays_refused(name):
+    """NumPy arrays are host memory: TypeError naming the argument and 'host'."""
+    pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"^(q|query): .*host"):
+        getattr(rope_jit, name)(*_numpy_args(name))
+
+
+@pytest.mark.parametrize("name, position, names", [
+    pytest.param("apply_rope_inplace_with_cache", 1, ("query",), id="vllm-query"),
+    pytest.param("apply_rope_pos_ids", 0, ("q", "query"), id="flashinfer-q"),
+    pytest.param("apply_rope_inplace_with_cache", 2, ("key",), id="vllm-key"),
+    pytest.param("apply_rope_inplace_with_cache", 0, ("positions",), id="vllm-positions"),
+    pytest.param("apply_rope_inplace_with_cache", 4, ("cos_sin_cache",), id="vllm-cache"),
+    pytest.param("apply_rope", 1, ("k", "key"), id="flashinfer-k"),
+    pytest.param("apply_rope", 2, ("indptr",), id="flashinfer-indptr"),
+    pytest.param("apply_rope", 3, ("offsets",), id="flashinfer-offsets"),
+    pytest.param("apply_rope_pos_ids", 2, ("pos_ids", "positions"), id="flashinfer-pos_ids",),
+])
+def test_unsupported_object_names_the_argument(name, position, names):
+    """An argument that is no array at all (a list, a string): TypeError whose message
+    starts with that argument's name (the function's own name for it, or its vLLM /
+    FlashInfer synonym)."""
+    torch = pytest.importorskip("torch")
+    args = list(_torch_args(torch, name))
+    args[position] = [[1.0, 2.0]] if position else "not an array"
+    with pytest.raises(TypeError, match=rf"^({'|'.join(names)}): expected a torch tensor"):
+        getattr(rope_jit, name)(*args)
+
+
+@pytest.mark.parametrize("nnz", [None, 10])
+def test_positions_from_offsets_cpu_torch(nnz):
+    """CPU torch tensors: either the positions as a CPU tensor, or a TypeError naming
+    host memory; never a CUDA error."""
+    torch = pytest.importorskip("torch")
+    indptr = torch.tensor([0, 1, 5, 10], dtype=torch.int64)
+    offsets = torch.tensor([4, 6, 3], dtype=torch.int64)
+    try:
+        got = rope_jit.positions_from_offsets(indptr, offsets, nnz)
+    except TypeError as e:
+        assert "host" in str(e)
+        return
+    assert isinstance(got, torch.Tensor) and got.device.type == "cpu"
+    assert got.tolist() == [4, 6, 7, 8, 9, 3, 4, 5, 6, 7]
+
+
+def test_positions_from_offsets_rejects_lists():
+    """Plain Python lists are not arrays: TypeError naming indptr."""
+    with pytest.raises(TypeError, match=r"^indptr: expected a torch tensor"):
+        rope_jit.positions_from_offsets([0, 1], [3])
+
+
+# ------------------------------------------------------------------ on-the-fly parameters
+
+def _kernel_frequencies(rot, theta, scale, llama):
+    """The kernel's formulation (kernels/rope.cu) of the frequencies, fed with the values
+    the launcher computes: inv = 2^(j*freq_exponent), w = clamp(inv*a + b, 0, 1),
+    f = (1-w)*inv*inv_scale + w*inv."""
+    exponent, inv_scale, a, b = launch._freq_values((rot, theta, scale, llama))
+    j = np.arange(rot // 2, dtype=np.float64)
+    inv = np.exp2(j * exponent)
+    w = np.clip(inv * a + b, 0.0, 1.0)
+    return (1 - w) * (inv * inv_scale) + w * inv
+
+
+@pytest.mark.parametrize("rot, theta, scale, llama", [
+    (128, 1e4, 1.0, None), (64, 5e5, 2.0, None), (20, 1e4, 1.0, None),
+    (128, 5e5, 8.0, (1.0, 4.0, 8192)), (64, 1e4, 4.0, (2.0, 8.0, 2048)),
+])
+def test_on_the_fly_frequencies_match_reference(rot, theta, scale, llama):
+    """The kernel's clamped-blend parameters reproduce the reference frequencies: linear
+    scaling divides by rope_scale; Llama 3.1 matches transformers' piecewise bands."""
+    want = reference.inv_frequencies(rot, base=theta, rope_scale=scale, llama31=llama)
+    np.testing.assert_allclose(_kernel_frequencies(rot, theta, scale, llama), want, rtol=1e-13)
+
+
+@pytest.mark.parametrize("theta, scale, llama, match", [
+    (1.0, 1.0, None, "rope_theta"), (0.0, 1.0, None, "rope_theta"), (-1e4, 1.0, None, "rope_theta"),
+    (math.inf, 1.0, None, "rope_theta"), (math.nan, 1.0, None, "rope_theta"),
+    ("1e4", 1.0, None, "rope_theta"),
+    (1e4, 0.0, None, "rope_scale"), (1e4, -8.0, None, "rope_scale"), (1e4, math.inf, None, "rope_scale"),
+    (5e5, 8.0, (0.0, 4.0, 8192), "low_freq_factor"), (5e5, 8.0, (4.0, 4.0, 8192), "high_freq_factor"),
+    (5e5, 8.0, (1.0, 4.0, 0), "old_context_len"),
+])
+def test_on_the_fly_parameter_errors(theta, scale, llama, match):
+    """Bad rope_theta / rope_scale / Llama 3.1 parameters: ValueError naming them."""
+    with pytest.raises(ValueError, match=match):
+        launch._check_freq(theta, scale, llama)

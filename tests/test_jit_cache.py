@@ -1,0 +1,257 @@
+"""The on-disk kernel cache of rope_jit.jit (SPEC section 5): compile once, read back,
+detect corruption, tolerate an unusable directory, key on everything that changes the
+binary. ``build`` needs NVRTC (CuPy), not a GPU; those tests are marked ``nvrtc``.
+
+Every test points ROPE_JIT_CACHE_DIR at its own tmp dir and starts with empty in-memory
+tables (jit.clear_memory()).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+from rope_jit import jit
+from rope_jit.specs import PositionsSpec, RopeSpec
+
+ARCH = "sm_90"
+SPEC = RopeSpec(head_size=64, rotary_dim=64, dtype="bfloat16", cache_dtype="float32",
+                index_dtype="int64", indptr=False, neox=True, out_of_place=False, vec=8,
+                cache_vec=4, head_batch=1)
+OTHER = PositionsSpec("int32")
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    """A fresh cache directory and empty in-memory tables for each test."""
+    d = tmp_path / "cache"
+    monkeypatch.setenv(jit.ENV_CACHE_DIR, str(d))
+    monkeypatch.setattr(jit, "_warned_unwritable", False)
+    jit.clear_memory()
+    yield d
+    jit.clear_memory()
+
+
+def _entries(d: Path) -> list:
+    return sorted(d.glob("*.cubin")) if d.is_dir() else []
+
+
+def _counts():
+    return jit.stats.compiles, jit.stats.disk_hits
+
+
+# ------------------------------------------------------------------ no NVRTC needed
+
+def test_cache_dir_env_and_default(cache_dir, monkeypatch):
+    """$ROPE_JIT_CACHE_DIR wins (with ~ expanded); without it, a 'rope_jit' directory in
+    the platform's user cache dir."""
+    assert jit.cache_dir() == cache_dir
+    monkeypatch.setenv(jit.ENV_CACHE_DIR, "~/somewhere/rj")
+    assert jit.cache_dir() == Path(os.path.expanduser("~/somewhere/rj"))
+    monkeypatch.delenv(jit.ENV_CACHE_DIR)
+    assert jit.cache_dir().name == "rope_jit"
+
+
+def test_pack_unpack_roundtrip():
+    """An entry is magic + meta + checksum + cubin; unpack gives both parts back."""
+    blob = jit._pack_entry({"spec": "x", "n": 1}, b"\x7fELF-payload")
+    meta, cubin = jit.unpack_entry(blob)
+    assert meta == {"spec": "x", "n": 1} and cubin == b"\x7fELF-payload"
+
+
+@pytest.mark.parametrize("blob", [
+    b"", b"garbage", b"\x7fELF" + b"\0" * 100, jit._MAGIC, jit._MAGIC + b"\xff\xff\xff\xff",
+    jit._MAGIC + b"\x02\x00\x00\x00{}", jit._MAGIC + b"\x02\x00\x00\x00{}" + b"\0" * 40,
+    os.urandom(300), jit._MAGIC + os.urandom(300),
+], ids=["empty", "text", "bare-elf", "magic-only", "huge-length", "no-digest", "zero-digest",
+        "random", "magic-random"])
+def test_unpack_entry_garbage_is_none(blob):
+    """Anything that is not an intact entry unpacks to None (never raises)."""
+    assert jit.unpack_entry(blob) is None
+
+
+def test_unpack_detects_every_single_byte_flip():
+    """Flipping any byte of an entry (magic, length, meta, checksum or payload) is caught."""
+    blob = jit._pack_entry({"spec": "rope"}, bytes(range(64)))
+    for i in range(len(blob)):
+        bad = bytearray(blob)
+        bad[i] ^= 0x01
+        assert jit.unpack_entry(bytes(bad)) is None, i
+    for n in range(len(blob)):  # and every truncation
+        assert jit.unpack_entry(blob[:n]) is None, n
+
+
+# ------------------------------------------------------------------ with NVRTC
+
+@pytest.mark.nvrtc
+def test_first_build_compiles_and_writes_one_entry(cache_dir):
+    """A cold build compiles once and leaves exactly one intact .cubin entry whose meta
+    describes the spec; a second build in the same process is a memory hit."""
+    c0, h0 = _counts()
+    cubin = jit.build(SPEC, ARCH)
+    assert cubin[:4] == b"\x7fELF"
+    assert _counts() == (c0 + 1, h0)
+    entries = _entries(cache_dir)
+    assert len(entries) == 1
+    assert entries[0].stem == jit.binary_key(SPEC.render(), ARCH)
+    meta, payload = jit.unpack_entry(entries[0].read_bytes())
+    assert payload == cubin
+    assert meta["arch"] == ARCH and meta["spec"] == SPEC.words() and meta["kernel"] == SPEC.kernel_name
+    assert not list(cache_dir.glob(".tmp-*"))  # no temp file left behind
+    assert jit.build(SPEC, ARCH) is cubin
+    assert _counts() == (c0 + 1, h0)
+
+
+@pytest.mark.nvrtc
+def test_second_build_reads_from_disk(cache_dir):
+    """After clear_memory() (a new process, in effect) the entry is read: disk_hits + 1,
+    no compile, the same bytes."""
+    first = jit.build(SPEC, ARCH)
+    jit.clear_memory()
+    c0, h0 = _counts()
+    again = jit.build(SPEC, ARCH)
+    assert again == first
+    assert _counts() == (c0, h0 + 1)
+    assert len(_entries(cache_dir)) == 1
+
+
+@pytest.mark.nvrtc
+def test_different_specs_and_archs_get_their_own_entries(cache_dir):
+    """One entry per (spec, arch)."""
+    jit.build(SPEC, "sm_90")
+    jit.build(SPEC, "sm_80")
+    jit.build(OTHER, "sm_90")
+    assert len(_entries(cache_dir)) == 3
+
+
+def _corrupt_payload(path: Path) -> bytes:
+    blob = bytearray(path.read_bytes())
+    blob[-100] ^= 0xFF  # inside the cubin payload
+    path.write_bytes(bytes(blob))
+    return bytes(blob)
+
+
+def _truncate(path: Path) -> bytes:
+    blob = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(blob)
+    return blob
+
+
+@pytest.mark.nvrtc
+@pytest.mark.parametrize("damage", [_corrupt_payload, _truncate], ids=["flipped-byte", "truncated"])
+def test_damaged_entry_is_rebuilt(cache_dir, damage):
+    """A corrupt or truncated entry is reported (RuntimeWarning naming the file), rebuilt
+    and rewritten; the damaged bytes are never returned."""
+    good = jit.build(SPEC, ARCH)
+    (path,) = _entries(cache_dir)
+    damaged = damage(path)
+    assert jit.unpack_entry(damaged) is None
+    jit.clear_memory()
+    c0, h0 = _counts()
+    with pytest.warns(RuntimeWarning, match="corrupt") as rec:
+        cubin = jit.build(SPEC, ARCH)
+    assert any(str(path) in str(w.message) for w in rec)
+    assert _counts() == (c0 + 1, h0)           # compiled again, not a disk hit
+    assert cubin[:4] == b"\x7fELF"
+    assert cubin not in damaged                 # not the damaged bytes
+    assert cubin == good                        # NVRTC is deterministic
+    meta, payload = jit.unpack_entry(path.read_bytes())  # the file was rewritten intact
+    assert payload == cubin
+    jit.clear_memory()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # now clean: no warning, a disk hit
+        assert jit.build(SPEC, ARCH) == cubin
+    assert _counts() == (c0 + 1, h0 + 1)
+
+
+def _under_a_file(tmp_path: Path) -> Path:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory's parent should be")
+    return blocker / "cache"
+
+
+def _read_only_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o500)
+    if os.access(d, os.W_OK):  # root ignores permissions
+        d.chmod(0o700)
+        pytest.skip("permissions are not enforced for this user (root)")
+    return d / "cache"
+
+
+@pytest.mark.nvrtc
+@pytest.mark.parametrize("make_dir", [_under_a_file, _read_only_dir], ids=["non-creatable", "read-only"])
+def test_unusable_cache_dir_degrades_to_memory(tmp_path, monkeypatch, make_dir):
+    """A cache directory that cannot be created or written: one RuntimeWarning naming the
+    directory and the env var, a cubin all the same, and later builds served from memory."""
+    d = make_dir(tmp_path)
+    monkeypatch.setenv(jit.ENV_CACHE_DIR, str(d))
+    try:
+        c0, h0 = _counts()
+        with pytest.warns(RuntimeWarning, match=jit.ENV_CACHE_DIR) as rec:
+            cubin = jit.build(SPEC, ARCH)
+        assert any(str(d) in str(w.message) for w in rec)
+        assert cubin[:4] == b"\x7fELF"
+        assert _counts() == (c0 + 1, h0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")      # the warning is given once, the hit is in memory
+            assert jit.build(SPEC, ARCH) is cubin
+            other = jit.build(OTHER, ARCH)      # a new spec compiles without warning again
+        assert other[:4] == b"\x7fELF"
+        assert _counts() == (c0 + 2, h0)
+        assert not d.exists()
+    finally:
+        if d.parent.is_dir():
+            d.parent.chmod(0o700)
+
+
+@pytest.mark.nvrtc
+def test_binary_key():
+    """The key is stable for equal inputs and changes with arch, options and source;
+    arch spellings of one compute capability give one key."""
+    src = SPEC.render()
+    k = jit.binary_key(src, "sm_90")
+    assert k == jit.binary_key(src, "sm_90") == jit.binary_key(src, "90") == jit.binary_key(src, 90)
+    assert len(k) == 40 and int(k, 16) >= 0
+    others = {
+        jit.binary_key(src, "sm_80"),
+        jit.binary_key(src, "sm_90", options=("-std=c++17", "-lineinfo")),
+        jit.binary_key(src, "sm_90", options=()),
+        jit.binary_key(src + "\n", "sm_90"),
+        jit.binary_key(OTHER.render(), "sm_90"),
+        jit.binary_key(RopeSpec(**{**SPEC.__dict__, "vec": 4}).render(), "sm_90"),
+    }
+    assert k not in others and len(others) == 6
+
+
+@pytest.mark.nvrtc
+def test_binary_key_includes_versions(monkeypatch):
+    """NVRTC, CuPy and rope_jit versions are part of the key: a stale entry cannot load."""
+    src = SPEC.render()
+    k = jit.binary_key(src, ARCH)
+    monkeypatch.setattr(jit, "nvrtc_version", lambda: "99.9")
+    k_nvrtc = jit.binary_key(src, ARCH)
+    monkeypatch.undo()
+    monkeypatch.setattr(jit, "cupy_version", lambda: "0.0.1")
+    k_cupy = jit.binary_key(src, ARCH)
+    monkeypatch.undo()
+    monkeypatch.setattr(jit, "__version__", "0.0.0-other")
+    k_pkg = jit.binary_key(src, ARCH)
+    assert len({k, k_nvrtc, k_cupy, k_pkg}) == 4
+
+
+@pytest.mark.nvrtc
+def test_entry_of_another_key_is_not_used(cache_dir):
+    """An intact entry is found only under its own key: a file written for another arch
+    is never served for this one."""
+    jit.build(SPEC, "sm_80")
+    jit.clear_memory()
+    c0, h0 = _counts()
+    cubin = jit.build(SPEC, "sm_90")
+    assert _counts() == (c0 + 1, h0)
+    meta, _ = jit.unpack_entry((cache_dir / f"{jit.binary_key(SPEC.render(), 'sm_90')}.cubin").read_bytes())
+    assert meta["arch"] == "sm_90" and cubin[:4] == b"\x7fELF"

@@ -1,0 +1,614 @@
+"""Validation and launch planning (rope_jit.plan) on ArrayDesc values: no GPU, no CuPy.
+
+* every error of SPEC section 7: exception type AND a message that names the argument;
+* layouts and strides landing in the right named kernel parameters (specs.ROPE_STATIC);
+* vector widths (choose_vec), cache vector widths, and the dispatch rules (choose_launch).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from rope_jit.arrays import HOST, ArrayDesc, contiguous_strides
+from rope_jit.plan import TUNING, choose_launch, choose_vec, plan_positions, plan_rope
+from rope_jit.specs import ROPE_STATIC
+
+BASE = 1 << 32  # a 16-byte aligned fake device pointer
+ITEM = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int32": 4, "int64": 8,
+        "int16": 2, "uint8": 1}
+
+
+def desc(shape, dtype="bfloat16", *, strides=None, ptr=BASE, device=0):
+    """An ArrayDesc; contiguous unless strides (in elements) are given."""
+    shape = tuple(shape)
+    return ArrayDesc(ptr, shape, tuple(strides) if strides is not None else contiguous_strides(shape),
+                     dtype, device)
+
+
+T, HQ, HK, D = 8, 4, 2, 128
+
+
+def call(**overrides):
+    """plan_rope of a valid vLLM-style call ([T, H*D], positions, fp32 cache), with
+    arguments replaced by `overrides`."""
+    args = dict(query=desc((T, HQ * D)), key=desc((T, HK * D)), head_size=D, is_neox=True,
+                positions=desc((T,), "int64"), cos_sin_cache=desc((4096, D), "float32"),
+                inplace=True)
+    args.update(overrides)
+    return plan_rope(**args)
+
+
+def call_fly(**overrides):
+    """plan_rope of a valid FlashInfer-style call ([nnz, H, D], indptr + offsets, on the fly)."""
+    args = dict(query=desc((T, HQ, D)), key=desc((T, HK, D)), head_size=None, is_neox=True,
+                indptr=desc((3,), "int32"), offsets=desc((2,), "int32"), inplace=True)
+    args.update(overrides)
+    return plan_rope(**args)
+
+
+def static(plan) -> dict:
+    assert len(plan.static) == len(ROPE_STATIC)
+    return dict(zip(ROPE_STATIC, plan.static))
+
+
+def test_valid_baselines():
+    """The two baseline calls the error tests start from are valid."""
+    p = call()
+    assert p.spec is not None and p.spec.cache_dtype == "float32" and not p.spec.indptr
+    p = call_fly()
+    assert p.spec is not None and p.spec.cache_dtype is None and p.spec.indptr
+
+
+# ------------------------------------------------------------------ SPEC section 7
+
+ERRORS = [
+    # rotary dim
+    ("odd-rotary", call_fly, dict(rotary_dim=63), ValueError,
+     r"rotary_dim: expected a positive even number, got 63"),
+    ("zero-rotary", call_fly, dict(rotary_dim=0), ValueError, r"rotary_dim: expected a positive even"),
+    ("negative-rotary", call_fly, dict(rotary_dim=-2), ValueError, r"rotary_dim: expected a positive even"),
+    ("odd-cache-width", call, dict(cos_sin_cache=desc((4096, 63), "float32")), ValueError,
+     r"cos_sin_cache width \(rotary_dim\): expected a positive even number, got 63"),
+    ("rotary-too-large", call_fly, dict(rotary_dim=130), ValueError,
+     r"rotary_dim: 130 exceeds head_size 128"),
+    ("cache-wider-than-head", call, dict(cos_sin_cache=desc((4096, 256), "float32")), ValueError,
+     r"cos_sin_cache width \(rotary_dim\): 256 exceeds head_size 128"),
+    ("rotary-not-int", call_fly, dict(rotary_dim=64.0), TypeError, r"rotary_dim: expected an integer"),
+    ("cache-width-vs-rotary", call, dict(rotary_dim=64), ValueError,
+     r"cos_sin_cache: width 128 must equal rotary_dim 64"),
+    # head_size
+    ("head-not-dividing-query", call, dict(query=desc((T, 500))), ValueError,
+     r"query: last dim 500 is not a multiple of head_size 128"),
+    ("head-not-dividing-key", call, dict(key=desc((T, 200))), ValueError,
+     r"key: last dim 200 is not a multiple of head_size 128"),
+    ("3d-last-dim", call, dict(query=desc((T, HQ, 64))), ValueError,
+     r"query: last dim 64 must equal head_size 128"),
+    ("head-size-str", call, dict(head_size="128"), TypeError, r"head_size: expected an integer, got str"),
+    ("head-size-float", call, dict(head_size=128.0), TypeError, r"head_size: expected an integer"),
+    ("head-size-zero", call, dict(head_size=0), ValueError, r"head_size: expected a positive integer"),
+    ("head-size-none-2d-query", call_fly, dict(query=desc((T, HQ * D))), ValueError,
+     r"query: expected shape \[nnz, num_heads, head_dim\]"),
+    ("head-size-none-2d-key", call_fly, dict(key=desc((T, HK * D))), ValueError,
+     r"key: expected shape \[nnz, num_heads, head_dim\]"),
+    # token counts and layouts
+    ("key-tokens", call, dict(key=desc((T + 1, HK * D))), ValueError,
+     r"key: token dims \[9\] do not match the positions shape \[8\]"),
+    ("positions-tokens", call, dict(positions=desc((T + 1,), "int64")), ValueError,
+     r"query: token dims \[8\] do not match the positions shape \[9\]"),
+    ("batch-seq-tokens", call, dict(positions=desc((2, 4), "int64"), query=desc((2, 5, HQ * D)),
+                                    key=desc((2, 4, HK * D))), ValueError,
+     r"query: token dims \[2, 5\] do not match the positions shape \[2, 4\]"),
+    ("indptr-key-tokens", call_fly, dict(key=desc((T + 1, HK, D))), ValueError,
+     r"key: token dims \[9\] do not match"),
+    ("query-1d", call, dict(query=desc((T * HQ * D,))), ValueError, r"query: expected \[num_tokens, "),
+    ("query-4d", call, dict(query=desc((T, HQ, 2, 64))), ValueError, r"query: expected \[num_tokens, "),
+    ("query-2d-with-batch-positions", call, dict(positions=desc((2, 4), "int64")), ValueError,
+     r"query: expected \[batch, seq, num_heads \* head_size\]"),
+    ("indptr-query-4d", call_fly, dict(query=desc((T, HQ, 2, D))), ValueError,
+     r"query: expected \[nnz, num_heads, head_size\]"),
+    ("positions-3d", call, dict(positions=desc((2, 2, 2), "int64")), ValueError,
+     r"positions: expected shape \[num_tokens\] or \[batch, seq\]"),
+    # dtypes
+    ("qk-dtype-mismatch", call, dict(key=desc((T, HK * D), "float16")), TypeError,
+     r"key: dtype float16 differs from query dtype bfloat16"),
+    ("query-float64", call, dict(query=desc((T, HQ * D), "float64"), key=None), TypeError,
+     r"query: expected dtype float16 or bfloat16 or float32, got float64"),
+    ("key-float64", call, dict(key=desc((T, HK * D), "float64")), TypeError,
+     r"key: expected dtype float16 or bfloat16 or float32, got float64"),
+    ("query-int32", call, dict(query=desc((T, HQ * D), "int32")), TypeError,
+     r"query: expected dtype .* got int32"),
+    ("cache-float64", call, dict(cos_sin_cache=desc((4096, D), "float64")), TypeError,
+     r"cos_sin_cache: expected dtype float16 or bfloat16 or float32, got float64"),
+    ("positions-float32", call, dict(positions=desc((T,), "float32")), TypeError,
+     r"positions: expected dtype int32 or int64, got float32"),
+    ("positions-int16", call, dict(positions=desc((T,), "int16")), TypeError,
+     r"positions: expected dtype int32 or int64, got int16"),
+    ("indptr-float", call_fly, dict(indptr=desc((3,), "float32")), TypeError,
+     r"indptr: expected dtype int32 or int64, got float32"),
+    ("offsets-float", call_fly, dict(offsets=desc((2,), "float64")), TypeError,
+     r"offsets: expected dtype int32 or int64, got float64"),
+    ("indptr-offsets-dtype", call_fly, dict(offsets=desc((2,), "int64")), TypeError,
+     r"offsets: dtype int64 differs from indptr dtype int32"),
+    # indptr / offsets shapes
+    ("offsets-length", call_fly, dict(offsets=desc((3,), "int32")), ValueError,
+     r"offsets: expected shape \[2\] \(batch_size, one less than indptr\), got \[3\]"),
+    ("offsets-2d", call_fly, dict(offsets=desc((2, 1), "int32")), ValueError, r"offsets: expected shape \[2\]"),
+    ("indptr-2d", call_fly, dict(indptr=desc((3, 1), "int32")), ValueError,
+     r"indptr: expected shape \[batch_size \+ 1\]"),
+    ("indptr-empty", call_fly, dict(indptr=desc((0,), "int32"), offsets=desc((0,), "int32")),
+     ValueError, r"indptr: expected shape \[batch_size \+ 1\], got \[0\]"),
+    ("no-positions", call_fly, dict(indptr=None, offsets=None), TypeError,
+     r"expected positions, or both indptr and offsets"),
+    ("offsets-missing", call_fly, dict(offsets=None), TypeError, r"expected positions, or both indptr and offsets"),
+    ("query-none", call, dict(query=None), TypeError,
+     r"query: expected a float16, bfloat16 or float32 array, got None"),
+    # the cache
+    ("cache-1d", call, dict(cos_sin_cache=desc((4096 * D,), "float32")), ValueError,
+     r"cos_sin_cache: expected shape \[max_position, rotary_dim\], got \[524288\]"),
+    ("cache-3d", call, dict(cos_sin_cache=desc((4096, 1, D), "float32")), ValueError,
+     r"cos_sin_cache: expected shape \[max_position, rotary_dim\]"),
+    # contiguity of the last dim
+    ("query-last-dim-strided", call, dict(query=desc((T, HQ * D), strides=(2 * HQ * D, 2))), ValueError,
+     r"query: the last dim must be contiguous \(stride 1\), got stride 2"),
+    ("key-last-dim-strided", call, dict(key=desc((T, HK, D), strides=(HK * D * 3, D * 3, 3))), ValueError,
+     r"key: the last dim must be contiguous \(stride 1\), got stride 3"),
+    ("cache-last-dim-strided", call, dict(cos_sin_cache=desc((4096, D), "float32", strides=(2 * D, 2))),
+     ValueError, r"cos_sin_cache: the last dim must be contiguous \(stride 1\)"),
+]
+
+
+@pytest.mark.parametrize("fn, overrides, exc, match", [e[1:] for e in ERRORS],
+                         ids=[e[0] for e in ERRORS])
+def test_invalid_call(fn, overrides, exc, match):
+    """SPEC section 7: the exception type and a message naming the argument."""
+    with pytest.raises(exc, match=match):
+        fn(**overrides)
+
+
+HOST_CASES = [
+    ("query", call, dict(query=desc((T, HQ * D), device=HOST))),
+    ("key", call, dict(key=desc((T, HK * D), device=HOST))),
+    ("positions", call, dict(positions=desc((T,), "int64", device=HOST))),
+    ("cos_sin_cache", call, dict(cos_sin_cache=desc((4096, D), "float32", device=HOST))),
+    ("indptr", call_fly, dict(indptr=desc((3,), "int32", device=HOST))),
+    ("offsets", call_fly, dict(offsets=desc((2,), "int32", device=HOST))),
+]
+
+
+@pytest.mark.parametrize("name, fn, overrides", HOST_CASES, ids=[c[0] for c in HOST_CASES])
+def test_host_array_refused(name, fn, overrides):
+    """Every array argument must live on a CUDA device: TypeError naming it and 'host'."""
+    with pytest.raises(TypeError, match=rf"^{name}: expected a CUDA device array .*host memory"):
+        fn(**overrides)
+
+
+DEVICE_CASES = [
+    ("key", call, dict(key=desc((T, HK * D), device=1))),
+    ("positions", call, dict(positions=desc((T,), "int64", device=1))),
+    ("cos_sin_cache", call, dict(cos_sin_cache=desc((4096, D), "float32", device=1))),
+    ("indptr", call_fly, dict(indptr=desc((3,), "int32", device=1))),
+    ("offsets", call_fly, dict(offsets=desc((2,), "int32", device=1))),
+]
+
+
+@pytest.mark.parametrize("name, fn, overrides", DEVICE_CASES, ids=[c[0] for c in DEVICE_CASES])
+def test_arrays_on_different_devices(name, fn, overrides):
+    """An array on another device than query: ValueError naming both arrays and devices."""
+    with pytest.raises(ValueError, match=rf"^{name} is on cuda:1 but query is on cuda:0"):
+        fn(**overrides)
+
+
+def test_all_on_another_device_is_fine():
+    """Everything on cuda:3 is valid, and the plan says device 3."""
+    p = call(query=desc((T, HQ * D), device=3), key=desc((T, HK * D), device=3),
+             positions=desc((T,), "int64", device=3), cos_sin_cache=desc((4096, D), "float32", device=3))
+    assert p.device == 3 and p.spec is not None
+
+
+def test_numpy_integer_head_size_accepted():
+    """head_size may be any integer type (operator.index), not only int."""
+    np = pytest.importorskip("numpy")
+    assert call(head_size=np.int64(D)).spec.head_size == D
+
+
+# ------------------------------------------------------------------ layouts and strides
+
+def test_layout_tokens_by_heads_times_d():
+    """[T, H*D]: one token dim, head stride D, token stride H*D; key with its own heads."""
+    p = call()
+    s = static(p)
+    assert p.spec.head_size == D and p.spec.rotary_dim == D
+    assert s["num_tokens"] == T and s["inner_tokens"] == T
+    assert (s["num_q_heads"], s["num_k_heads"]) == (HQ, HK)
+    assert (s["q_stride_outer"], s["q_stride_inner"], s["q_stride_head"]) == (0, HQ * D, D)
+    assert (s["k_stride_outer"], s["k_stride_inner"], s["k_stride_head"]) == (0, HK * D, D)
+    assert (s["pos_stride_outer"], s["pos_stride_inner"]) == (0, 1)
+    assert s["max_position"] == 4096 and s["cache_stride"] == D
+    assert s["batch_size"] == 0
+    # in place: the outputs are the inputs
+    assert (s["qo_stride_inner"], s["qo_stride_head"]) == (HQ * D, D)
+    assert (s["ko_stride_inner"], s["ko_stride_head"]) == (HK * D, D)
+    assert p.q_out_shape == (T, HQ * D) and p.k_out_shape == (T, HK * D)
+
+
+def test_fused_qkv_slices_and_padded_heads():
+    """Views of a fused QKV buffer: arbitrary token strides, a padded head stride in 3-D,
+    a padded cache row stride; all land in their named slots."""
+    width = (HQ + 2 * HK) * D + 24          # row of the fused buffer
+    q = desc((T, HQ * D), strides=(width, 1), ptr=BASE)
+    k = desc((T, HK, D), strides=(width, D + 8, 1), ptr=BASE + HQ * D * 2)
+    cache = desc((4096, D), "float32", strides=(D + 4, 1))
+    p = call(query=q, key=k, cos_sin_cache=cache)
+    s = static(p)
+    assert (s["q_stride_inner"], s["q_stride_head"]) == (width, D)
+    assert (s["k_stride_inner"], s["k_stride_head"]) == (width, D + 8)
+    assert s["cache_stride"] == D + 4
+    assert (s["num_q_heads"], s["num_k_heads"]) == (HQ, HK)
+
+
+def test_layout_tokens_heads_d_arbitrary_strides():
+    """[T, H, D] with token stride and head stride both unusual."""
+    q = desc((T, HQ, D), strides=(1000 * 8, 136, 1))
+    k = desc((T, HK, D), strides=(3 * 1024, 2 * D, 1))
+    s = static(call(query=q, key=k))
+    assert (s["q_stride_outer"], s["q_stride_inner"], s["q_stride_head"]) == (0, 8000, 136)
+    assert (s["k_stride_outer"], s["k_stride_inner"], s["k_stride_head"]) == (0, 3072, 2 * D)
+
+
+@pytest.mark.parametrize("four_d", [False, True], ids=["B,S,H*D", "B,S,H,D"])
+def test_layout_batch_seq(four_d):
+    """vLLM's [B, S, H*D] (and [B, S, H, D]) with positions [B, S]: two token dims with
+    independent strides (here a strided, non-contiguous positions view too)."""
+    Bn, Sn = 3, 5
+    if four_d:
+        q = desc((Bn, Sn, HQ, D), strides=(Sn * 1024, 1024, D, 1))
+        k = desc((Bn, Sn, HK, D))
+    else:
+        q = desc((Bn, Sn, HQ * D), strides=(Sn * 1024, 1024, 1))
+        k = desc((Bn, Sn, HK * D))
+    pos = desc((Bn, Sn), "int32", strides=(4 * Sn, 2))
+    p = call(query=q, key=k, positions=pos, inplace=False)
+    s = static(p)
+    assert s["num_tokens"] == Bn * Sn and s["inner_tokens"] == Sn
+    assert (s["q_stride_outer"], s["q_stride_inner"], s["q_stride_head"]) == (Sn * 1024, 1024, D)
+    assert (s["k_stride_outer"], s["k_stride_inner"], s["k_stride_head"]) == (Sn * HK * D, HK * D, D)
+    assert (s["pos_stride_outer"], s["pos_stride_inner"]) == (4 * Sn, 2)
+    # out of place: new contiguous outputs of the input shapes
+    assert (s["qo_stride_outer"], s["qo_stride_inner"], s["qo_stride_head"]) == (Sn * HQ * D, HQ * D, D)
+    assert (s["ko_stride_outer"], s["ko_stride_inner"], s["ko_stride_head"]) == (Sn * HK * D, HK * D, D)
+    assert p.q_out_shape == q.shape and p.k_out_shape == k.shape
+    assert p.spec.index_dtype == "int32" and p.spec.out_of_place
+
+
+def test_size_one_dims_have_zero_strides():
+    """A stride of a size-1 dim never moves an index: it is zeroed (so it cannot limit
+    the vector width either)."""
+    s = static(call(query=desc((1, HQ * D), strides=(12345, 1)), key=desc((1, HK * D)),
+                    positions=desc((1,), "int64")))
+    assert s["q_stride_inner"] == 0 and s["k_stride_inner"] == 0
+
+
+def test_key_none():
+    """key=None: query only; k heads and every k/ko stride are 0, no key output shape."""
+    p = call(key=None, inplace=False)
+    s = static(p)
+    assert s["num_k_heads"] == 0
+    assert all(s[n] == 0 for n in ROPE_STATIC if n.startswith(("k_", "ko_")))
+    assert p.k_out_shape is None and p.spec is not None
+
+
+def test_indptr_plan():
+    """indptr + offsets: spec.indptr, batch size = len(offsets), position strides 0,
+    index dtype of indptr, head size = last dim, rotary dim = head (None) or given."""
+    p = call_fly(indptr=desc((6,), "int64"), offsets=desc((5,), "int64"), rotary_dim=64)
+    s = static(p)
+    assert p.spec.indptr and p.spec.index_dtype == "int64"
+    assert p.spec.head_size == D and p.spec.rotary_dim == 64 and p.spec.cache_dtype is None
+    assert s["batch_size"] == 5 and s["max_position"] == 0 and s["cache_stride"] == 0
+    assert (s["pos_stride_outer"], s["pos_stride_inner"]) == (0, 0)
+    assert call_fly().spec.rotary_dim == D
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(query=desc((0, HQ * D)), key=desc((0, HK * D)), positions=desc((0,), "int64")),
+    dict(query=desc((0, 5, HQ * D)), key=desc((0, 5, HK * D)), positions=desc((0, 5), "int64")),
+    dict(query=desc((T, 0)), key=None),
+], ids=["no-tokens", "no-batch", "no-heads"])
+def test_nothing_to_do(overrides):
+    """Zero tokens (or zero heads): a valid plan with spec None and no launch."""
+    p = call(**overrides)
+    assert p.spec is None and p.launch is None
+    assert p.q_out_shape == overrides["query"].shape
+
+
+def test_zero_tokens_still_validated():
+    """An empty call is still checked (a bad rotary dim is an error with no tokens too)."""
+    with pytest.raises(ValueError, match="rotary_dim"):
+        call_fly(query=desc((0, HQ, D)), key=desc((0, HK, D)), rotary_dim=7)
+
+
+def test_spec_fields_follow_the_call():
+    """dtype, cache dtype, style, placement and index dtype go into the spec."""
+    p = call(query=desc((T, HQ * D), "float16"), key=desc((T, HK * D), "float16"),
+             cos_sin_cache=desc((100, 64), "bfloat16"), is_neox=False, inplace=False,
+             positions=desc((T,), "int32"))
+    sp = p.spec
+    assert (sp.dtype, sp.cache_dtype, sp.neox, sp.out_of_place, sp.index_dtype, sp.indptr) == \
+        ("float16", "bfloat16", False, True, "int32", False)
+    assert sp.rotary_dim == 64 and sp.head_size == D
+    assert static(p)["max_position"] == 100
+
+
+# ------------------------------------------------------------------ vector widths
+
+@pytest.mark.parametrize("itemsize, must_divide, ptrs, want", [
+    (2, [64, 512, 128], [BASE], 8),
+    (4, [64, 512, 128], [BASE], 4),
+    (8, [64], [BASE], 2),
+    (2, [], [], 8),
+    (2, [64, 512, 128], [BASE + 2], 1),      # 2-byte aligned pointer
+    (2, [64, 512, 128], [BASE + 4], 2),
+    (2, [64, 512, 128], [BASE + 8], 4),
+    (4, [64, 512, 128], [BASE + 8], 2),
+    (2, [64, 512, 128], [BASE, BASE + 6], 1),  # the worst pointer decides
+    (2, [10, 512], [BASE], 2),               # rotary 20: half 10
+    (2, [3, 512], [BASE], 1),                # rotary 6: half 3
+    (2, [64, 1001], [BASE], 1),              # odd token stride
+    (2, [64, 0, 0], [BASE], 8),              # zeroed strides never limit
+    (4, [12], [BASE], 4),
+    (4, [6], [BASE], 2),
+])
+def test_choose_vec(itemsize, must_divide, ptrs, want):
+    """Widest power of two (<= 16 bytes) dividing all counts and keeping pointers aligned."""
+    assert choose_vec(itemsize, must_divide, ptrs) == want
+
+
+@pytest.mark.parametrize("dtype, rot, want", [
+    ("bfloat16", 128, 8), ("float16", 64, 8), ("float32", 128, 4),
+    ("bfloat16", 20, 2), ("bfloat16", 6, 1), ("float32", 20, 2), ("float32", 12, 2),
+    ("bfloat16", 24, 4), ("float16", 2, 1),
+])
+def test_vec_from_rotary_dim(dtype, rot, want):
+    """vec divides rotary_dim/2: rotary 20 -> 2, rotary 6 -> 1 (an odd chunk count)."""
+    p = call_fly(query=desc((T, HQ, D), dtype), key=desc((T, HK, D), dtype), rotary_dim=rot)
+    assert p.spec.vec == want
+    assert (rot // 2) % p.spec.vec == 0
+
+
+@pytest.mark.parametrize("what, overrides, want", [
+    ("q-2-byte-aligned", dict(query=desc((T, HQ * D), ptr=BASE + 2)), 1),
+    ("k-4-byte-aligned", dict(key=desc((T, HK * D), ptr=BASE + 4)), 2),
+    ("q-8-byte-aligned", dict(query=desc((T, HQ * D), ptr=BASE + 8)), 4),
+    ("odd-token-stride", dict(query=desc((T, HQ * D), strides=(HQ * D + 1, 1))), 1),
+    ("token-stride-2-mod-4", dict(key=desc((T, HK * D), strides=(HK * D + 2, 1))), 2),
+    ("head-stride-4-mod-8", dict(query=desc((T, HQ, D), strides=(HQ * (D + 4), D + 4, 1))), 4),
+    ("head-stride-padded-by-8", dict(query=desc((T, HQ, D), strides=(HQ * (D + 8), D + 8, 1))), 8),
+])
+def test_vec_shrinks_with_alignment_and_strides(what, overrides, want):
+    """Misaligned pointers and strides not divisible by the width shrink vec."""
+    assert call(**overrides).spec.vec == want
+
+
+def test_out_of_place_vec_divides_pass_through():
+    """Out of place the threads also copy head_size - rotary_dim elements, so vec must
+    divide it: one token, one head of 68 with rotary 64 (all strides zeroed) is 8 wide in
+    place but 4 wide out of place."""
+    kw = dict(query=desc((1, 1, 68)), key=None, indptr=desc((2,), "int32"),
+              offsets=desc((1,), "int32"), rotary_dim=64)
+    assert call_fly(inplace=True, **kw).spec.vec == 8
+    p = call_fly(inplace=False, **kw)
+    assert p.spec.vec == 4 and (68 - 64) % p.spec.vec == 0
+
+
+def test_out_of_place_vec_follows_output_strides():
+    """In place a padded head stride (128) allows 8; out of place the contiguous outputs
+    have head stride 68 and allow only 4."""
+    q = desc((T, HQ, 68), strides=(HQ * 128, 128, 1))
+    kw = dict(query=q, key=None, rotary_dim=64)
+    assert call_fly(inplace=True, **kw).spec.vec == 8
+    assert call_fly(inplace=False, **kw).spec.vec == 4
+
+
+@pytest.mark.parametrize("dtype, cache, cache_kw, want_vec, want_cache_vec", [
+    ("bfloat16", "float32", {}, 8, 4),
+    ("bfloat16", "bfloat16", {}, 8, 8),
+    ("float16", "float16", {}, 8, 8),
+    ("float32", "bfloat16", {}, 4, 4),
+    ("float32", "float32", {}, 4, 4),
+    ("bfloat16", "float32", dict(strides=(130, 1)), 8, 2),
+    ("bfloat16", "float32", dict(ptr=BASE + 4), 8, 1),
+    ("bfloat16", "bfloat16", dict(ptr=BASE + 4), 8, 2),
+    ("bfloat16", "float16", dict(strides=(129, 1)), 8, 1),
+])
+def test_cache_vec(dtype, cache, cache_kw, want_vec, want_cache_vec):
+    """cache_vec: at most 16 bytes of cache, at most vec, divides vec, and respects the
+    cache's pointer alignment and row stride."""
+    p = call(query=desc((T, HQ * D), dtype), key=desc((T, HK * D), dtype),
+             cos_sin_cache=desc((4096, D), cache, **cache_kw))
+    assert (p.spec.vec, p.spec.cache_vec) == (want_vec, want_cache_vec)
+    assert p.spec.vec % p.spec.cache_vec == 0
+
+
+def test_cache_vec_on_the_fly_is_one():
+    """On the fly there is no cache: cache_dtype None, cache_vec 1."""
+    sp = call_fly().spec
+    assert sp.cache_dtype is None and sp.cache_vec == 1
+
+
+# ------------------------------------------------------------------ dispatch (choose_launch)
+
+def _heads_covered(head_batch, num_groups, num_heads):
+    """How often the kernel's loop visits each head: group g starts at g*head_batch and
+    strides by num_groups*head_batch, head_batch heads at a time (kernels/rope.cu)."""
+    seen = [0] * num_heads
+    for g in range(num_groups):
+        for h0 in range(g * head_batch, num_heads, num_groups * head_batch):
+            for i in range(head_batch):
+                if h0 + i < num_heads:
+                    seen[h0 + i] += 1
+    return seen
+
+
+def _check_launch(tokens, chunks, heads, sms, fly):
+    hb, per_group, launch = choose_launch(tokens, chunks, heads, sms, fly)
+    (gx, gy, gz), (bx, by, bz) = launch.grid, launch.block
+    where = f"tokens={tokens} chunks={chunks} heads={heads} sms={sms} fly={fly}: {launch}"
+    assert bx == chunks, where
+    assert bx * by * bz <= 1024, where
+    assert 1 <= bz <= 64 and by >= 1, where
+    assert gz == 1 and 1 <= gy <= 65535 and 1 <= gx < 2 ** 31, where
+    assert gx * bz >= tokens > (gx - 1) * bz, where          # all tokens, no idle block row
+    groups = gy * by
+    assert (groups - 1) * hb < heads, where                   # every head group has work
+    assert groups * per_group >= heads, where
+    assert 1 <= hb <= heads, where
+    assert _heads_covered(hb, groups, heads) == [1] * heads, where
+    return hb, per_group, launch
+
+
+def test_launch_covers_tokens_and_heads():
+    """Over a grid of problem sizes: blocks of at most 1024 threads and blockDim.z <= 64,
+    grid x block covering every token and each head exactly once."""
+    n = 0
+    for sms in (108, 132):
+        for chunks in (1, 3, 5, 8, 16, 32, 64, 256):
+            for heads in (1, 2, 3, 5, 8, 40, 72):
+                boundary = int(TUNING["small_waves"] * sms * 2048) // (chunks * heads)
+                for tokens in (1, 2, 63, 64, 65, 1000, boundary, boundary + 1, 100_000):
+                    for fly in (False, True):
+                        if tokens >= 1:
+                            _check_launch(tokens, chunks, heads, sms, fly)
+                            n += 1
+    assert n > 1000
+
+
+def test_small_problems_are_head_parallel():
+    """Decode-sized problems: one head per thread (head_batch 1) and one head group per
+    head, so the heads spread over blocks."""
+    for tokens in (1, 4, 64, 256):
+        hb, per_group, launch = _check_launch(tokens, 8, 40, 132, False)
+        assert (hb, per_group) == (1, 1)
+        assert launch.grid[1] * launch.block[1] == 40
+
+
+@pytest.mark.parametrize("chunks, heads, sms, fly", [
+    (8, 40, 132, False), (8, 40, 132, True), (16, 12, 108, False), (5, 9, 132, True),
+    (64, 48, 132, False),
+])
+def test_head_parallel_boundary(chunks, heads, sms, fly):
+    """The switch happens exactly where tokens*chunks*heads exceeds TUNING['small_waves']
+    waves of sms*2048 threads: head_batch 1 at the boundary token count, batched
+    (min(TUNING['head_batch'], heads) heads) one token later."""
+    limit = TUNING["small_waves"] * sms * 2048
+    boundary = int(limit // (chunks * heads))
+    assert boundary * chunks * heads <= limit < (boundary + 1) * chunks * heads
+    hb, _, _ = _check_launch(boundary, chunks, heads, sms, fly)
+    assert hb == 1
+    hb, per_group, _ = _check_launch(boundary + 1, chunks, heads, sms, fly)
+    assert hb == min(TUNING["head_batch"], heads) > 1
+    assert per_group % hb == 0
+
+
+@pytest.mark.parametrize("tokens", [8192, 65536, 1 << 20])
+def test_large_problems_batch_heads(tokens):
+    """Many tokens: heads are batched (head_batch = TUNING['head_batch']) and each head
+    group holds several heads, so cos/sin is shared across them."""
+    hb, per_group, launch = _check_launch(tokens, 8, 40, 132, False)
+    assert hb == TUNING["head_batch"] > 1
+    assert per_group >= hb
+    assert launch.grid[1] * launch.block[1] < 40
+
+
+def test_one_head_large_problem():
+    """A single head never asks for a head batch wider than the heads there are."""
+    hb, per_group, _ = _check_launch(1 << 20, 8, 1, 132, False)
+    assert hb == 1 and per_group == 1
+
+
+def test_plan_uses_choose_launch():
+    """plan_rope's spec.head_batch and launch are choose_launch's for its chunk count."""
+    p = call(query=desc((65536, HQ * D)), key=desc((65536, HK * D)), positions=desc((65536,), "int64"))
+    chunks = p.spec.rotary_dim // 2 // p.spec.vec
+    hb, _, launch = choose_launch(65536, chunks, HQ + HK, 132, False)
+    assert (p.spec.head_batch, p.launch) == (hb, launch)
+    p1 = call()
+    assert p1.spec.head_batch == 1
+
+
+@pytest.mark.parametrize("head", [2050, 4096])
+def test_huge_rotary_dim_is_refused_or_fits(head):
+    """A rotary dim whose chunk count exceeds 1024 threads is either refused up front
+    (ValueError naming rotary_dim or head_size) or planned within 1024 threads per block."""
+    q = desc((3, 1, head), "float32", ptr=BASE + 4)  # 4-byte aligned: vec 1
+    try:
+        p = plan_rope(q, None, head_size=head, is_neox=True, positions=desc((3,), "int64"),
+                      cos_sin_cache=desc((10, head), "float32"), inplace=True)
+    except ValueError as e:
+        assert "rotary_dim" in str(e) or "head_size" in str(e)
+        return
+    bx, by, bz = p.launch.block
+    assert bx * by * bz <= 1024
+
+
+# ------------------------------------------------------------------ shared memory (on the fly)
+
+def test_on_the_fly_shared_memory():
+    """On the fly the block keeps a cos/sin tile of its blockDim.z tokens x R/2 float2 plus
+    a position and a flag per token (kernels/rope.cu): smem = block.z * (R/2 * 8 + 16)
+    bytes, within the 48 KiB a launch gets without opting in, for every head size up to
+    512, misaligned (vec 1) inputs and decode to prefill token counts. A cache needs none."""
+    n = 0
+    for dtype in ("bfloat16", "float32"):
+        for head, rot in ((64, 64), (128, 64), (128, 128), (256, 256), (512, 512), (80, 20)):
+            for ptr in (BASE, BASE + 2 if dtype == "bfloat16" else BASE + 4):
+                for tokens in (1, 7, 64, 1000, 65536):
+                    p = call_fly(query=desc((tokens, HQ, head), dtype, ptr=ptr),
+                                 key=desc((tokens, HK, head), dtype), rotary_dim=rot,
+                                 indptr=desc((2,), "int32"), offsets=desc((1,), "int32"))
+                    smem = p.launch.smem
+                    assert smem == p.launch.block[2] * (rot // 2 * 8 + 16), (head, rot, tokens)
+                    assert 0 < smem <= 48 * 1024, (head, rot, tokens, p.launch)
+                    n += 1
+    assert n == 2 * 6 * 2 * 5
+    assert call().launch.smem == 0
+
+
+# ------------------------------------------------------------------ plan_positions
+
+def test_plan_positions_ok():
+    """Valid: returns (index dtype, batch size); host/host and device/device both fine."""
+    assert plan_positions(desc((4,), "int32"), desc((3,), "int32"), 10) == ("int32", 3)
+    assert plan_positions(desc((1,), "int64", device=HOST), desc((0,), "int64", device=HOST), 0) == \
+        ("int64", 0)
+
+
+def _i32(*shape, **kw):
+    return desc(shape, "int32", **kw)
+
+
+@pytest.mark.parametrize("indptr, offsets, nnz, exc, match", [
+    (desc((4,), "float32"), _i32(3), 5, TypeError, r"indptr: expected dtype int32 or int64, got float32"),
+    (_i32(4), desc((3,), "float64"), 5, TypeError, r"offsets: expected dtype int32 or int64, got float64"),
+    (_i32(4, 1), _i32(3), 5, ValueError, r"indptr: expected a 1-D array, got shape \[4, 1\]"),
+    (_i32(4), _i32(3, 1), 5, ValueError, r"offsets: expected a 1-D array"),
+    (_i32(0), _i32(0), 0, ValueError, r"indptr: expected at least one entry"),
+    (_i32(4), _i32(4), 5, ValueError, r"offsets: expected 3 entries \(one less than indptr\), got 4"),
+    (_i32(4), desc((3,), "int64"), 5, TypeError, r"offsets: dtype int64 differs from indptr dtype int32"),
+    (_i32(4, device=HOST), _i32(3), 5, ValueError, r"indptr and offsets must be in the same memory"),
+    (_i32(4, device=0), _i32(3, device=1), 5, ValueError, r"indptr and offsets must be in the same memory"),
+    (_i32(4), _i32(3), -1, ValueError, r"nnz: expected a non-negative token count"),
+], ids=["float-indptr", "float-offsets", "2d-indptr", "2d-offsets", "empty-indptr", "length",
+        "dtype-mismatch", "host-and-device", "two-devices", "negative-nnz"])
+def test_plan_positions_errors(indptr, offsets, nnz, exc, match):
+    """positions_from_offsets validation: type and a message naming the argument."""
+    with pytest.raises(exc, match=match):
+        plan_positions(indptr, offsets, nnz)
+
+
+def test_plan_is_pure():
+    """Planning the same call twice gives equal plans with equal, hashable specs (the
+    launcher caches plans and the JIT keys modules by spec)."""
+    a, b = call(), call()
+    assert a == b and a is not b
+    assert hash(a.spec) == hash(b.spec)
+    assert {a.spec: 1}[b.spec] == 1
