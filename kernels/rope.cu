@@ -122,16 +122,98 @@ __device__ __forceinline__ i64 token_position(const RopeParams& p, i64 t, bool& 
 // memory: blockDim.z * (HALF float2 + 2 i64) bytes, sized by the planner.
 extern __shared__ float2 fly_tile[];
 
-extern "C" __global__ void __launch_bounds__(1024) rope_kernel(const RopeParams p) {
+// The loads of one batch of HEAD_BATCH heads of one token (and where they go).
+struct Batch {
+  vec_t va[HEAD_BATCH], vb[HEAD_BATCH];
+  vec_t pass[HEAD_BATCH][PASS_PER_THREAD > 0 ? PASS_PER_THREAD : 1];
+  scalar_t* dst[HEAD_BATCH];
+};
+
+// Element offsets of one token's q, k, q_out and k_out rows.
+struct TokenRows {
+  i64 q, k, qo, ko;
+};
+
+__device__ __forceinline__ TokenRows token_rows(const RopeParams& p, i64 t) {
+  // Token dims are [tokens] or [batch, seq] with independent strides.
+  i64 outer = 0, inner = t;
+  if (p.inner_tokens != p.num_tokens) {
+    outer = t / p.inner_tokens;
+    inner = t - outer * p.inner_tokens;
+  }
+  return {outer * p.q_stride_outer + inner * p.q_stride_inner,
+          outer * p.k_stride_outer + inner * p.k_stride_inner,
+          outer * p.qo_stride_outer + inner * p.qo_stride_inner,
+          outer * p.ko_stride_outer + inner * p.ko_stride_inner};
+}
+
+__device__ __forceinline__ void load_batch(const RopeParams& p, const TokenRows& r, int h0,
+                                           int num_heads, int chunk, Batch& b) {
+  const int off = chunk * CHUNK_STRIDE;
+#pragma unroll
+  for (int i = 0; i < HEAD_BATCH; ++i) {
+    const int h = h0 + i;
+    if (h < num_heads) {
+      const scalar_t* src;
+      if (h < p.num_q_heads) {
+        src = (const scalar_t*)p.q + r.q + h * p.q_stride_head;
+        b.dst[i] = (scalar_t*)p.q_out + r.qo + h * p.qo_stride_head;
+      } else {
+        const i64 hk = h - p.num_q_heads;
+        src = (const scalar_t*)p.k + r.k + hk * p.k_stride_head;
+        b.dst[i] = (scalar_t*)p.k_out + r.ko + hk * p.ko_stride_head;
+      }
+      b.va[i] = load_vec<scalar_t, VEC>(src + off + OFF_A);
+      b.vb[i] = load_vec<scalar_t, VEC>(src + off + OFF_B);
+#pragma unroll
+      for (int m = 0; m < PASS_PER_THREAD; ++m) {
+        const int pv = chunk + m * CHUNKS;
+        if (pv < PASS_VECS) b.pass[i][m] = load_vec<scalar_t, VEC>(src + ROT_DIM + pv * VEC);
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ void rotate_store_batch(int h0, int num_heads, int chunk, Batch& b,
+                                                   const float (&c)[VEC], const float (&s)[VEC]) {
+  const int off = chunk * CHUNK_STRIDE;
+#pragma unroll
+  for (int i = 0; i < HEAD_BATCH; ++i) {
+    if (h0 + i < num_heads) {
+      rotate_chunk(b.va[i], b.vb[i], c, s);
+      store_vec<scalar_t, VEC>(b.dst[i] + off + OFF_A, b.va[i]);
+      store_vec<scalar_t, VEC>(b.dst[i] + off + OFF_B, b.vb[i]);
+#pragma unroll
+      for (int m = 0; m < PASS_PER_THREAD; ++m) {
+        const int pv = chunk + m * CHUNKS;
+        if (pv < PASS_VECS) store_vec<scalar_t, VEC>(b.dst[i] + ROT_DIM + pv * VEC, b.pass[i][m]);
+      }
+    }
+  }
+}
+
+// Block size is at most 512 threads (rope_jit/plan.py), so up to 128 registers per thread.
+extern "C" __global__ void __launch_bounds__(512) rope_kernel(const RopeParams p) {
   const i64 t = (i64)blockIdx.x * blockDim.z + threadIdx.z;
   const int chunk = threadIdx.x;
   const int group = blockIdx.y * blockDim.y + threadIdx.y;
-  const int num_groups = gridDim.y * blockDim.y;
+  const int step = gridDim.y * blockDim.y * HEAD_BATCH;
   const int num_heads = (int)(p.num_q_heads + p.num_k_heads);
+  const bool active = t < p.num_tokens && group * HEAD_BATCH < num_heads;
+
+  // The first batch's q/k loads go out before cos/sin are fetched (position -> cache row,
+  // two dependent loads) or computed (double-precision math): their latencies overlap.
+  int h0 = group * HEAD_BATCH;
+  TokenRows rows;
+  Batch cur;
+  if (active) {
+    rows = token_rows(p, t);
+    load_batch(p, rows, h0, num_heads, chunk, cur);
+  }
 
   float c[VEC], s[VEC];
   if constexpr (COS_SIN_FROM_CACHE) {
-    if (t >= p.num_tokens || group * HEAD_BATCH >= num_heads) return;
+    if (!active) return;
     bool valid;
     const i64 pos = token_position(p, t, valid);
     cos_sin(p, pos, valid, chunk, c, s);
@@ -154,7 +236,7 @@ extern "C" __global__ void __launch_bounds__(1024) rope_kernel(const RopeParams 
       fly_tile[i] = make_float2(cj, sj);
     }
     __syncthreads();
-    if (t >= p.num_tokens || group * HEAD_BATCH >= num_heads) return;
+    if (!active) return;
     const float2* mine = fly_tile + threadIdx.z * HALF + chunk * VEC;
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
@@ -164,57 +246,20 @@ extern "C" __global__ void __launch_bounds__(1024) rope_kernel(const RopeParams 
     }
   }
 
-  // Token dims are [tokens] or [batch, seq] with independent strides.
-  i64 outer = 0, inner = t;
-  if (p.inner_tokens != p.num_tokens) {
-    outer = t / p.inner_tokens;
-    inner = t - outer * p.inner_tokens;
-  }
-  const i64 q_tok = outer * p.q_stride_outer + inner * p.q_stride_inner;
-  const i64 k_tok = outer * p.k_stride_outer + inner * p.k_stride_inner;
-  const i64 qo_tok = outer * p.qo_stride_outer + inner * p.qo_stride_inner;
-  const i64 ko_tok = outer * p.ko_stride_outer + inner * p.ko_stride_inner;
-  const int off = chunk * CHUNK_STRIDE;
-
-  for (int h0 = group * HEAD_BATCH; h0 < num_heads; h0 += num_groups * HEAD_BATCH) {
-    vec_t va[HEAD_BATCH], vb[HEAD_BATCH];
-    vec_t pass[HEAD_BATCH][PASS_PER_THREAD > 0 ? PASS_PER_THREAD : 1];
-    scalar_t* dst[HEAD_BATCH];
-    // Issue every load of the batch before the first store.
-#pragma unroll
-    for (int i = 0; i < HEAD_BATCH; ++i) {
-      const int h = h0 + i;
-      if (h < num_heads) {
-        const scalar_t* src;
-        if (h < p.num_q_heads) {
-          src = (const scalar_t*)p.q + q_tok + h * p.q_stride_head;
-          dst[i] = (scalar_t*)p.q_out + qo_tok + h * p.qo_stride_head;
-        } else {
-          const i64 hk = h - p.num_q_heads;
-          src = (const scalar_t*)p.k + k_tok + hk * p.k_stride_head;
-          dst[i] = (scalar_t*)p.k_out + ko_tok + hk * p.ko_stride_head;
-        }
-        va[i] = load_vec<scalar_t, VEC>(src + off + OFF_A);
-        vb[i] = load_vec<scalar_t, VEC>(src + off + OFF_B);
-#pragma unroll
-        for (int m = 0; m < PASS_PER_THREAD; ++m) {
-          const int pv = chunk + m * CHUNKS;
-          if (pv < PASS_VECS) pass[i][m] = load_vec<scalar_t, VEC>(src + ROT_DIM + pv * VEC);
-        }
-      }
+  // Software pipeline over the thread's head batches: the next batch's loads are in flight
+  // while the current one is rotated and stored.
+  for (;;) {
+    const int h1 = h0 + step;
+    if (PREFETCH && h1 < num_heads) {
+      Batch next;
+      load_batch(p, rows, h1, num_heads, chunk, next);
+      rotate_store_batch(h0, num_heads, chunk, cur, c, s);
+      cur = next;
+    } else {
+      rotate_store_batch(h0, num_heads, chunk, cur, c, s);
+      if (h1 >= num_heads) break;
+      load_batch(p, rows, h1, num_heads, chunk, cur);
     }
-#pragma unroll
-    for (int i = 0; i < HEAD_BATCH; ++i) {
-      if (h0 + i < num_heads) {
-        rotate_chunk(va[i], vb[i], c, s);
-        store_vec<scalar_t, VEC>(dst[i] + off + OFF_A, va[i]);
-        store_vec<scalar_t, VEC>(dst[i] + off + OFF_B, vb[i]);
-#pragma unroll
-        for (int m = 0; m < PASS_PER_THREAD; ++m) {
-          const int pv = chunk + m * CHUNKS;
-          if (pv < PASS_VECS) store_vec<scalar_t, VEC>(dst[i] + ROT_DIM + pv * VEC, pass[i][m]);
-        }
-      }
-    }
+    h0 = h1;
   }
 }

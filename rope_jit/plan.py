@@ -130,6 +130,7 @@ TUNING = {
     "head_batch": 2,        # heads whose loads are in flight together, large problems
     "block": 256,           # threads per block, large problems
     "small_block": 128,     # threads per block, head-parallel problems
+    "prefetch": True,       # software-pipeline the head batches of a thread
 }
 
 
@@ -292,9 +293,9 @@ def plan_rope(query: ArrayDesc, key: ArrayDesc | None, *, head_size, rotary_dim=
     else:
         cache_vec = 1
     chunks = rot // 2 // vec
-    if chunks > 1024:
+    if chunks > 512:
         raise ValueError(f"{rot_name}: {rot} needs {chunks} threads per head row at this "
-                         f"alignment (vector width {vec}); at most 1024 are possible")
+                         f"alignment (vector width {vec}); at most 512 are possible")
 
     head_batch, _, launch = choose_launch(num_tokens, chunks, nq + nk, num_sms,
                                           on_the_fly=cos_sin_cache is None)
@@ -304,7 +305,8 @@ def plan_rope(query: ArrayDesc, key: ArrayDesc | None, *, head_size, rotary_dim=
         head_size=head_size, rotary_dim=rot, dtype=query.dtype,
         cache_dtype=cos_sin_cache.dtype if cos_sin_cache is not None else None,
         index_dtype=index_dtype, indptr=use_indptr, neox=bool(is_neox),
-        out_of_place=not inplace, vec=vec, cache_vec=cache_vec, head_batch=head_batch)
+        out_of_place=not inplace, vec=vec, cache_vec=cache_vec, head_batch=head_batch,
+        prefetch=bool(TUNING["prefetch"]))
 
     none = _Heads(0, (0, 0), 0)
     k, ko = k or none, ko or none

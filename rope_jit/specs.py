@@ -95,6 +95,7 @@ class RopeSpec:
     vec: int                   # q/k elements per vector access
     cache_vec: int             # cache elements per vector access
     head_batch: int            # heads whose loads are issued together
+    prefetch: bool = True      # next head batch's loads in flight during the current one
 
     kernel_name = "rope_kernel"
     params = ROPE_PARAMS
@@ -106,7 +107,8 @@ class RopeSpec:
         return (f"rope {self.dtype} head {self.head_size} rotary {self.rotary_dim} "
                 f"{'neox' if self.neox else 'gptj'} {cs} {pos} "
                 f"{'out-of-place' if self.out_of_place else 'in-place'} "
-                f"vec {self.vec}/{self.cache_vec} heads/batch {self.head_batch}")
+                f"vec {self.vec}/{self.cache_vec} heads/batch {self.head_batch}"
+                f"{' prefetch' if self.prefetch else ''}")
 
     def prelude(self) -> str:
         cache_t = C_TYPE[self.cache_dtype] if self.cache_dtype else "float"
@@ -120,6 +122,7 @@ class RopeSpec:
             f"constexpr int VEC = {self.vec};",
             f"constexpr int CACHE_VEC = {self.cache_vec};",
             f"constexpr int HEAD_BATCH = {self.head_batch};",
+            f"constexpr bool PREFETCH = {_c_bool(self.prefetch)};",
             f"constexpr bool NEOX = {_c_bool(self.neox)};",
             f"constexpr bool OUT_OF_PLACE = {_c_bool(self.out_of_place)};",
             f"constexpr bool INDPTR = {_c_bool(self.indptr)};",
