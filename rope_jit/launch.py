@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import ctypes
 import math
+import struct
 import threading
 from dataclasses import dataclass
 
 from . import jit
-from ._cuda import current_device, cupy_module, driver_module, num_sms
+from ._cuda import current_device, cupy_module, device_count, driver_module, num_sms
 from .arrays import HOST, Framework, describe, framework_of
 from .plan import plan_positions, plan_rope
-from .specs import POSITIONS_PARAMS, ROPE_PARAMS, PositionsSpec
+from .specs import POSITIONS_PARAMS, ROPE_FREQ, ROPE_PARAMS, ROPE_POINTERS, PositionsSpec
 
 _ARG_BYTES = 1024
 _tls = threading.local()
@@ -45,7 +46,27 @@ def launch_kernel(func: int, grid, block, smem: int, stream: int, packer, values
                                  smem, stream, argv, 0)
 
 
-@dataclass(frozen=True)
+# The RoPE struct is pointers + frequency values (change per call) followed by the static
+# part (fixed per plan). Each thread keeps, per plan, a buffer whose static bytes are packed
+# once; a warm call packs only the first 11 fields.
+_DYNAMIC = struct.Struct("<" + "q" * len(ROPE_POINTERS) + "d" * len(ROPE_FREQ))
+
+
+def _plan_buffer(prep) -> tuple:
+    bufs = getattr(_tls, "plans", None)
+    if bufs is None:
+        bufs = _tls.plans = {}
+    b = bufs.get(prep)
+    if b is None:
+        buf = ctypes.create_string_buffer(ROPE_PARAMS.size)
+        ROPE_PARAMS.packer.pack_into(buf, 0, *((0,) * len(ROPE_POINTERS)),
+                                     *((0.0,) * len(ROPE_FREQ)), *prep.static)
+        argv = (ctypes.c_void_p * 1)(ctypes.addressof(buf))
+        b = bufs[prep] = (buf, ctypes.addressof(argv), argv)
+    return b
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: keys the per-thread arg buffers
 class _Prepared:
     func: int              # CUfunction, 0 when there is nothing to launch
     grid: tuple
@@ -59,6 +80,7 @@ class _Prepared:
 
 
 _prepared: dict = {}
+_single_device = False  # set once a GPU is seen and it is the only one: no device switch check
 
 
 def _freq_values(on_the_fly) -> tuple:
@@ -156,6 +178,8 @@ def run_rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions=N
         prep = _prepare(fw, query, key, positions, indptr, offsets, cache, head_size,
                         rotary_dim, is_neox, inplace)
         _prepared[sig] = prep
+        global _single_device
+        _single_device = device_count() == 1
     freq = _freq(on_the_fly)
     if check_positions and cache is not None and prep.func:
         _check_positions_in_cache(positions, cache)
@@ -168,15 +192,18 @@ def run_rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions=N
         ko_ptr = fw.fingerprint(k_out)[1] if k_out is not None else 0
         outs = (q_out, k_out)
     if prep.func:
-        values = (q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr or ind_ptr, off_ptr, c_ptr) + freq + prep.static
+        buf, argv, _keep = _plan_buffer(prep)
+        _DYNAMIC.pack_into(buf, 0, q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr or ind_ptr, off_ptr, c_ptr,
+                           *freq)
         dev = prep.device
-        if dev == current_device():
-            launch_kernel(prep.func, prep.grid, prep.block, prep.smem, fw.stream(dev),
-                          ROPE_PARAMS.packer, values)
+        g, b = prep.grid, prep.block
+        if _single_device or dev == current_device():
+            driver_module().launchKernel(prep.func, g[0], g[1], g[2], b[0], b[1], b[2], prep.smem,
+                                         fw.stream(dev), argv, 0)
         else:
             with cupy_module().cuda.Device(dev):
-                launch_kernel(prep.func, prep.grid, prep.block, prep.smem, fw.stream(dev),
-                              ROPE_PARAMS.packer, values)
+                driver_module().launchKernel(prep.func, g[0], g[1], g[2], b[0], b[1], b[2],
+                                             prep.smem, fw.stream(dev), argv, 0)
     return outs
 
 
