@@ -488,3 +488,27 @@ def test_jax_arrays_out_of_place_and_inplace_refused():
     assert np.max(np.abs(got - ref) / reference.ulp(ref, "bfloat16")) <= 1.0
     with pytest.raises(TypeError, match="immutable"):
         rope_jit.apply_rope_pos_ids_inplace(q, k, pos)
+
+
+def test_dispatch_boundaries_from_the_rules():
+    """Token counts on each side of the head-parallel / batched switch and of the prefetch
+    switch, computed from rope_jit.plan.TUNING and this GPU's SM count (not hard-coded)."""
+    from rope_jit import plan
+    from rope_jit._cuda import num_sms
+
+    sms = num_sms(torch.cuda.current_device())
+    hq, hk, D = 32, 8, 128
+    chunks = D // 2 // 8  # bf16, 16-byte vectors
+    wave = sms * 2048
+    t_switch = int(plan.TUNING["small_waves"] * wave) // (chunks * (hq + hk))
+    seen = set()
+    for T in (t_switch, t_switch + 1, 4 * t_switch, 4 * t_switch + 1):
+        for cache_dtype in ("float32", None):
+            hb, per_group, _ = plan.choose_launch(T, chunks, hq + hk, sms, cache_dtype is None)
+            seen.add((hb, per_group > hb))
+            if cache_dtype:
+                run_cache_case("vllm", "bfloat16", cache_dtype, True, D, D, num_tokens=T, hq=hq, hk=hk)
+            else:
+                run_fly_case("apply_rope_pos_ids_inplace", "bfloat16", False, D, D, num_tokens=T,
+                             hq=hq, hk=hk)
+    assert (1, False) in seen and any(hb > 1 for hb, _ in seen), seen
