@@ -39,6 +39,27 @@ def time_calls(calls, replays: int = 30, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def time_calls_eager(calls, replays: int = 30, warmup: int = 3) -> float:
+    """Median seconds per call of the closures in `calls`, each run eagerly between its own
+    pair of CUDA events: the fallback for callables a CUDA graph cannot capture. Each
+    sample includes that call's launch gaps (host time shows where it exceeds GPU time),
+    so it reads higher than graph replay at few tokens."""
+    for _ in range(warmup):
+        for c in calls:
+            c()
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(replays):
+        for c in calls:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            c()
+            b.record()
+            events.append((a, b))
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) * 1e-3 for a, b in events)
+
+
 def buffer_sets(bytes_per_set: int, min_total: int = 1 << 29, max_sets: int = 64) -> int:
     """How many buffer sets to rotate through so their total is several times L2."""
     return max(2, min(max_sets, -(-min_total // max(bytes_per_set, 1))))
