@@ -26,7 +26,7 @@ shapes = [("llama", 32, 8, 128, 128, True), ("gptj", 32, 2, 128, 64, False),
 default = dict(plan.TUNING)
 out = []
 for name, hq, hk, D, R, neox in shapes:
-    for T in (1, 16, 128, 1024, 8192, 32768):
+    for T in [int(x) for x in os.environ.get("TOKENS", "1,16,128,1024,8192,32768").split(",")]:
         per = T * (hq + hk) * D * 2
         n = buffer_sets(per)
         qs = [torch.randn(T, hq, D, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
