@@ -23,7 +23,7 @@ extern "C" __global__ void touch(uint4* x, long long rows, int vecs_per_row, int
   int v = (int)(i - r * vecs_per_row);
   uint4* p = x + r * row_stride_vecs + v;
   uint4 a = *p;
-  a.x ^= 0u;  // keep the load
+  a.x += 1u;  // a real change, or the compiler drops the load/store pair
   *p = a;
 }
 """
