@@ -196,15 +196,23 @@ def run_rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions=N
         _DYNAMIC.pack_into(buf, 0, q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr or ind_ptr, off_ptr, c_ptr,
                            *freq)
         dev = prep.device
-        g, b = prep.grid, prep.block
         if _single_device or dev == current_device():
-            driver_module().launchKernel(prep.func, g[0], g[1], g[2], b[0], b[1], b[2], prep.smem,
-                                         fw.stream(dev), argv, 0)
+            _launch_prepared(prep, fw.stream(dev), argv)
         else:
             with cupy_module().cuda.Device(dev):
-                driver_module().launchKernel(prep.func, g[0], g[1], g[2], b[0], b[1], b[2],
-                                             prep.smem, fw.stream(dev), argv, 0)
+                _launch_prepared(prep, fw.stream(dev), argv)
     return outs
+
+
+_cu_launch = None  # cupy_backends' cuLaunchKernel, looked up once
+
+
+def _launch_prepared(prep, stream: int, argv: int) -> None:
+    global _cu_launch
+    if _cu_launch is None:
+        _cu_launch = driver_module().launchKernel
+    g, b = prep.grid, prep.block
+    _cu_launch(prep.func, g[0], g[1], g[2], b[0], b[1], b[2], prep.smem, stream, argv, 0)
 
 
 def _run_foreign(fw: Framework, query, key, *, inplace, **kw):
