@@ -166,6 +166,7 @@ def run_rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions=N
                             is_neox=is_neox, inplace=inplace, positions=positions, indptr=indptr,
                             offsets=offsets, cache=cache, on_the_fly=on_the_fly,
                             check_positions=check_positions)
+    freq = _freq(on_the_fly)  # validates rope_theta/rope_scale before anything is compiled
     fq, q_ptr = fw.fingerprint(query)
     fk, k_ptr = _fp(key, "key")
     fpos, pos_ptr = _fp(positions, "positions")
@@ -180,7 +181,6 @@ def run_rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions=N
         _prepared[sig] = prep
         global _single_device
         _single_device = device_count() == 1
-    freq = _freq(on_the_fly)
     if check_positions and cache is not None and prep.func:
         _check_positions_in_cache(positions, cache)
     if inplace:
