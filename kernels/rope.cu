@@ -4,8 +4,10 @@
 // compile-time constants: scalar_t (q/k storage), cache_t (cos/sin cache storage),
 // index_t (positions, indptr and offsets), HEAD_SIZE, ROT_DIM, VEC (elements per vector
 // access), CACHE_VEC, HEAD_BATCH (heads whose loads are issued together), NEOX,
-// OUT_OF_PLACE, INDPTR, COS_SIN_FROM_CACHE, and the RopeParams struct (every field 8 bytes; its
-// order is fixed by rope_jit/specs.py, which also packs it on the host).
+// OUT_OF_PLACE, INDPTR, COS_SIN_FROM_CACHE, SCALING (on-the-fly frequency variant),
+// MROPE with MROPE_T/H/W/MROPE_INTERLEAVED (multimodal sections), and the RopeParams struct
+// (every field 8 bytes; its order is fixed by rope_jit/specs.py, which also packs it on the
+// host).
 //
 // Work split. A thread owns one token and one "chunk" of VEC consecutive frequencies,
 // i.e. VEC rotated pairs = two vector accesses per head:
@@ -28,6 +30,25 @@ constexpr int CHUNK_STRIDE = NEOX ? VEC : 2 * VEC; // elements between consecuti
 static_assert(ROT_DIM % 2 == 0 && ROT_DIM <= HEAD_SIZE, "rotary dim");
 static_assert(HALF % VEC == 0, "VEC must divide ROT_DIM/2");
 static_assert(VEC % CACHE_VEC == 0, "CACHE_VEC must divide VEC");
+static_assert(!MROPE || MROPE_T + MROPE_H + MROPE_W == HALF, "mrope sections must sum to R/2");
+
+// Positions per token: 3 (temporal, height, width) for mRoPE, else 1.
+constexpr int NPOS = MROPE ? 3 : 1;
+
+// mRoPE: the position row (0 = t, 1 = h, 2 = w) that frequency j takes its angle from.
+// Qwen2-VL: consecutive sections [MROPE_T | MROPE_H | MROPE_W] of the R/2 frequencies.
+// Qwen3-VL (interleaved): j % 3 == 1 is h and j % 3 == 2 is w while j < 3 * that section,
+// everything else t (transformers' apply_interleaved_mrope).
+__device__ __forceinline__ int mrope_row(int j) {
+  if constexpr (!MROPE) {
+    return 0;
+  } else if constexpr (MROPE_INTERLEAVED) {
+    const int m = j % 3;
+    return (m == 1 && j < 3 * MROPE_H) ? 1 : (m == 2 && j < 3 * MROPE_W) ? 2 : 0;
+  } else {
+    return j < MROPE_T ? 0 : (j < MROPE_T + MROPE_H ? 1 : 2);
+  }
+}
 
 typedef Vec<scalar_t, VEC> vec_t;
 
@@ -59,16 +80,30 @@ __device__ __forceinline__ void cos_sin(const RopeParams& p, i64 pos, bool valid
 // position 2^20, and fast-math sincos adds more; this is as accurate as an fp32 cache
 // built in float64.
 //   inv_freq = theta^(-2j/R) = 2^(j * freq_exponent)
-//   Llama 3.1 smoothing: f = (1-w) * inv_freq * inv_scale + w * inv_freq with
-//   w = clamp(inv_freq * smooth_a + smooth_b, 0, 1); smooth_a = smooth_b = 0 is plain
-//   RoPE with the frequencies divided by rope_scale (linear scaling).
+//   SCALING_LINEAR: f = inv_freq * inv_scale (FlashInfer's rope_scale divides; 1 = plain).
+//   SCALING_LLAMA3 and SCALING_YARN blend the scaled and the unscaled frequency,
+//     f = (1-w) * inv_freq * inv_scale + w * inv_freq,  w = clamp(x * ramp_a + ramp_b, 0, 1)
+//   with x = inv_freq for Llama 3 (its ramp is on the wavelength) and x = j for YaRN (its
+//   ramp is on the frequency index, between the beta_fast and beta_slow corrections);
+//   YaRN then scales cos and sin by its attention factor. The host derives ramp_a/ramp_b
+//   (rope_jit/launch.py) so that this equals transformers' piecewise definitions.
 __device__ __forceinline__ void fly_cos_sin(const RopeParams& p, i64 pos, bool valid, int j,
                                             float& c, float& s) {
   const double inv_freq = exp2((double)j * p.freq_exponent);
-  const double w = fmin(fmax(fma(inv_freq, p.smooth_a, p.smooth_b), 0.0), 1.0);
-  const double freq = (1.0 - w) * (inv_freq * p.inv_scale) + w * inv_freq;
+  double freq;
+  if constexpr (SCALING == SCALING_LINEAR) {
+    freq = inv_freq * p.inv_scale;
+  } else {
+    const double x = SCALING == SCALING_LLAMA3 ? inv_freq : (double)j;
+    const double w = fmin(fmax(fma(x, p.ramp_a, p.ramp_b), 0.0), 1.0);
+    freq = (1.0 - w) * (inv_freq * p.inv_scale) + w * inv_freq;
+  }
   double sd, cd;
   sincos(valid ? (double)pos * freq : 0.0, &sd, &cd);
+  if constexpr (SCALING == SCALING_YARN) {
+    cd *= p.attention_factor;
+    sd *= p.attention_factor;
+  }
   c = (float)cd;
   s = (float)sd;
 }
@@ -95,8 +130,10 @@ __device__ __forceinline__ void rotate_chunk(vec_t& va, vec_t& vb, const float (
   }
 }
 
-// Position of token t (valid false: no request owns it, or t is past the end).
-__device__ __forceinline__ i64 token_position(const RopeParams& p, i64 t, bool& valid) {
+// Position of token t in position row `row` (mRoPE: 0, 1, 2; else 0). valid false: no
+// request owns the token, or t is past the end.
+__device__ __forceinline__ i64 token_position(const RopeParams& p, i64 t, bool& valid,
+                                              int row = 0) {
   valid = t < p.num_tokens;
   if (!valid) return 0;
   if constexpr (INDPTR) {
@@ -110,8 +147,33 @@ __device__ __forceinline__ i64 token_position(const RopeParams& p, i64 t, bool& 
       outer = t / p.inner_tokens;
       inner = t - outer * p.inner_tokens;
     }
-    return (i64)((const index_t*)p.positions)[outer * p.pos_stride_outer +
+    return (i64)((const index_t*)p.positions)[row * p.pos_stride_row + outer * p.pos_stride_outer +
                                               inner * p.pos_stride_inner];
+  }
+}
+
+// mRoPE from a cache: frequency j of the chunk takes cos/sin from the cache row of
+// position row mrope_row(j). Each position row the chunk uses costs one vector read of the
+// cache (Qwen2-VL sections aligned to VEC: one; interleaved: up to three); positions past
+// the cache give the identity for the frequencies that use them.
+__device__ __forceinline__ void mrope_cos_sin(const RopeParams& p, i64 t, int chunk,
+                                              float (&c)[VEC], float (&s)[VEC]) {
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) { c[v] = 1.f; s[v] = 0.f; }
+#pragma unroll
+  for (int r = 0; r < 3; ++r) {
+    bool used = false;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) used |= mrope_row(chunk * VEC + v) == r;
+    if (!used) continue;
+    bool valid;
+    const i64 pos = token_position(p, t, valid, r);
+    float cr[VEC], sr[VEC];
+    cos_sin(p, pos, valid, chunk, cr, sr);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      if (mrope_row(chunk * VEC + v) == r) { c[v] = cr[v]; s[v] = sr[v]; }
+    }
   }
 }
 
@@ -119,7 +181,7 @@ __device__ __forceinline__ i64 token_position(const RopeParams& p, i64 t, bool& 
 // into shared memory, each (token, frequency) once, spread over all its threads; every
 // thread then reads its chunk. Without this, the double-precision sincos would be repeated
 // by every head group (40 times at 1024 tokens on Llama-3-8B shapes). Dynamic shared
-// memory: blockDim.z * (HALF float2 + 2 i64) bytes, sized by the planner.
+// memory: blockDim.z * (HALF float2 + 2 * NPOS i64) bytes, sized by the planner.
 extern __shared__ float2 fly_tile[];
 
 // The loads of one batch of HEAD_BATCH heads of one token (and where they go).
@@ -214,25 +276,31 @@ extern "C" __global__ void __launch_bounds__(512) rope_kernel(const RopeParams p
   float c[VEC], s[VEC];
   if constexpr (COS_SIN_FROM_CACHE) {
     if (!active) return;
-    bool valid;
-    const i64 pos = token_position(p, t, valid);
-    cos_sin(p, pos, valid, chunk, c, s);
+    if constexpr (MROPE) {
+      mrope_cos_sin(p, t, chunk, c, s);
+    } else {
+      bool valid;
+      const i64 pos = token_position(p, t, valid);
+      cos_sin(p, pos, valid, chunk, c, s);
+    }
   } else {
     const int tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
     const int nthreads = blockDim.x * blockDim.y * blockDim.z;
     const int ntok = blockDim.z;
-    i64* tile_pos = (i64*)(fly_tile + ntok * HALF);
-    i64* tile_valid = tile_pos + ntok;
-    for (int i = tid; i < ntok; i += nthreads) {
+    i64* tile_pos = (i64*)(fly_tile + ntok * HALF);   // [ntok][NPOS]
+    i64* tile_valid = tile_pos + ntok * NPOS;
+    for (int i = tid; i < ntok * NPOS; i += nthreads) {
+      const int tz = i / NPOS, r = i - tz * NPOS;
       bool valid;
-      tile_pos[i] = token_position(p, (i64)blockIdx.x * ntok + i, valid);
+      tile_pos[i] = token_position(p, (i64)blockIdx.x * ntok + tz, valid, r);
       tile_valid[i] = valid;
     }
     __syncthreads();
     for (int i = tid; i < ntok * HALF; i += nthreads) {
       const int tz = i / HALF, j = i - tz * HALF;
+      const int slot = tz * NPOS + mrope_row(j);
       float cj, sj;
-      fly_cos_sin(p, tile_pos[tz], tile_valid[tz] != 0, j, cj, sj);
+      fly_cos_sin(p, tile_pos[slot], tile_valid[slot] != 0, j, cj, sj);
       fly_tile[i] = make_float2(cj, sj);
     }
     __syncthreads();

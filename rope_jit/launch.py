@@ -84,32 +84,57 @@ _single_device = False  # set once a GPU is seen and it is the only one: no devi
 
 
 def _freq_values(on_the_fly) -> tuple:
-    """Kernel values (freq_exponent, inv_scale, smooth_a, smooth_b) of the on-the-fly
-    parameters (rotary_dim, rope_theta, rope_scale, llama31 or None)."""
+    """Kernel values (freq_exponent, inv_scale, ramp_a, ramp_b, attention_factor) of the
+    on-the-fly parameters (see run_rope); kernels/rope.cu fly_cos_sin says how they are used."""
     if on_the_fly is None:
-        return (0.0, 1.0, 0.0, 0.0)
-    rot, theta, scale, llama = on_the_fly
+        return (0.0, 1.0, 0.0, 0.0, 1.0)
+    rot, theta, scale, variant = on_the_fly
     exponent = -2.0 * math.log2(theta) / rot
-    if llama is None:
-        return (exponent, 1.0 / scale, 0.0, 0.0)
-    low, high, old_ctx = llama
-    smooth_a = old_ctx / (2 * math.pi * high - 2 * math.pi * low)
-    smooth_b = -1.0 / (high / low - 1.0)
-    return (exponent, 1.0 / scale, smooth_a, smooth_b)
+    if variant is None:
+        return (exponent, 1.0 / scale, 0.0, 0.0, 1.0)
+    if variant[0] == "llama3":
+        # w = clamp((old_ctx / wavelen - low) / (high - low)), wavelen = 2 pi / inv_freq
+        _, low, high, old_ctx = variant
+        ramp_a = old_ctx / (2 * math.pi * high - 2 * math.pi * low)
+        ramp_b = -1.0 / (high / low - 1.0)
+        return (exponent, 1.0 / scale, ramp_a, ramp_b, 1.0)
+    # YaRN: weight of the unscaled frequency w = 1 - clamp((j - low) / (high - low)),
+    # transformers' linear ramp, which widens an empty ramp (low == high) by 0.001.
+    _, low, high, attention_factor = variant
+    if high == low:
+        high = low + 0.001
+    return (exponent, 1.0 / scale, -1.0 / (high - low), 1.0 + low / (high - low),
+            attention_factor)
 
 
-def _check_freq(theta, scale, llama) -> None:
-    if not (isinstance(theta, (int, float)) and theta > 0 and math.isfinite(theta)) or theta == 1:
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_freq(theta, scale, variant) -> None:
+    if not (_finite(theta) and theta > 0) or theta == 1:
         raise ValueError(f"rope_theta: expected a finite number > 0 and != 1, got {theta!r}")
-    if not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(scale)):
+    if not (_finite(scale) and scale > 0):
         raise ValueError(f"rope_scale: expected a finite number > 0, got {scale!r}")
-    if llama is not None:
-        low, high, old_ctx = llama
-        if not (low > 0 and high > low):
+    if variant is None:
+        return
+    if variant[0] == "llama3":
+        _, low, high, old_ctx = variant
+        if not (_finite(low) and _finite(high) and low > 0 and high > low):
             raise ValueError(f"high_freq_factor must exceed low_freq_factor > 0, got "
                              f"low_freq_factor={low!r}, high_freq_factor={high!r}")
-        if not old_ctx > 0:
+        if not (_finite(old_ctx) and old_ctx > 0):
             raise ValueError(f"old_context_len: expected a positive number, got {old_ctx!r}")
+    elif variant[0] == "yarn":
+        _, low, high, attention_factor = variant
+        if not (_finite(low) and _finite(high) and high >= low):
+            raise ValueError(f"yarn ramp: expected finite low <= high frequency indices, got "
+                             f"low={low!r}, high={high!r}")
+        if not (_finite(attention_factor) and attention_factor > 0):
+            raise ValueError(f"attention_factor: expected a finite number > 0, got "
+                             f"{attention_factor!r}")
+    else:
+        raise ValueError(f"on-the-fly scaling: expected llama3 or yarn, got {variant[0]!r}")
 
 
 _freq_cache: dict = {}
@@ -125,7 +150,7 @@ def _freq(on_the_fly) -> tuple:
 
 
 def _prepare(fw: Framework, query, key, positions, indptr, offsets, cache, head_size,
-             rotary_dim, is_neox, inplace) -> _Prepared:
+             rotary_dim, is_neox, inplace, scaling, mrope) -> _Prepared:
     qd = fw.describe(query)
     kd = describe(key, "key") if key is not None else None
     pd = describe(positions, "positions") if positions is not None else None
@@ -135,7 +160,8 @@ def _prepare(fw: Framework, query, key, positions, indptr, offsets, cache, head_
     sms = num_sms(qd.device) if qd.device >= 0 else 132
     plan = plan_rope(qd, kd, head_size=head_size, rotary_dim=rotary_dim, is_neox=is_neox,
                      positions=pd, indptr=ind, offsets=od, cos_sin_cache=cd, inplace=inplace,
-                     num_sms=sms)
+                     scaling=scaling, mrope_section=mrope[0] if mrope else None,
+                     mrope_interleaved=bool(mrope and mrope[1]), num_sms=sms)
     if plan.spec is None:
         return _Prepared(0, (), (), 0, plan.static, plan.device, plan.q_out_shape,
                          plan.k_out_shape, qd.dtype)
@@ -153,18 +179,22 @@ def _fp(obj, name: str):
 
 
 def run_rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions=None,
-             indptr=None, offsets=None, cache=None, on_the_fly=None, check_positions=False):
+             indptr=None, offsets=None, cache=None, on_the_fly=None, mrope=None,
+             check_positions=False):
     """Apply RoPE. In place: returns None. Out of place: returns (q_out, k_out) of the
     caller's array type (k_out None when key is None).
 
-    on_the_fly: None with a cache, else (rotary_dim, rope_theta, rope_scale, llama) where
-    llama is None or (low_freq_factor, high_freq_factor, old_context_len).
+    on_the_fly: None with a cache, else (rotary_dim, rope_theta, rope_scale, variant) where
+    rope_scale divides the frequencies and variant is None (linear scaling),
+    ("llama3", low_freq_factor, high_freq_factor, old_context_len) or
+    ("yarn", low, high, attention_factor) with YaRN's ramp bounds as frequency indices.
+    mrope: None, or ((t, h, w) section, interleaved) with positions [3, num_tokens].
     """
     fw = framework_of(query, "query")
     if not fw.native:
         return _run_foreign(fw, query, key, head_size=head_size, rotary_dim=rotary_dim,
                             is_neox=is_neox, inplace=inplace, positions=positions, indptr=indptr,
-                            offsets=offsets, cache=cache, on_the_fly=on_the_fly,
+                            offsets=offsets, cache=cache, on_the_fly=on_the_fly, mrope=mrope,
                             check_positions=check_positions)
     freq = _freq(on_the_fly)  # validates rope_theta/rope_scale before anything is compiled
     fq, q_ptr = fw.fingerprint(query)
@@ -173,11 +203,12 @@ def run_rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions=N
     find, ind_ptr = _fp(indptr, "indptr")
     foff, off_ptr = _fp(offsets, "offsets")
     fc, c_ptr = _fp(cache, "cos_sin_cache")
-    sig = (fq, fk, fpos, find, foff, fc, head_size, rotary_dim, is_neox, inplace)
+    scaling = "linear" if on_the_fly is None or on_the_fly[3] is None else on_the_fly[3][0]
+    sig = (fq, fk, fpos, find, foff, fc, head_size, rotary_dim, is_neox, inplace, scaling, mrope)
     prep = _prepared.get(sig)
     if prep is None:
         prep = _prepare(fw, query, key, positions, indptr, offsets, cache, head_size,
-                        rotary_dim, is_neox, inplace)
+                        rotary_dim, is_neox, inplace, scaling, mrope)
         _prepared[sig] = prep
         global _single_device
         _single_device = device_count() == 1

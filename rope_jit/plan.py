@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 from .arrays import FLOAT_DTYPES, HOST, INDEX_DTYPES, ArrayDesc, contiguous_strides
-from .specs import ROPE_STATIC, RopeSpec
+from .specs import ROPE_STATIC, SCALINGS, RopeSpec
 
 @dataclass(frozen=True)
 class Launch:
@@ -186,9 +186,18 @@ def plan_rope(query: ArrayDesc, key: ArrayDesc | None, *, head_size, rotary_dim=
               is_neox: bool, positions: ArrayDesc | None = None,
               indptr: ArrayDesc | None = None, offsets: ArrayDesc | None = None,
               cos_sin_cache: ArrayDesc | None = None, inplace: bool,
+              scaling: str = "linear", mrope_section=None, mrope_interleaved: bool = False,
               num_sms: int = 132) -> RopePlan:
     """Validate one RoPE call and plan its launch. Raises TypeError/ValueError naming the
-    argument at fault; returns a plan whose spec is None when there is nothing to do."""
+    argument at fault; returns a plan whose spec is None when there is nothing to do.
+
+    scaling: the on-the-fly frequency variant (specs.SCALINGS); ignored with a cache.
+    mrope_section: (t, h, w) frequency counts summing to rotary_dim / 2 for multimodal RoPE;
+    positions are then [3, num_tokens] (or [3, batch, seq]), one row per section.
+    """
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling: expected one of {', '.join(SCALINGS)}, got {scaling!r}")
+    mrope = mrope_section is not None
     _device_array(query, "query", FLOAT_DTYPES, "a float16, bfloat16 or float32 array")
     if key is not None:
         _device_array(key, "key", FLOAT_DTYPES, "a float16, bfloat16 or float32 array")
@@ -198,6 +207,10 @@ def plan_rope(query: ArrayDesc, key: ArrayDesc | None, *, head_size, rotary_dim=
 
     # Positions: one per token, or indptr + offsets (one token dim).
     use_indptr = positions is None
+    pos_stride_row = 0
+    if use_indptr and mrope:
+        raise TypeError("positions: mRoPE needs positions of shape [3, num_tokens]; "
+                        "indptr + offsets give one position per token")
     if use_indptr:
         if indptr is None or offsets is None:
             raise TypeError("expected positions, or both indptr and offsets")
@@ -222,13 +235,18 @@ def plan_rope(query: ArrayDesc, key: ArrayDesc | None, *, head_size, rotary_dim=
     else:
         _index_array(positions, "positions")
         _same_device(query, "query", positions, "positions")
-        if positions.ndim not in (1, 2):
+        ps = _norm_strides(positions)
+        if mrope:
+            if positions.ndim not in (2, 3) or positions.shape[0] != 3:
+                raise ValueError(f"positions: mRoPE expects shape [3, num_tokens] or "
+                                 f"[3, batch, seq] (t, h, w rows), got {list(positions.shape)}")
+            pos_stride_row, ps = ps[0], ps[1:]
+        elif positions.ndim not in (1, 2):
             raise ValueError(f"positions: expected shape [num_tokens] or [batch, seq], "
                              f"got {list(positions.shape)}")
-        tok_shape = tuple(positions.shape)
+        tok_shape = tuple(positions.shape[1:] if mrope else positions.shape)
         index_dtype = positions.dtype
-        ps = _norm_strides(positions)
-        pos_strides = (0, ps[0]) if positions.ndim == 1 else (ps[0], ps[1])
+        pos_strides = (0, ps[0]) if len(ps) == 1 else (ps[0], ps[1])
         batch_size = 0
 
     if head_size is None:
@@ -266,6 +284,8 @@ def plan_rope(query: ArrayDesc, key: ArrayDesc | None, *, head_size, rotary_dim=
         raise ValueError(f"{rot_name}: expected a positive even number, got {rot}")
     if rot > head_size:
         raise ValueError(f"{rot_name}: {rot} exceeds head_size {head_size}")
+    if mrope:
+        mrope_section = _mrope_section(mrope_section, rot)
 
     num_tokens = math.prod(tok_shape)
     nq, nk = q.num_heads, (k.num_heads if k is not None else 0)
@@ -307,14 +327,16 @@ def plan_rope(query: ArrayDesc, key: ArrayDesc | None, *, head_size, rotary_dim=
     # has more than one batch (measured: GPT-J shapes at 8192 tokens lost 10% without
     # this rule).
     prefetch = bool(TUNING["prefetch"]) and per_group > head_batch
-    if cos_sin_cache is None:  # kernels/rope.cu: tokens x (R/2 float2 + position + flag)
-        launch = Launch(launch.grid, launch.block, launch.block[2] * (rot // 2 * 8 + 16))
+    if cos_sin_cache is None:  # kernels/rope.cu: tokens x (R/2 float2 + NPOS x (position, flag))
+        npos = 3 if mrope else 1
+        launch = Launch(launch.grid, launch.block, launch.block[2] * (rot // 2 * 8 + 16 * npos))
     spec = RopeSpec(
         head_size=head_size, rotary_dim=rot, dtype=query.dtype,
         cache_dtype=cos_sin_cache.dtype if cos_sin_cache is not None else None,
         index_dtype=index_dtype, indptr=use_indptr, neox=bool(is_neox),
         out_of_place=not inplace, vec=vec, cache_vec=cache_vec, head_batch=head_batch,
-        prefetch=prefetch)
+        prefetch=prefetch, scaling=scaling if cos_sin_cache is None else "linear",
+        mrope_section=mrope_section, mrope_interleaved=bool(mrope_interleaved) and mrope)
 
     none = _Heads(0, (0, 0), 0)
     k, ko = k or none, ko or none
@@ -328,9 +350,25 @@ def plan_rope(query: ArrayDesc, key: ArrayDesc | None, *, head_size, rotary_dim=
         qo_stride_head=qo.head_stride,
         ko_stride_outer=ko.tok_strides[0], ko_stride_inner=ko.tok_strides[1],
         ko_stride_head=ko.head_stride,
-        pos_stride_outer=pos_strides[0], pos_stride_inner=pos_strides[1])
+        pos_stride_outer=pos_strides[0], pos_stride_inner=pos_strides[1],
+        pos_stride_row=pos_stride_row)
     static = tuple(values[n] for n in ROPE_STATIC)
     return RopePlan(spec, launch, static, query.device, q_out_shape, k_out_shape)
+
+
+def _mrope_section(section, rot: int) -> tuple:
+    """mrope_section as a tuple of 3 non-negative ints summing to rot / 2."""
+    try:
+        sec = tuple(section)
+    except TypeError:
+        raise TypeError(f"mrope_section: expected 3 integers (t, h, w), got {section!r}") from None
+    if len(sec) != 3:
+        raise ValueError(f"mrope_section: expected 3 integers (t, h, w), got {list(sec)}")
+    sec = tuple(_int(v, "mrope_section") for v in sec)
+    if min(sec) < 0 or sum(sec) != rot // 2:
+        raise ValueError(f"mrope_section: expected non-negative counts summing to rotary_dim/2 "
+                         f"= {rot // 2}, got {list(sec)}")
+    return sec
 
 
 def plan_positions(indptr: ArrayDesc, offsets: ArrayDesc, num_tokens: int) -> tuple:

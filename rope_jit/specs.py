@@ -53,7 +53,7 @@ class ParamStruct:
 # Pointers first (they change every call), then the on-the-fly frequency parameters,
 # then everything that depends only on shapes and strides (fixed per cached plan).
 ROPE_POINTERS = ("q", "k", "q_out", "k_out", "positions", "offsets", "cache")
-ROPE_FREQ = ("freq_exponent", "inv_scale", "smooth_a", "smooth_b")
+ROPE_FREQ = ("freq_exponent", "inv_scale", "ramp_a", "ramp_b", "attention_factor")
 ROPE_STATIC = (
     "num_tokens", "inner_tokens", "num_q_heads", "num_k_heads", "batch_size",
     "max_position", "cache_stride",
@@ -61,7 +61,7 @@ ROPE_STATIC = (
     "k_stride_outer", "k_stride_inner", "k_stride_head",
     "qo_stride_outer", "qo_stride_inner", "qo_stride_head",
     "ko_stride_outer", "ko_stride_inner", "ko_stride_head",
-    "pos_stride_outer", "pos_stride_inner",
+    "pos_stride_outer", "pos_stride_inner", "pos_stride_row",
 )
 ROPE_PARAMS = ParamStruct(
     "RopeParams",
@@ -80,6 +80,11 @@ def _c_bool(b: bool) -> str:
     return "true" if b else "false"
 
 
+# On-the-fly frequency variants (kernels/rope.cu, fly_cos_sin). "linear" covers plain RoPE
+# (scale 1) and FlashInfer's rope_scale; a cache already holds whatever variant built it.
+SCALINGS = ("linear", "llama3", "yarn")
+
+
 @dataclass(frozen=True)
 class RopeSpec:
     """Everything that is a compile-time constant of one RoPE kernel."""
@@ -96,13 +101,20 @@ class RopeSpec:
     cache_vec: int             # cache elements per vector access
     head_batch: int            # heads whose loads are issued together
     prefetch: bool = True      # next head batch's loads in flight during the current one
+    scaling: str = "linear"    # on-the-fly frequency variant, one of SCALINGS
+    mrope_section: tuple | None = None  # (t, h, w) frequency counts: multimodal RoPE
+    mrope_interleaved: bool = False     # Qwen3-VL's interleaved sections
 
     kernel_name = "rope_kernel"
     params = ROPE_PARAMS
 
     def words(self) -> str:
         """The spec in words, for logs and `rope-jit cache list`."""
-        cs = f"{self.cache_dtype} cache" if self.cache_dtype else "on the fly"
+        cs = (f"{self.cache_dtype} cache" if self.cache_dtype
+              else "on the fly" + ("" if self.scaling == "linear" else f" {self.scaling}"))
+        if self.mrope_section:
+            cs += (f" mrope {'interleaved ' if self.mrope_interleaved else ''}"
+                   f"{'/'.join(map(str, self.mrope_section))}")
         pos = f"indptr+offsets {self.index_dtype}" if self.indptr else f"positions {self.index_dtype}"
         return (f"rope {self.dtype} head {self.head_size} rotary {self.rotary_dim} "
                 f"{'neox' if self.neox else 'gptj'} {cs} {pos} "
@@ -127,7 +139,13 @@ class RopeSpec:
             f"constexpr bool OUT_OF_PLACE = {_c_bool(self.out_of_place)};",
             f"constexpr bool INDPTR = {_c_bool(self.indptr)};",
             f"constexpr bool COS_SIN_FROM_CACHE = {_c_bool(self.cache_dtype is not None)};",
+            "constexpr int SCALING_LINEAR = 0, SCALING_LLAMA3 = 1, SCALING_YARN = 2;",
+            f"constexpr int SCALING = SCALING_{self.scaling.upper()};",
+            f"constexpr bool MROPE = {_c_bool(self.mrope_section is not None)};",
+            f"constexpr bool MROPE_INTERLEAVED = {_c_bool(self.mrope_interleaved)};",
         ]
+        t, h, w = self.mrope_section or (0, 0, 0)
+        lines.append(f"constexpr int MROPE_T = {t}, MROPE_H = {h}, MROPE_W = {w};")
         return "\n".join(lines) + "\n" + self.params.c_decl
 
     def render(self) -> str:

@@ -263,15 +263,19 @@ def test_positions_from_offsets_rejects_lists():
 
 # ------------------------------------------------------------------ on-the-fly parameters
 
-def _kernel_frequencies(rot, theta, scale, llama):
-    """The kernel's formulation (kernels/rope.cu) of the frequencies, fed with the values
-    the launcher computes: inv = 2^(j*freq_exponent), w = clamp(inv*a + b, 0, 1),
+def _kernel_frequencies(rot, theta, scale, variant):
+    """The kernel's formulation (kernels/rope.cu, fly_cos_sin) of the frequencies and the
+    cos/sin factor, fed with the values the launcher computes: inv = 2^(j*freq_exponent);
+    linear: f = inv*inv_scale; llama3 / yarn: w = clamp(x*a + b, 0, 1) with x = inv / j,
     f = (1-w)*inv*inv_scale + w*inv."""
-    exponent, inv_scale, a, b = launch._freq_values((rot, theta, scale, llama))
+    exponent, inv_scale, a, b, attention = launch._freq_values((rot, theta, scale, variant))
     j = np.arange(rot // 2, dtype=np.float64)
     inv = np.exp2(j * exponent)
-    w = np.clip(inv * a + b, 0.0, 1.0)
-    return (1 - w) * (inv * inv_scale) + w * inv
+    if variant is None:
+        return inv * inv_scale, attention
+    x = inv if variant[0] == "llama3" else j
+    w = np.clip(x * a + b, 0.0, 1.0)
+    return (1 - w) * (inv * inv_scale) + w * inv, attention
 
 
 @pytest.mark.parametrize("rot, theta, scale, llama", [
@@ -282,7 +286,10 @@ def test_on_the_fly_frequencies_match_reference(rot, theta, scale, llama):
     """The kernel's clamped-blend parameters reproduce the reference frequencies: linear
     scaling divides by rope_scale; Llama 3.1 matches transformers' piecewise bands."""
     want = reference.inv_frequencies(rot, base=theta, rope_scale=scale, llama31=llama)
-    np.testing.assert_allclose(_kernel_frequencies(rot, theta, scale, llama), want, rtol=1e-13)
+    variant = ("llama3", *llama) if llama else None
+    got, attention = _kernel_frequencies(rot, theta, scale, variant)
+    np.testing.assert_allclose(got, want, rtol=1e-13)
+    assert attention == 1.0
 
 
 @pytest.mark.parametrize("theta, scale, llama, match", [
@@ -296,4 +303,14 @@ def test_on_the_fly_frequencies_match_reference(rot, theta, scale, llama):
 def test_on_the_fly_parameter_errors(theta, scale, llama, match):
     """Bad rope_theta / rope_scale / Llama 3.1 parameters: ValueError naming them."""
     with pytest.raises(ValueError, match=match):
-        launch._check_freq(theta, scale, llama)
+        launch._check_freq(theta, scale, ("llama3", *llama) if llama else None)
+
+
+@pytest.mark.parametrize("variant, match", [
+    (("yarn", 20.0, 10.0, 1.0), "low <= high"), (("yarn", math.nan, 10.0, 1.0), "low"),
+    (("yarn", 1.0, 10.0, 0.0), "attention_factor"), (("yarn", 1.0, 10.0, math.inf), "attention_factor"),
+    (("ntk", 1.0, 2.0, 3.0), "expected llama3 or yarn"),
+])
+def test_on_the_fly_yarn_parameter_errors(variant, match):
+    with pytest.raises(ValueError, match=match):
+        launch._check_freq(1e4, 4.0, variant)

@@ -43,7 +43,8 @@ def _widest_vec(dtype, head, rot, out_of_place, cap=None):
     return vec
 
 
-def _spec(i, dtype, cache, head, rot, *, vec=None, cache_vec=None, style=None, head_batch=None):
+def _spec(i, dtype, cache, head, rot, *, vec=None, cache_vec=None, style=None, head_batch=None,
+          **variant):
     neox, oop, index, indptr = STYLES[i % len(STYLES)] if style is None else style
     vec = _widest_vec(dtype, head, rot, oop) if vec is None else vec
     if cache_vec is None:
@@ -51,7 +52,7 @@ def _spec(i, dtype, cache, head, rot, *, vec=None, cache_vec=None, style=None, h
     hb = HEAD_BATCHES[i % len(HEAD_BATCHES)] if head_batch is None else head_batch
     return RopeSpec(head_size=head, rotary_dim=rot, dtype=dtype, cache_dtype=cache, index_dtype=index,
                     indptr=indptr, neox=neox, out_of_place=oop, vec=vec, cache_vec=cache_vec,
-                    head_batch=hb)
+                    head_batch=hb, **variant)
 
 
 def _design() -> list:
@@ -76,6 +77,19 @@ def _design() -> list:
         _spec(7, "bfloat16", None, 512, 512, style=(True, True, "int64", True), head_batch=4),
         _spec(8, "float32", "bfloat16", 112, 112, vec=2, cache_vec=2, head_batch=3),
     ]
+    # D: on-the-fly scaling variants and mRoPE (cache and on the fly, both section layouts)
+    pos = (True, False, "int64", False)
+    specs += [
+        _spec(0, "bfloat16", None, 128, 128, style=pos, scaling="llama3"),
+        _spec(0, "float16", None, 64, 64, style=(False, True, "int32", True), scaling="yarn"),
+        _spec(0, "bfloat16", "float32", 128, 128, style=pos, mrope_section=(16, 24, 24)),
+        _spec(0, "bfloat16", "bfloat16", 128, 128, style=pos, mrope_section=(24, 20, 20),
+              mrope_interleaved=True),
+        _spec(0, "float32", None, 80, 64, style=(True, True, "int32", False), scaling="yarn",
+              mrope_section=(8, 12, 12)),
+        _spec(0, "bfloat16", None, 128, 128, style=pos, mrope_section=(24, 20, 20),
+              mrope_interleaved=True),
+    ]
     return specs
 
 
@@ -90,12 +104,14 @@ def _case_id(case):
         return f"{arch}-positions-{s.index_dtype}"
     return (f"{arch}-{s.dtype}-{s.cache_dtype or 'fly'}-h{s.head_size}r{s.rotary_dim}-"
             f"{'neox' if s.neox else 'gptj'}-{'oop' if s.out_of_place else 'inpl'}-{s.index_dtype}-"
-            f"{'indptr' if s.indptr else 'pos'}-v{s.vec}c{s.cache_vec}b{s.head_batch}")
+            f"{'indptr' if s.indptr else 'pos'}-v{s.vec}c{s.cache_vec}b{s.head_batch}"
+            f"{'' if s.scaling == 'linear' else '-' + s.scaling}"
+            f"{'-mrope' + ('i' if s.mrope_interleaved else '') if s.mrope_section else ''}")
 
 
 def test_design_covers():
     """The spec set covers what the module docstring claims, within the compile budget."""
-    assert len(CASES) <= 120
+    assert len(CASES) <= 132
     assert {(s.dtype, s.cache_dtype) for s in SPECS} == set(itertools.product(DTYPES, CACHE_DTYPES))
     assert {(s.neox, s.out_of_place, s.index_dtype, s.indptr) for s in SPECS} == set(STYLES)
     for head in HEAD_SIZES:
@@ -111,6 +127,9 @@ def test_design_covers():
         assert s.vec * ITEMSIZE[s.dtype] <= 16
         assert not s.cache_dtype or s.cache_vec * ITEMSIZE[s.cache_dtype] <= 16
         assert not s.out_of_place or (s.head_size - s.rotary_dim) % s.vec == 0
+    assert {s.scaling for s in SPECS if not s.cache_dtype} == {"linear", "llama3", "yarn"}
+    assert {(s.cache_dtype is None, s.mrope_interleaved) for s in SPECS if s.mrope_section} == {
+        (False, False), (False, True), (True, False), (True, True)}
     assert {arch for arch, _ in CASES} == set(ARCHS)
     assert len(set(SPECS)) == len(SPECS)
 

@@ -612,3 +612,67 @@ def test_plan_is_pure():
     assert a == b and a is not b
     assert hash(a.spec) == hash(b.spec)
     assert {a.spec: 1}[b.spec] == 1
+
+
+# ------------------------------------------------------------------ variants and mRoPE
+
+def test_scaling_is_part_of_the_on_the_fly_spec_only():
+    """The on-the-fly variant is compiled in; a cache already holds its variant, so a cache
+    call keeps the plain kernel whatever scaling says."""
+    assert call_fly(scaling="yarn").spec.scaling == "yarn"
+    assert call_fly(scaling="llama3").spec.scaling == "llama3"
+    assert call_fly().spec.scaling == "linear"
+    assert call(scaling="yarn").spec.scaling == "linear"
+    with pytest.raises(ValueError, match=r"^scaling: expected one of linear, llama3, yarn"):
+        call_fly(scaling="ntk")
+
+
+def _mrope(**overrides):
+    args = dict(positions=desc((3, T), "int64"), mrope_section=(16, 24, 24))
+    args.update(overrides)
+    return call(**args)
+
+
+def test_mrope_plan():
+    """positions [3, T]: one row per section, row stride in pos_stride_row; the section is
+    in the spec."""
+    p = _mrope()
+    assert p.spec.mrope_section == (16, 24, 24) and not p.spec.mrope_interleaved
+    st = static(p)
+    assert st["pos_stride_row"] == T and st["pos_stride_inner"] == 1 and st["num_tokens"] == T
+    # a strided view: rows T+5 apart, tokens 2 apart
+    p = _mrope(positions=desc((3, T), "int32", strides=(2 * T + 5, 2)), mrope_interleaved=True)
+    st = static(p)
+    assert (st["pos_stride_row"], st["pos_stride_inner"]) == (2 * T + 5, 2)
+    assert p.spec.mrope_interleaved and p.spec.index_dtype == "int32"
+    # [3, batch, seq] with [batch, seq, H*D] q/k
+    p = _mrope(positions=desc((3, 2, 4), "int64"), query=desc((2, 4, HQ * D)),
+               key=desc((2, 4, HK * D)))
+    st = static(p)
+    assert (st["pos_stride_row"], st["pos_stride_outer"], st["pos_stride_inner"]) == (8, 4, 1)
+    assert st["inner_tokens"] == 4 and st["num_tokens"] == 8
+    assert call(mrope_interleaved=True).spec.mrope_interleaved is False  # no mRoPE, no flag
+
+
+def test_mrope_on_the_fly_shared_memory_holds_three_positions():
+    p = call_fly(positions=desc((3, T), "int64"), indptr=None, offsets=None,
+                 mrope_section=(16, 24, 24))
+    tok = p.launch.block[2]
+    assert p.launch.smem == tok * (D // 2 * 8 + 3 * 16)
+
+
+@pytest.mark.parametrize("overrides, exc, match", [
+    (dict(positions=desc((T,), "int64")), ValueError, r"^positions: mRoPE expects shape \[3, num_tokens\]"),
+    (dict(positions=desc((2, T), "int64")), ValueError, r"^positions: mRoPE expects"),
+    (dict(positions=desc((3, T + 1), "int64")), ValueError, r"^query: token dims"),
+    (dict(mrope_section=(16, 24)), ValueError, r"^mrope_section: expected 3 integers"),
+    (dict(mrope_section=(16, 24, 25)), ValueError, r"^mrope_section: expected non-negative counts summing to rotary_dim/2 = 64"),
+    (dict(mrope_section=(-8, 36, 36)), ValueError, r"^mrope_section: expected non-negative"),
+    (dict(mrope_section=(16.5, 23.5, 24)), TypeError, r"^mrope_section: expected an integer"),
+    (dict(mrope_section=16), TypeError, r"^mrope_section: expected 3 integers"),
+    (dict(positions=None, indptr=desc((3,), "int32"), offsets=desc((2,), "int32")), TypeError,
+     r"^positions: mRoPE needs positions of shape \[3, num_tokens\]"),
+])
+def test_mrope_errors(overrides, exc, match):
+    with pytest.raises(exc, match=match):
+        _mrope(**overrides)
