@@ -5,7 +5,8 @@
 // index_t (positions, indptr and offsets), HEAD_SIZE, ROT_DIM, VEC (elements per vector
 // access), CACHE_VEC, HEAD_BATCH (heads whose loads are issued together), NEOX,
 // OUT_OF_PLACE, INDPTR, COS_SIN_FROM_CACHE, SCALING (on-the-fly frequency variant),
-// MROPE with MROPE_T/H/W/MROPE_INTERLEAVED (multimodal sections), and the RopeParams struct
+// MROPE with MROPE_T/H/W/MROPE_INTERLEAVED (multimodal sections), INVERSE (rotate by the
+// negative angle: the backward pass), and the RopeParams struct
 // (every field 8 bytes; its order is fixed by rope_jit/specs.py, which also packs it on the
 // host).
 //
@@ -312,6 +313,13 @@ extern "C" __global__ void __launch_bounds__(512) rope_kernel(const RopeParams p
       c[v] = cs.x;
       s[v] = cs.y;
     }
+  }
+
+  // The inverse rotation (the backward of RoPE: x = R(-a) y) is the same kernel with sin
+  // negated, so gradients go through exactly the code and rounding of the forward pass.
+  if constexpr (INVERSE) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) s[v] = -s[v];
   }
 
   // Software pipeline over the thread's head batches: the next batch's loads are in flight

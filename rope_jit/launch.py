@@ -150,7 +150,7 @@ def _freq(on_the_fly) -> tuple:
 
 
 def _prepare(fw: Framework, query, key, positions, indptr, offsets, cache, head_size,
-             rotary_dim, is_neox, inplace, scaling, mrope) -> _Prepared:
+             rotary_dim, is_neox, inplace, scaling, mrope, inverse) -> _Prepared:
     qd = fw.describe(query)
     kd = describe(key, "key") if key is not None else None
     pd = describe(positions, "positions") if positions is not None else None
@@ -161,7 +161,7 @@ def _prepare(fw: Framework, query, key, positions, indptr, offsets, cache, head_
     plan = plan_rope(qd, kd, head_size=head_size, rotary_dim=rotary_dim, is_neox=is_neox,
                      positions=pd, indptr=ind, offsets=od, cos_sin_cache=cd, inplace=inplace,
                      scaling=scaling, mrope_section=mrope[0] if mrope else None,
-                     mrope_interleaved=bool(mrope and mrope[1]), num_sms=sms)
+                     mrope_interleaved=bool(mrope and mrope[1]), inverse=inverse, num_sms=sms)
     if plan.spec is None:
         return _Prepared(0, (), (), 0, plan.static, plan.device, plan.q_out_shape,
                          plan.k_out_shape, qd.dtype)
@@ -180,7 +180,7 @@ def _fp(obj, name: str):
 
 def run_rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions=None,
              indptr=None, offsets=None, cache=None, on_the_fly=None, mrope=None,
-             check_positions=False):
+             inverse=False, check_positions=False):
     """Apply RoPE. In place: returns None. Out of place: returns (q_out, k_out) of the
     caller's array type (k_out None when key is None).
 
@@ -189,13 +189,14 @@ def run_rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions=N
     ("llama3", low_freq_factor, high_freq_factor, old_context_len) or
     ("yarn", low, high, attention_factor) with YaRN's ramp bounds as frequency indices.
     mrope: None, or ((t, h, w) section, interleaved) with positions [3, num_tokens].
+    inverse: rotate by the negative angle (the backward pass: the transpose of the rotation).
     """
     fw = framework_of(query, "query")
     if not fw.native:
         return _run_foreign(fw, query, key, head_size=head_size, rotary_dim=rotary_dim,
                             is_neox=is_neox, inplace=inplace, positions=positions, indptr=indptr,
                             offsets=offsets, cache=cache, on_the_fly=on_the_fly, mrope=mrope,
-                            check_positions=check_positions)
+                            inverse=inverse, check_positions=check_positions)
     freq = _freq(on_the_fly)  # validates rope_theta/rope_scale before anything is compiled
     fq, q_ptr = fw.fingerprint(query)
     fk, k_ptr = _fp(key, "key")
@@ -204,11 +205,12 @@ def run_rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions=N
     foff, off_ptr = _fp(offsets, "offsets")
     fc, c_ptr = _fp(cache, "cos_sin_cache")
     scaling = "linear" if on_the_fly is None or on_the_fly[3] is None else on_the_fly[3][0]
-    sig = (fq, fk, fpos, find, foff, fc, head_size, rotary_dim, is_neox, inplace, scaling, mrope)
+    sig = (fq, fk, fpos, find, foff, fc, head_size, rotary_dim, is_neox, inplace, scaling, mrope,
+           inverse)
     prep = _prepared.get(sig)
     if prep is None:
         prep = _prepare(fw, query, key, positions, indptr, offsets, cache, head_size,
-                        rotary_dim, is_neox, inplace, scaling, mrope)
+                        rotary_dim, is_neox, inplace, scaling, mrope, inverse)
         _prepared[sig] = prep
         global _single_device
         _single_device = device_count() == 1

@@ -187,13 +187,14 @@ def plan_rope(query: ArrayDesc, key: ArrayDesc | None, *, head_size, rotary_dim=
               indptr: ArrayDesc | None = None, offsets: ArrayDesc | None = None,
               cos_sin_cache: ArrayDesc | None = None, inplace: bool,
               scaling: str = "linear", mrope_section=None, mrope_interleaved: bool = False,
-              num_sms: int = 132) -> RopePlan:
+              inverse: bool = False, num_sms: int = 132) -> RopePlan:
     """Validate one RoPE call and plan its launch. Raises TypeError/ValueError naming the
     argument at fault; returns a plan whose spec is None when there is nothing to do.
 
     scaling: the on-the-fly frequency variant (specs.SCALINGS); ignored with a cache.
     mrope_section: (t, h, w) frequency counts summing to rotary_dim / 2 for multimodal RoPE;
     positions are then [3, num_tokens] (or [3, batch, seq]), one row per section.
+    inverse: rotate by the negative angle (the backward pass of RoPE).
     """
     if scaling not in SCALINGS:
         raise ValueError(f"scaling: expected one of {', '.join(SCALINGS)}, got {scaling!r}")
@@ -336,7 +337,8 @@ def plan_rope(query: ArrayDesc, key: ArrayDesc | None, *, head_size, rotary_dim=
         index_dtype=index_dtype, indptr=use_indptr, neox=bool(is_neox),
         out_of_place=not inplace, vec=vec, cache_vec=cache_vec, head_batch=head_batch,
         prefetch=prefetch, scaling=scaling if cos_sin_cache is None else "linear",
-        mrope_section=mrope_section, mrope_interleaved=bool(mrope_interleaved) and mrope)
+        mrope_section=mrope_section, mrope_interleaved=bool(mrope_interleaved) and mrope,
+        inverse=bool(inverse))
 
     none = _Heads(0, (0, 0), 0)
     k, ko = k or none, ko or none

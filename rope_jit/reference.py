@@ -57,6 +57,28 @@ def cos_sin_from_cache(cache, positions) -> tuple[np.ndarray, np.ndarray]:
     return rows[..., :half], rows[..., half:]
 
 
+def mrope_rows(mrope_section, interleaved: bool = False) -> np.ndarray:
+    """The position row (0 temporal, 1 height, 2 width) each of the sum(mrope_section)
+    frequencies takes its angle from. Qwen2-VL: consecutive sections; Qwen3-VL
+    (interleaved): frequency j % 3 == 1 is height and j % 3 == 2 width while j is under 3x
+    that section, everything else temporal (transformers' recomposition_frequencies)."""
+    t, h, w = (int(n) for n in mrope_section)
+    if not interleaved:
+        return np.repeat(np.arange(3), [t, h, w])
+    rows = np.zeros(t + h + w, dtype=np.int64)
+    rows[1:3 * h:3] = 1
+    rows[2:3 * w:3] = 2
+    return rows
+
+
+def mrope_select(per_row: np.ndarray, mrope_section, interleaved: bool = False) -> np.ndarray:
+    """[3, token dims..., R/2] values computed at each position row -> [token dims..., R/2]
+    taking frequency j from row mrope_rows(...)[j]."""
+    rows = mrope_rows(mrope_section, interleaved)
+    per_row = np.asarray(per_row)
+    return np.take_along_axis(per_row, np.broadcast_to(rows, per_row.shape[1:])[None], 0)[0]
+
+
 def apply_rotary(x, cos: np.ndarray, sin: np.ndarray, is_neox: bool) -> np.ndarray:
     """Rotate x [token dims..., heads, head_size] by cos/sin [token dims..., rotary_dim/2].
 

@@ -104,6 +104,7 @@ class RopeSpec:
     scaling: str = "linear"    # on-the-fly frequency variant, one of SCALINGS
     mrope_section: tuple | None = None  # (t, h, w) frequency counts: multimodal RoPE
     mrope_interleaved: bool = False     # Qwen3-VL's interleaved sections
+    inverse: bool = False      # rotate by the negative angle (the backward of RoPE)
 
     kernel_name = "rope_kernel"
     params = ROPE_PARAMS
@@ -120,7 +121,7 @@ class RopeSpec:
                 f"{'neox' if self.neox else 'gptj'} {cs} {pos} "
                 f"{'out-of-place' if self.out_of_place else 'in-place'} "
                 f"vec {self.vec}/{self.cache_vec} heads/batch {self.head_batch}"
-                f"{' prefetch' if self.prefetch else ''}")
+                f"{' prefetch' if self.prefetch else ''}{' inverse' if self.inverse else ''}")
 
     def prelude(self) -> str:
         cache_t = C_TYPE[self.cache_dtype] if self.cache_dtype else "float"
@@ -143,6 +144,7 @@ class RopeSpec:
             f"constexpr int SCALING = SCALING_{self.scaling.upper()};",
             f"constexpr bool MROPE = {_c_bool(self.mrope_section is not None)};",
             f"constexpr bool MROPE_INTERLEAVED = {_c_bool(self.mrope_interleaved)};",
+            f"constexpr bool INVERSE = {_c_bool(self.inverse)};",
         ]
         t, h, w = self.mrope_section or (0, 0, 0)
         lines.append(f"constexpr int MROPE_T = {t}, MROPE_H = {h}, MROPE_W = {w};")

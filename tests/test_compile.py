@@ -89,6 +89,9 @@ def _design() -> list:
               mrope_section=(8, 12, 12)),
         _spec(0, "bfloat16", None, 128, 128, style=pos, mrope_section=(24, 20, 20),
               mrope_interleaved=True),
+        _spec(0, "float32", "float32", 128, 64, style=(True, True, "int64", False), inverse=True),
+        _spec(0, "float32", None, 128, 128, style=(False, True, "int32", True), scaling="yarn",
+              inverse=True),
     ]
     return specs
 
@@ -106,12 +109,13 @@ def _case_id(case):
             f"{'neox' if s.neox else 'gptj'}-{'oop' if s.out_of_place else 'inpl'}-{s.index_dtype}-"
             f"{'indptr' if s.indptr else 'pos'}-v{s.vec}c{s.cache_vec}b{s.head_batch}"
             f"{'' if s.scaling == 'linear' else '-' + s.scaling}"
-            f"{'-mrope' + ('i' if s.mrope_interleaved else '') if s.mrope_section else ''}")
+            f"{'-mrope' + ('i' if s.mrope_interleaved else '') if s.mrope_section else ''}"
+            f"{'-inverse' if s.inverse else ''}")
 
 
 def test_design_covers():
     """The spec set covers what the module docstring claims, within the compile budget."""
-    assert len(CASES) <= 132
+    assert len(CASES) <= 136
     assert {(s.dtype, s.cache_dtype) for s in SPECS} == set(itertools.product(DTYPES, CACHE_DTYPES))
     assert {(s.neox, s.out_of_place, s.index_dtype, s.indptr) for s in SPECS} == set(STYLES)
     for head in HEAD_SIZES:

@@ -467,3 +467,38 @@ def test_compute_cos_sin_cache_like_numpy():
     """like= a NumPy array returns a NumPy array (the caller's array type, on the host)."""
     got = rope_jit.compute_cos_sin_cache(8, 4, dtype="float16", like=np.zeros(2))
     assert isinstance(got, np.ndarray) and got.dtype == np.float16
+
+
+# ------------------------------------------------------------------ mRoPE row selection
+
+@pytest.mark.parametrize("section, interleaved", [
+    ((16, 24, 24), False), ((24, 20, 20), True), ((8, 4, 4), False), ((4, 6, 6), True),
+    ((2, 3, 5), True), ((10, 0, 0), False),
+])
+def test_mrope_rows_match_transformers(section, interleaved):
+    """reference.mrope_select picks, per frequency, the row transformers' Qwen2-VL /
+    Qwen3-VL rotary embedding picks (its recomposition_frequencies, called on a tensor whose
+    value encodes (row, frequency))."""
+    torch = pytest.importorskip("torch")
+    if interleaved:
+        mod = pytest.importorskip("transformers.models.qwen3_vl.modeling_qwen3_vl")
+        cls = mod.Qwen3VLTextRotaryEmbedding
+    else:
+        mod = pytest.importorskip("transformers.models.qwen2_vl.modeling_qwen2_vl")
+        cls = mod.Qwen2VLRotaryEmbedding
+    half = sum(section)
+    tagged = (torch.arange(3)[:, None, None, None] * 1000 + torch.arange(half)).expand(3, 2, 5, half)
+    tagged = tagged.to(torch.float64).clone()
+    import types
+
+    theirs = cls.recomposition_frequencies(types.SimpleNamespace(mrope_section=list(section)),
+                                           tagged.clone())
+    theirs = theirs[..., :half].numpy()  # they repeat the R/2 values for the NeoX halves
+    ours = reference.mrope_select(tagged.numpy(), section, interleaved)
+    np.testing.assert_array_equal(ours, theirs)
+    assert set(np.unique(ours // 1000)) <= {0, 1, 2}
+
+
+def test_mrope_rows_layouts():
+    np.testing.assert_array_equal(reference.mrope_rows((2, 1, 1)), [0, 0, 1, 2])
+    np.testing.assert_array_equal(reference.mrope_rows((2, 3, 2), True), [0, 1, 2, 0, 1, 2, 0])
