@@ -45,7 +45,7 @@ rows.append(("framework_of(q)", per_call(lambda: framework_of(q))))
 rows.append(("fw.fingerprint(q)", per_call(lambda: fw.fingerprint(q))))
 rows.append(("4 fingerprints + sig + dict get", per_call(lambda: launch._prepared.get(
     (fw.fingerprint(q)[0], fw.fingerprint(k)[0], fw.fingerprint(pos)[0], None, None,
-     fw.fingerprint(cache)[0], 128, None, True, True)))))
+     fw.fingerprint(cache)[0], 128, None, True, True, "linear", None, False)))))
 rows.append(("q.data_ptr()", per_call(lambda: q.data_ptr())))
 rows.append(("q.shape", per_call(lambda: q.shape)))
 rows.append(("q.stride()", per_call(lambda: q.stride())))

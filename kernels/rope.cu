@@ -255,8 +255,10 @@ __device__ __forceinline__ void rotate_store_batch(int h0, int num_heads, int ch
   }
 }
 
-// Block size is at most 512 threads (rope_jit/plan.py), so up to 128 registers per thread.
-extern "C" __global__ void __launch_bounds__(512) rope_kernel(const RopeParams p) {
+// Block size is at most 512 threads (rope_jit/plan.py). MIN_BLOCKS (blocks of 512 per SM)
+// caps the registers per thread: 1 allows 128, 2 caps at 64, 3 at 40; fewer registers mean
+// more threads resident per SM, which decides whether a mid-sized grid fits in one wave.
+extern "C" __global__ void __launch_bounds__(512, MIN_BLOCKS) rope_kernel(const RopeParams p) {
   const i64 t = (i64)blockIdx.x * blockDim.z + threadIdx.z;
   const int chunk = threadIdx.x;
   const int group = blockIdx.y * blockDim.y + threadIdx.y;

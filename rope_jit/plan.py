@@ -132,6 +132,7 @@ TUNING = {
     "small_block": 128,     # threads per block, head-parallel problems, cos/sin from a cache
     "small_block_fly": 256, # the same on the fly: fewer blocks recompute the same cos/sin tile
     "prefetch": True,       # software-pipeline the head batches of a thread
+    "min_blocks": 1,        # register cap (kernels/rope.cu __launch_bounds__): 1 = 128 regs
 }
 
 
@@ -338,7 +339,7 @@ def plan_rope(query: ArrayDesc, key: ArrayDesc | None, *, head_size, rotary_dim=
         out_of_place=not inplace, vec=vec, cache_vec=cache_vec, head_batch=head_batch,
         prefetch=prefetch, scaling=scaling if cos_sin_cache is None else "linear",
         mrope_section=mrope_section, mrope_interleaved=bool(mrope_interleaved) and mrope,
-        inverse=bool(inverse))
+        inverse=bool(inverse), min_blocks=int(TUNING["min_blocks"]))
 
     none = _Heads(0, (0, 0), 0)
     k, ko = k or none, ko or none

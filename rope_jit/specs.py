@@ -105,6 +105,7 @@ class RopeSpec:
     mrope_section: tuple | None = None  # (t, h, w) frequency counts: multimodal RoPE
     mrope_interleaved: bool = False     # Qwen3-VL's interleaved sections
     inverse: bool = False      # rotate by the negative angle (the backward of RoPE)
+    min_blocks: int = 1        # __launch_bounds__(512, min_blocks): the register cap
 
     kernel_name = "rope_kernel"
     params = ROPE_PARAMS
@@ -121,7 +122,8 @@ class RopeSpec:
                 f"{'neox' if self.neox else 'gptj'} {cs} {pos} "
                 f"{'out-of-place' if self.out_of_place else 'in-place'} "
                 f"vec {self.vec}/{self.cache_vec} heads/batch {self.head_batch}"
-                f"{' prefetch' if self.prefetch else ''}{' inverse' if self.inverse else ''}")
+                f"{' prefetch' if self.prefetch else ''}{' inverse' if self.inverse else ''}"
+                f"{f' min-blocks {self.min_blocks}' if self.min_blocks != 1 else ''}")
 
     def prelude(self) -> str:
         cache_t = C_TYPE[self.cache_dtype] if self.cache_dtype else "float"
@@ -145,6 +147,7 @@ class RopeSpec:
             f"constexpr bool MROPE = {_c_bool(self.mrope_section is not None)};",
             f"constexpr bool MROPE_INTERLEAVED = {_c_bool(self.mrope_interleaved)};",
             f"constexpr bool INVERSE = {_c_bool(self.inverse)};",
+            f"constexpr int MIN_BLOCKS = {self.min_blocks};",
         ]
         t, h, w = self.mrope_section or (0, 0, 0)
         lines.append(f"constexpr int MROPE_T = {t}, MROPE_H = {h}, MROPE_W = {w};")
