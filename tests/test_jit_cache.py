@@ -1,6 +1,7 @@
 """The on-disk kernel cache of rope_jit.jit (SPEC section 5): compile once, read back,
 detect corruption, tolerate an unusable directory, key on everything that changes the
-binary. ``build`` needs NVRTC (CuPy), not a GPU; those tests are marked ``nvrtc``.
+binary, and stay consistent when processes and threads race on one key. ``build`` needs
+NVRTC (CuPy), not a GPU; those tests are marked ``nvrtc``.
 
 Every test points ROPE_JIT_CACHE_DIR at its own tmp dir and starts with empty in-memory
 tables (jit.clear_memory()).
@@ -8,7 +9,10 @@ tables (jit.clear_memory()).
 
 from __future__ import annotations
 
+import hashlib
+import multiprocessing
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -41,6 +45,15 @@ def _entries(d: Path) -> list:
 
 def _counts():
     return jit.stats.compiles, jit.stats.disk_hits
+
+
+def _files(d: Path) -> list:
+    """Every name in the cache directory, hidden temp and lock files included."""
+    return sorted(os.listdir(d)) if d.is_dir() else []
+
+
+def _runtime_warnings(rec) -> list:
+    return [w for w in rec if issubclass(w.category, RuntimeWarning)]
 
 
 # ------------------------------------------------------------------ no NVRTC needed
@@ -143,8 +156,9 @@ def _truncate(path: Path) -> bytes:
 @pytest.mark.nvrtc
 @pytest.mark.parametrize("damage", [_corrupt_payload, _truncate], ids=["flipped-byte", "truncated"])
 def test_damaged_entry_is_rebuilt(cache_dir, damage):
-    """A corrupt or truncated entry is reported (RuntimeWarning naming the file), rebuilt
-    and rewritten; the damaged bytes are never returned."""
+    """A corrupt or truncated entry is reported (one RuntimeWarning naming the file, though
+    the entry is read twice: before and under the lock), rebuilt and rewritten; the damaged
+    bytes are never returned."""
     good = jit.build(SPEC, ARCH)
     (path,) = _entries(cache_dir)
     damaged = damage(path)
@@ -153,7 +167,8 @@ def test_damaged_entry_is_rebuilt(cache_dir, damage):
     c0, h0 = _counts()
     with pytest.warns(RuntimeWarning, match="corrupt") as rec:
         cubin = jit.build(SPEC, ARCH)
-    assert any(str(path) in str(w.message) for w in rec)
+    (warning,) = _runtime_warnings(rec)
+    assert str(path) in str(warning.message)
     assert _counts() == (c0 + 1, h0)           # compiled again, not a disk hit
     assert cubin[:4] == b"\x7fELF"
     assert cubin not in damaged                 # not the damaged bytes
@@ -186,15 +201,17 @@ def _read_only_dir(tmp_path: Path) -> Path:
 @pytest.mark.nvrtc
 @pytest.mark.parametrize("make_dir", [_under_a_file, _read_only_dir], ids=["non-creatable", "read-only"])
 def test_unusable_cache_dir_degrades_to_memory(tmp_path, monkeypatch, make_dir):
-    """A cache directory that cannot be created or written: one RuntimeWarning naming the
-    directory and the env var, a cubin all the same, and later builds served from memory."""
+    """A cache directory that cannot be created or written: exactly one RuntimeWarning
+    naming the directory and the env var, a cubin all the same, and later builds served
+    from memory."""
     d = make_dir(tmp_path)
     monkeypatch.setenv(jit.ENV_CACHE_DIR, str(d))
     try:
         c0, h0 = _counts()
         with pytest.warns(RuntimeWarning, match=jit.ENV_CACHE_DIR) as rec:
             cubin = jit.build(SPEC, ARCH)
-        assert any(str(d) in str(w.message) for w in rec)
+        (warning,) = _runtime_warnings(rec)
+        assert str(d) in str(warning.message)
         assert cubin[:4] == b"\x7fELF"
         assert _counts() == (c0 + 1, h0)
         with warnings.catch_warnings():
@@ -255,3 +272,216 @@ def test_entry_of_another_key_is_not_used(cache_dir):
     assert _counts() == (c0 + 1, h0)
     meta, _ = jit.unpack_entry((cache_dir / f"{jit.binary_key(SPEC.render(), 'sm_90')}.cubin").read_bytes())
     assert meta["arch"] == "sm_90" and cubin[:4] == b"\x7fELF"
+
+
+@pytest.mark.nvrtc
+def test_entry_under_another_keys_name_is_rebuilt(cache_dir):
+    """An intact entry copied under another key's file name (a botched sync or copy) fails
+    the key check: one warning, rebuilt, its bytes never served for this key."""
+    sm80 = jit.build(SPEC, "sm_80")
+    path90 = cache_dir / f"{jit.binary_key(SPEC.render(), 'sm_90')}.cubin"
+    (path80,) = _entries(cache_dir)
+    path90.write_bytes(path80.read_bytes())
+    jit.clear_memory()
+    c0, h0 = _counts()
+    with pytest.warns(RuntimeWarning, match="another key") as rec:
+        sm90 = jit.build(SPEC, "sm_90")
+    assert len(_runtime_warnings(rec)) == 1
+    assert sm90 != sm80 and _counts() == (c0 + 1, h0)
+    meta, payload = jit.unpack_entry(path90.read_bytes())
+    assert meta["key"] == path90.stem and meta["arch"] == "sm_90" and payload == sm90
+
+
+@pytest.mark.nvrtc
+def test_disk_hit_never_locks_or_writes(cache_dir, monkeypatch):
+    """A pre-warmed cache on a read-only mount works: a hit reads the entry and touches
+    nothing (no lock file, no write), so no warning either."""
+    jit.build(SPEC, ARCH)
+    jit.clear_memory()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a disk hit must not lock or write")
+
+    monkeypatch.setattr(jit, "_entry_lock", forbidden)
+    monkeypatch.setattr(jit, "_write_entry", forbidden)
+    c0, h0 = _counts()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert jit.build(SPEC, ARCH)[:4] == b"\x7fELF"
+    assert _counts() == (c0, h0 + 1)
+
+
+@pytest.mark.nvrtc
+def test_leftover_temp_and_lock_files_are_harmless(cache_dir):
+    """A writer killed mid-write leaves a temp file, a compiler killed while holding the
+    lock leaves a lock file (its flock dies with it): neither blocks a build, neither is
+    taken for an entry, and both are listed as stray files."""
+    key = jit.binary_key(SPEC.render(), ARCH)
+    cache_dir.mkdir(parents=True)
+    temp = cache_dir / ".tmp-crashed.cubin"
+    temp.write_bytes(b"half an entr")
+    lock = cache_dir / f"{key}.cubin.lock"
+    lock.write_bytes(b"")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jit.build(SPEC, ARCH)
+    assert [e.key for e in jit.cache_entries()] == [key]
+    assert jit.stray_files() == [temp]  # the lock file was the build's: removed by it
+    assert not lock.exists()
+
+
+@pytest.mark.nvrtc
+@pytest.mark.parametrize("change", ["options", "nvrtc", "cupy", "rope_jit"])
+def test_changed_option_or_version_compiles_a_new_entry(cache_dir, monkeypatch, change):
+    """A build under other NVRTC options or another NVRTC/CuPy/rope_jit version never
+    loads the existing entry: it compiles and writes a second one."""
+    jit.build(SPEC, ARCH)
+    jit.clear_memory()
+    if change == "options":
+        monkeypatch.setattr(jit, "NVRTC_OPTIONS", (*jit.NVRTC_OPTIONS, "-lineinfo"))
+    elif change == "rope_jit":
+        monkeypatch.setattr(jit, "__version__", "0.0.0-other")
+    else:
+        monkeypatch.setattr(jit, f"{change}_version", lambda: "0.0-other")
+    c0, h0 = _counts()
+    jit.build(SPEC, ARCH)
+    assert _counts() == (c0 + 1, h0)
+    assert len(_entries(cache_dir)) == 2
+
+
+# ------------------------------------------------------------------ races
+
+def _race_worker(cache_dir: str, barrier, results) -> None:
+    """One process of the race: everything but the build happens before the barrier (CuPy
+    import, NVRTC version for the key) so the builds start together."""
+    os.environ[jit.ENV_CACHE_DIR] = cache_dir
+    jit.binary_key(SPEC.render(), ARCH)
+    barrier.wait(timeout=120)
+    cubin = jit.build(SPEC, ARCH)
+    results.put((jit.stats.compiles, jit.stats.disk_hits, hashlib.sha256(cubin).hexdigest()))
+
+
+@pytest.mark.nvrtc
+def test_processes_racing_on_one_key(cache_dir):
+    """Six processes (spawned: fresh interpreters) build one key at the same moment: all
+    succeed with the same binary, exactly one compiles (the others wait on the entry lock
+    and read its entry), and the directory holds one intact entry, no temp or lock file."""
+    n = 6
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_race_worker, args=(str(cache_dir), barrier, results))
+             for _ in range(n)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=240) for _ in range(n)]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert len({digest for *_, digest in outcomes}) == 1
+    assert sum(c for c, _, _ in outcomes) == 1
+    assert sum(h for _, h, _ in outcomes) == n - 1
+    (entry,) = _entries(cache_dir)
+    assert _files(cache_dir) == [entry.name]
+    meta, cubin = jit.unpack_entry(entry.read_bytes())
+    assert hashlib.sha256(cubin).hexdigest() == outcomes[0][2]
+
+
+def _race_threads(n: int, build) -> list:
+    barrier = threading.Barrier(n)
+    results, errors = [None] * n, []
+
+    def run(i):
+        try:
+            barrier.wait(timeout=60)
+            results[i] = build()
+        except BaseException as e:  # re-raised in the test's thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.nvrtc
+def test_threads_racing_on_one_key(cache_dir):
+    """Eight threads build one key together: one compile, every thread gets the very same
+    bytes object, one entry and nothing else on disk."""
+    jit.binary_key(SPEC.render(), ARCH)  # load CuPy/NVRTC outside the race
+    c0, h0 = _counts()
+    results = _race_threads(8, lambda: jit.build(SPEC, ARCH))
+    assert all(r is results[0] for r in results) and results[0][:4] == b"\x7fELF"
+    assert _counts() == (c0 + 1, h0)
+    assert _files(cache_dir) == [f"{jit.binary_key(SPEC.render(), ARCH)}.cubin"]
+
+
+@pytest.mark.nvrtc
+def test_threads_racing_without_a_usable_directory(tmp_path, monkeypatch):
+    """Memory-only (the directory cannot be created), threads racing on one key still
+    compile once, and the process warns exactly once."""
+    monkeypatch.setenv(jit.ENV_CACHE_DIR, str(_under_a_file(tmp_path)))
+    jit.binary_key(SPEC.render(), ARCH)
+    c0, h0 = _counts()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        results = _race_threads(8, lambda: jit.build(SPEC, ARCH))
+    assert all(r is results[0] for r in results)
+    assert _counts() == (c0 + 1, h0)
+    assert len(_runtime_warnings(rec)) == 1
+
+
+@pytest.mark.nvrtc
+def test_threads_building_different_keys(cache_dir):
+    """Threads building different keys at once each get their own intact entry (the
+    per-key locks do not mix them up)."""
+    specs = [RopeSpec(**{**SPEC.__dict__, "head_size": h, "rotary_dim": h}) for h in (32, 64, 96, 128)]
+    jit.binary_key(SPEC.render(), ARCH)
+    c0, _ = _counts()
+    it = iter(range(len(specs)))
+    lock = threading.Lock()
+
+    def build_next():
+        with lock:
+            spec = specs[next(it)]
+        return spec, jit.build(spec, ARCH)
+
+    results = _race_threads(len(specs), build_next)
+    assert jit.stats.compiles == c0 + len(specs)
+    for spec, cubin in results:
+        path = cache_dir / f"{jit.binary_key(spec.render(), ARCH)}.cubin"
+        meta, payload = jit.unpack_entry(path.read_bytes())
+        assert payload == cubin and meta["spec"] == spec.words()
+    assert len(_files(cache_dir)) == len(specs)
+
+
+# ------------------------------------------------------------------ inspection
+
+@pytest.mark.nvrtc
+def test_cache_entries_and_stray_files(cache_dir):
+    """cache_entries lists every entry with its meta (None for a damaged one); files that
+    rope_jit did not name are ignored, even in a shared directory."""
+    jit.build(SPEC, ARCH)
+    jit.build(OTHER, ARCH)
+    cache_dir.joinpath("README.txt").write_text("not ours")
+    cache_dir.joinpath("0" * 40 + ".cubin").write_bytes(b"garbage")
+    entries = {e.key: e for e in jit.cache_entries()}
+    assert len(entries) == 3
+    assert not entries["0" * 40].intact and entries["0" * 40].meta is None
+    intact = sorted(e.meta["spec"] for e in entries.values() if e.intact)
+    assert intact == sorted([SPEC.words(), OTHER.words()])
+    assert all(e.size == e.path.stat().st_size for e in entries.values())
+    assert jit.stray_files() == []
+
+
+def test_unwritable_reason(tmp_path):
+    """None for a writable (even not yet existing) directory, which it creates and leaves
+    empty; a reason for one that cannot exist."""
+    d = tmp_path / "new" / "cache"
+    assert jit.unwritable_reason(d) is None
+    assert d.is_dir() and _files(d) == []
+    reason = jit.unwritable_reason(_under_a_file(tmp_path))
+    assert reason and "NotADirectoryError" in reason

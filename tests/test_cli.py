@@ -1,0 +1,396 @@
+"""The ``rope-jit`` command (rope_jit.cli): doctor, cache list, cache clear, warm. Run
+in-process through main(argv) (exit status returned), plus real subprocesses of
+``python -m rope_jit``. Expected faults must be one line on stderr with the documented
+exit status, never a traceback."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from rope_jit import __version__, cli, jit, warm
+
+from conftest import HAS_GPU
+
+LLAMA_ARGS = ["--heads", "32", "8", "--head-size", "128", "--rotary-dim", "128",
+              "--dtype", "bfloat16", "--cache-dtype", "float32", "--style", "neox"]
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setenv(jit.ENV_CACHE_DIR, str(d))
+    jit.clear_memory()
+    yield d
+    jit.clear_memory()
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _python(code: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def _assert_one_line_error(err: str, *fragments: str) -> None:
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("rope-jit"), err
+    for f in fragments:
+        assert f in lines[0], (f, err)
+
+
+def _under_a_file(tmp_path: Path) -> Path:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory's parent should be")
+    return blocker / "cache"
+
+
+# ------------------------------------------------------------------ doctor
+
+def test_doctor(capsys, cache_dir):
+    """Versions, GPUs ('no GPU' said plainly on a machine without one), torch, the cache
+    directory, its entries and whether it is writable; 'ok' and exit 0 when NVRTC works
+    and the directory is writable."""
+    code, out, err = run_cli(capsys, "doctor")
+    labels = [line.split("  ")[0] for line in out.splitlines() if line[:1].strip()]
+    for label in ("rope_jit", "Python", "NumPy", "CuPy", "NVRTC", "CUDA runtime", "CUDA driver",
+                  "GPUs", "torch", "cache dir", "cache entries", "cache writable"):
+        assert label in labels, (label, out)
+    assert f"rope_jit        {__version__}" in out
+    assert f"{cache_dir} (from {jit.ENV_CACHE_DIR})" in out
+    assert "cache entries   0, 0 B" in out and "cache writable  yes" in out
+    if not HAS_GPU:
+        assert "GPUs            no GPU" in out
+    else:
+        assert ", sm_" in out and " SMs, " in out
+    assert out.rstrip().endswith("\nok") and code == 0 and err == ""
+
+
+@pytest.mark.nvrtc
+def test_doctor_counts_entries(capsys, cache_dir):
+    jit.build(warm.specs_for_call(warm.model_call("phi-2"), max_tokens=1)[0], "sm_90")
+    size = sum(p.stat().st_size for p in cache_dir.iterdir())
+    code, out, _ = run_cli(capsys, "doctor")
+    assert code == 0
+    assert f"cache entries   1, {size / 1024:.1f} KiB" in out
+
+
+def test_doctor_reports_an_unwritable_directory(capsys, tmp_path, monkeypatch):
+    d = _under_a_file(tmp_path)
+    monkeypatch.setenv(jit.ENV_CACHE_DIR, str(d))
+    code, out, _ = run_cli(capsys, "doctor")
+    assert code == cli.EXIT_FAILED
+    assert "cache writable  no (NotADirectoryError" in out
+    assert out.rstrip().splitlines()[-1].startswith("problems: the cache directory is not writable")
+
+
+def test_doctor_without_cupy():
+    """Without CuPy doctor still runs: it says so, and exits 1 (nothing can compile)."""
+    r = _python("""
+        import sys
+        sys.modules['cupy'] = None
+        from rope_jit.cli import main
+        sys.exit(main(['doctor']))
+    """)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "CuPy            not installed" in r.stdout
+    assert "GPUs            unknown (CuPy is not installed)" in r.stdout
+    assert "problems: CuPy is missing" in r.stdout
+
+
+def test_python_m_rope_jit_doctor_subprocess(cache_dir):
+    """The real entry point in a fresh process: `python -m rope_jit doctor`."""
+    env = dict(os.environ, **{jit.ENV_CACHE_DIR: str(cache_dir)})
+    r = subprocess.run([sys.executable, "-m", "rope_jit", "doctor"], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith(f"rope_jit        {__version__} (")
+    assert str(cache_dir) in r.stdout and r.stdout.rstrip().endswith("ok")
+
+
+def test_python_m_rope_jit_usage_error_subprocess():
+    r = subprocess.run([sys.executable, "-m", "rope_jit", "warm", "--arch", "hopper",
+                        "--model", "llama3-8b"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == cli.EXIT_USAGE and r.stdout == ""
+    _assert_one_line_error(r.stderr, "rope-jit warm: error:", "'hopper'")
+
+
+def test_help_and_version(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0 and "doctor" in out and "cache" in out and "warm" in out
+    code, out, _ = run_cli(capsys, "warm", "--help")
+    assert code == 0 and "--arch" in out and "--max-tokens" in out
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"rope_jit {__version__}"
+
+
+# ------------------------------------------------------------------ warm
+
+@pytest.mark.nvrtc
+def test_warm_list_clear_round_trip(capsys, cache_dir):
+    """warm compiles the planner's kernels for the shape (listing them, then a summary),
+    cache list shows one line per entry with arch, size, age and the spec in words, cache
+    clear removes them and says how many."""
+    code, out, err = run_cli(capsys, "warm", "--arch", "sm_90", *LLAMA_ARGS)
+    assert code == 0, err
+    assert err == ""  # no progress bar: stderr is not a terminal here
+    expected = warm.specs_for_call(warm.model_call("llama3-8b"), sm_counts=warm.sm_counts_for("sm_90"))
+    *listed, summary = out.strip().splitlines()
+    assert listed == [s.words() for s in expected]
+    assert summary.startswith(f"{len(expected)} kernels x 1 arch (sm_90): compiled {len(expected)}, "
+                              "already cached 0, in ")
+    assert summary.endswith(f"-> {cache_dir}")
+    code, out, _ = run_cli(capsys, "cache", "list")
+    header, *rows, footer = out.strip().splitlines()
+    assert code == 0 and header.split() == ["KEY", "ARCH", "SIZE", "AGE", "KERNEL"]
+    assert len(rows) == len(expected)
+    for spec in expected:
+        (row,) = [r for r in rows if r.endswith(spec.words())]
+        key, arch, size, unit, age, age_unit = row.split()[:6]
+        assert arch == "sm_90" and unit == "KiB" and age_unit == "s" and len(key) == 12
+    assert footer.startswith(f"{len(expected)} entries, ") and footer.endswith(str(cache_dir))
+    code, out, _ = run_cli(capsys, "cache", "clear")
+    assert code == 0
+    assert out.startswith(f"removed {len(expected)} entries (") and "0 stray temp/lock files" in out
+    assert list(cache_dir.iterdir()) == []
+    code, out, _ = run_cli(capsys, "cache", "list")
+    assert out.strip() == f"no entries in {cache_dir}"
+
+
+@pytest.mark.nvrtc
+def test_warm_several_archs_and_modes_then_again(capsys, cache_dir):
+    """Every combination of the multi-valued options is warmed, for each arch; warming
+    again compiles nothing; --quiet prints the summary line only."""
+    argv = ["warm", "--arch", "sm_80", "--arch", "sm_90", "--model", "phi-2", "--tp", "2",
+            "--cache-dtype", "float32", "on-the-fly", "--positions", "positions", "indptr",
+            "--positions-kernel", "--index-dtype", "int32", "--quiet"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and err == ""
+    (summary,) = out.strip().splitlines()
+    n_kernels = int(summary.split()[0])
+    specs = {e.meta["spec"] for e in jit.cache_entries()}
+    assert len(jit.cache_entries()) == 2 * n_kernels
+    assert {e.meta["arch"] for e in jit.cache_entries()} == {"sm_80", "sm_90"}
+    assert "positions_from_offsets int32" in specs
+    assert any("on the fly indptr+offsets int32" in s for s in specs)
+    assert any("float32 cache positions int32" in s for s in specs)
+    assert all("head 80 rotary 32" in s for s in specs if s.startswith("rope"))
+    assert f"compiled {2 * n_kernels}, already cached 0" in summary
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0 and f"compiled 0, already cached {2 * n_kernels}" in out
+
+
+def _run_in_terminal(argv, env) -> str:
+    """Output of `python -m rope_jit ARGV` run on a pseudo-terminal of 40 x 120 (tqdm
+    shows no bar on a terminal of zero rows)."""
+    pty = pytest.importorskip("pty")
+    import fcntl
+    import struct
+    import termios
+
+    try:
+        controller, terminal = pty.openpty()
+    except OSError as e:  # a container without /dev/ptmx
+        pytest.skip(f"no pseudo-terminal here: {e}")
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "rope_jit", *argv], env=env,
+                            stdin=terminal, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(controller)
+    assert proc.wait(timeout=300) == 0, out
+    return out.decode(errors="replace")
+
+
+@pytest.mark.nvrtc
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
+def test_progress_bar_on_a_terminal_only(cache_dir):
+    """On a terminal warm shows a tqdm bar counting every (kernel, arch); --quiet hides it
+    (and a pipe never shows it: see test_warm_list_clear_round_trip)."""
+    env = dict(os.environ, **{jit.ENV_CACHE_DIR: str(cache_dir)})
+    argv = ["warm", "--arch", "sm_80", "sm_90", "--model", "phi-2", "--max-tokens", "1"]
+    shown = _run_in_terminal(argv, env)
+    assert "compiling: 100%" in shown and "2/2" in shown, shown
+    quiet = _run_in_terminal([*argv[:-2], "--max-tokens", "2", "--quiet"], env)
+    assert "compiling" not in quiet and "already cached 2" in quiet, quiet
+
+
+def test_warm_dry_run_compiles_nothing(capsys, cache_dir):
+    """--dry-run lists the kernels and writes nothing (and needs no NVRTC)."""
+    c0 = jit.stats.compiles
+    code, out, _ = run_cli(capsys, "warm", "--arch", "sm_90", "sm_80", "--model", "deepseek-v3",
+                           "--cache-dtype", "on-the-fly", "--dry-run")
+    *listed, summary = out.strip().splitlines()
+    assert code == 0 and listed and all(s.startswith("rope bfloat16 head 64 rotary 64 gptj on the fly")
+                                        for s in listed)
+    assert summary == (f"{len(listed)} kernels x 2 archs (sm_90, sm_80): {2 * len(listed)} "
+                       "entries; nothing compiled (--dry-run)")
+    assert jit.stats.compiles == c0 and not cache_dir.exists()
+
+
+@pytest.mark.nvrtc
+def test_warm_named_spec(capsys, cache_dir):
+    """--spec names a RopeSpec directly by its fields."""
+    spec = warm.specs_for_call(warm.model_call("llama3-8b"), max_tokens=1)[0]
+    fields = json.dumps(dataclasses.asdict(spec))  # mrope_section, if any: a list in JSON
+    code, out, err = run_cli(capsys, "warm", "--arch", "sm_90", "--spec", fields, "--quiet")
+    assert code == 0, err
+    (entry,) = jit.cache_entries()
+    assert entry.meta["spec"] == spec.words()
+
+
+@pytest.mark.parametrize("argv, status, fragments", [
+    (["warm", "--arch", "hopper", "--model", "llama3-8b"], 2, ["argument --arch", "'hopper'"]),
+    (["warm", "--arch", "sm_90", "--model", "llama3-8b", "--dtype", "fp8"], 2, ["--dtype", "'fp8'"]),
+    (["warm", "--arch", "sm_90", "--model", "llama3-9b"], 2, ["--model", "llama3-9b"]),
+    (["warm", "--arch", "sm_90", "--cache-dtype", "int8", "--model", "phi-2"], 2, ["--cache-dtype"]),
+    (["warm", "--arch", "sm_90", "--model", "llama3-8b", "--tp", "3"], 2, ["32 q heads", "3 ranks"]),
+    (["warm", "--arch", "sm_90", "--heads", "8", "2"], 2, ["--head-size"]),
+    (["warm", "--arch", "sm_90", "--heads", "0", "2", "--head-size", "64"], 2, ["Q >= 1"]),
+    (["warm", "--arch", "sm_90", "--model", "phi-2", "--heads", "8", "2"], 2, ["not both"]),
+    (["warm", "--arch", "sm_90", "--heads", "8", "2", "--head-size", "64", "--rotary-dim", "128"],
+     2, ["exceeds head_size 64"]),
+    (["warm", "--arch", "sm_90", "--model", "phi-2", "--plan-arg", "no_such_knob=1"], 2,
+     ["no_such_knob"]),
+    (["warm", "--arch", "sm_90", "--model", "phi-2", "--plan-arg", "=1"], 2, ["NAME=VALUE"]),
+    (["warm", "--arch", "sm_90", "--spec", '{"head_size": 64}'], 2, ["--spec", "missing"]),
+    (["warm", "--arch", "sm_90", "--spec", "not json"], 2, ["--spec"]),
+    (["warm", "--arch", "sm_90"], 2, ["nothing to warm"]),
+    (["warm", "--model", "phi-2"], 2, ["--arch"]),
+    (["warm", "--arch", "sm_90", "--model", "phi-2", "--max-tokens", "0"], 2, ["--max-tokens"]),
+    (["cache"], 2, ["ACTION"]),
+    (["frobnicate"], 2, ["invalid choice"]),
+])
+def test_usage_errors_are_one_line(capsys, argv, status, fragments):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == status
+    _assert_one_line_error(err, *fragments)
+
+
+@pytest.mark.nvrtc
+def test_warm_unsupported_arch(capsys):
+    """An arch NVRTC cannot compile for: usage error listing what it supports."""
+    code, _, err = run_cli(capsys, "warm", "--arch", "sm_12", "--model", "phi-2")
+    assert code == cli.EXIT_USAGE
+    _assert_one_line_error(err, "cannot compile for sm_12", "sm_90")
+
+
+@pytest.mark.nvrtc
+def test_warm_unwritable_directory(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv(jit.ENV_CACHE_DIR, str(_under_a_file(tmp_path)))
+    c0 = jit.stats.compiles
+    code, _, err = run_cli(capsys, "warm", "--arch", "sm_90", "--model", "phi-2", "--quiet")
+    assert code == cli.EXIT_FAILED and jit.stats.compiles == c0
+    _assert_one_line_error(err, "not writable", jit.ENV_CACHE_DIR)
+
+
+def test_warm_without_nvrtc(capsys, monkeypatch):
+    """NVRTC missing (here: its loader raising as it does without CuPy): exit 1, one line
+    naming the install extra."""
+    def missing():
+        raise ImportError("rope_jit needs CuPy for this: install `pip install rope_jit[cuda12]`\nmore")
+
+    monkeypatch.setattr(jit, "nvrtc_module", missing)
+    code, _, err = run_cli(capsys, "warm", "--arch", "sm_90", "--model", "phi-2")
+    assert code == cli.EXIT_FAILED
+    _assert_one_line_error(err, "NVRTC is not usable", "rope_jit[cuda12]")
+
+
+def test_warm_without_cupy_subprocess():
+    r = _python("""
+        import sys
+        sys.modules['cupy'] = None
+        from rope_jit.cli import main
+        sys.exit(main(['warm', '--arch', 'sm_90', '--model', 'phi-2']))
+    """)
+    assert r.returncode == cli.EXIT_FAILED
+    _assert_one_line_error(r.stderr, "NVRTC is not usable", "cupy")
+
+
+@pytest.mark.nvrtc
+def test_warm_compile_error(capsys, monkeypatch):
+    """A kernel that fails to compile: exit 1 with NVRTC's message, no traceback."""
+    def failing(*args, **kwargs):
+        raise jit.CompileError("NVRTC failed for sm_90: injected failure")
+
+    monkeypatch.setattr(jit, "compile_cubin", failing)
+    code, _, err = run_cli(capsys, "warm", "--arch", "sm_90", "--model", "phi-2", "--quiet")
+    assert code == cli.EXIT_FAILED
+    _assert_one_line_error(err, "injected failure")
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the message of a machine without a GPU")
+def test_warm_native_without_gpu(capsys):
+    code, _, err = run_cli(capsys, "warm", "--arch", "native", "--model", "phi-2")
+    assert code == cli.EXIT_USAGE
+    _assert_one_line_error(err, "no GPU is visible")
+
+
+# ------------------------------------------------------------------ cache list / clear
+
+@pytest.mark.nvrtc
+def test_cache_list_marks_stale_and_damaged_and_clear_stale(capsys, cache_dir, monkeypatch):
+    """Entries of another rope_jit version and damaged files are marked in the list;
+    clear --stale removes exactly those; files that are not rope_jit's stay."""
+    phi = warm.specs_for_call(warm.model_call("phi-2"), max_tokens=1)[0]
+    jit.build(phi, "sm_90")
+    monkeypatch.setattr(jit, "__version__", "9.9.9")  # as if the package were upgraded
+    jit.build(phi, "sm_90")                            # a current entry under the new key
+    damaged = cache_dir / ("f" * 40 + ".cubin")
+    damaged.write_bytes(b"not an entry")
+    keep = cache_dir / "notes.txt"
+    keep.write_text("the user's")
+    code, out, _ = run_cli(capsys, "cache", "list")
+    rows = out.strip().splitlines()[1:-1]
+    assert code == 0 and len(rows) == 3
+    assert sum("[stale: rope_jit 0.1.0, this install 9.9.9]" in r for r in rows) == 1
+    assert sum(r.startswith("ffffffffffff") and "[damaged]" in r for r in rows) == 1
+    assert sum(r.endswith(phi.words()) for r in rows) == 1  # the current one, unmarked
+    code, out, _ = run_cli(capsys, "cache", "clear", "--stale")
+    assert code == 0 and out.startswith("removed 2 stale or damaged entries")
+    (left,) = jit.cache_entries()
+    assert left.meta["rope_jit"] == "9.9.9" and keep.exists()
+
+
+@pytest.mark.nvrtc
+def test_cache_clear_removes_stray_files_only_ours(capsys, cache_dir):
+    jit.build(warm.specs_for_call(warm.model_call("phi-2"), max_tokens=1)[0], "sm_90")
+    (cache_dir / ".tmp-abc123.cubin").write_bytes(b"partial")
+    (cache_dir / ("a" * 40 + ".cubin.lock")).write_bytes(b"")
+    (cache_dir / "notes.txt").write_text("the user's")
+    (cache_dir / "abc.cubin").write_bytes(b"not a key name")
+    code, out, _ = run_cli(capsys, "cache", "clear")
+    assert code == 0
+    assert out.startswith("removed 1 entry (") and "and 2 stray temp/lock files" in out
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["abc.cubin", "notes.txt"]
+
+
+def test_cache_clear_and_list_of_a_missing_directory(capsys, cache_dir):
+    code, out, _ = run_cli(capsys, "cache", "list")
+    assert code == 0 and out.strip() == f"no entries in {cache_dir}"
+    code, out, _ = run_cli(capsys, "cache", "clear")
+    assert code == 0 and out.strip() == (f"removed 0 entries (0 B) and 0 stray temp/lock files "
+                                         f"from {cache_dir}")
+    assert not cache_dir.exists()
