@@ -82,6 +82,7 @@ sys.path.insert(0, str(HERE))  # timing.py
 
 import rope_jit  # noqa: E402
 from rope_jit import reference  # noqa: E402
+from rope_jit.scaling import resolve_rope_scaling  # noqa: E402
 from timing import buffer_sets, copy_bandwidth, time_calls, time_calls_eager  # noqa: E402
 
 MAX_POSITION = 100_000          # positions uniform in [0, MAX_POSITION); rows of every cache
@@ -299,6 +300,7 @@ class Impl:
     tolerance: str               # key of TOLERANCES
     eager_fallback: bool = False  # time eagerly when CUDA-graph capture fails
     about: str = ""
+    variant: str | None = None   # key of FLY_VARIANTS: an on-the-fly scaling variant
 
     @property
     def cache_itemsize(self) -> int:
@@ -318,6 +320,24 @@ def _rope_jit_on_the_fly(ctx: ShapeContext, tokens: int) -> ApplyFn:
     # rope_theta left at its default, 1e4 == ROPE_THETA
     return lambda pos, q, k: rope_jit.apply_rope_pos_ids_inplace(
         q, k, pos, rotary_dim=rotary_dim, interleave=interleave)
+
+
+# On-the-fly scaling variants (issue: they must run at the speed of plain on-the-fly RoPE).
+FLY_VARIANTS = {
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "yarn": {"rope_type": "yarn", "factor": 40.0, "beta_fast": 32, "beta_slow": 1,
+             "mscale": 1.0, "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096},
+}
+
+
+def _rope_jit_fly_variant(name: str):
+    def prepare(ctx: ShapeContext, tokens: int) -> ApplyFn:
+        rotary_dim, interleave = ctx.shape.rotary_dim, not ctx.shape.is_neox
+        rs = FLY_VARIANTS[name]
+        return lambda pos, q, k: rope_jit.apply_rope_pos_ids_inplace(
+            q, k, pos, rotary_dim=rotary_dim, interleave=interleave, rope_scaling=rs)
+    return prepare
 
 
 def _flashinfer(kind: str):
@@ -397,6 +417,7 @@ def probe_optional() -> tuple[dict, dict]:
 
 
 IMPL_ORDER = ("rope_jit/cache_fp32", "rope_jit/cache_bf16", "rope_jit/on_the_fly",
+              "rope_jit/fly_llama3", "rope_jit/fly_yarn",
               "flashinfer/cache_fp32", "flashinfer/on_the_fly", "torch_eager", "torch_compile",
               "liger_kernel", "vllm/rotary_embedding", "copy")
 
@@ -409,6 +430,10 @@ def build_impls(flashinfer, optional: dict) -> list[Impl]:
              about="apply_rope_inplace_with_cache, bf16 cache"),
         Impl("rope_jit/on_the_fly", _rope_jit_on_the_fly, None, "fp32",
              about="apply_rope_pos_ids_inplace"),
+        Impl("rope_jit/fly_llama3", _rope_jit_fly_variant("llama3"), None, "fp32",
+             about="apply_rope_pos_ids_inplace, rope_scaling llama3 (factor 8)", variant="llama3"),
+        Impl("rope_jit/fly_yarn", _rope_jit_fly_variant("yarn"), None, "fp32",
+             about="apply_rope_pos_ids_inplace, rope_scaling yarn (DeepSeek-V3's)", variant="yarn"),
     ]
     if flashinfer is not None:
         impls += [
@@ -495,20 +520,26 @@ class CheckCase:
     k_host: np.ndarray
     refs: dict = field(default_factory=dict)
 
-    def reference(self, cache_dtype: str | None, host_caches: dict):
+    def reference(self, cache_dtype: str | None, host_caches: dict, variant: str | None = None):
         """(ref_q, ref_k, |angle| per rotary element [T, 1, R]) for this cos/sin source."""
-        if cache_dtype not in self.refs:
+        key = (cache_dtype, variant)
+        if key not in self.refs:
             s = self.shape
             inv_freq = reference.inv_frequencies(s.rotary_dim, ROPE_THETA)
-            if cache_dtype is None:
+            if variant is not None:
+                scaled = resolve_rope_scaling(FLY_VARIANTS[variant], s.rotary_dim, base=ROPE_THETA)
+                inv_freq = scaled.inv_freq
+                cos, sin = reference.cos_sin(self.pos_host, inv_freq)
+                cos, sin = cos * scaled.attention_factor, sin * scaled.attention_factor
+            elif cache_dtype is None:
                 cos, sin = reference.cos_sin(self.pos_host, inv_freq)
             else:  # exactly the rounded values the implementation reads
                 cos, sin = reference.cos_sin_from_cache(host_caches[cache_dtype], self.pos_host)
             angle = pair_layout(np.abs(self.pos_host[:, None] * inv_freq), s.is_neox)[:, None, :]
-            self.refs[cache_dtype] = (reference.apply_rotary(self.q_host, cos, sin, s.is_neox),
-                                      reference.apply_rotary(self.k_host, cos, sin, s.is_neox),
-                                      angle)
-        return self.refs[cache_dtype]
+            self.refs[key] = (reference.apply_rotary(self.q_host, cos, sin, s.is_neox),
+                              reference.apply_rotary(self.k_host, cos, sin, s.is_neox),
+                              angle)
+        return self.refs[key]
 
 
 def make_check_case(shape: Shape, tokens: int, device: torch.device) -> CheckCase:
@@ -549,7 +580,7 @@ def check_impl(impl: Impl, apply: ApplyFn, ctx: ShapeContext, case: CheckCase) -
     q, k, pos = case.q.clone(), case.k.clone(), case.pos.clone()
     apply(pos, q, k)
     synchronize(ctx.device)
-    ref_q, ref_k, angle = case.reference(impl.cache_dtype, ctx.host_caches)
+    ref_q, ref_k, angle = case.reference(impl.cache_dtype, ctx.host_caches, impl.variant)
     tol_fn = TOLERANCES[impl.tolerance][1]
     parts = [compare("q", to_float64(q), case.q_host, ref_q, angle, ctx.shape, tol_fn),
              compare("k", to_float64(k), case.k_host, ref_k, angle, ctx.shape, tol_fn)]

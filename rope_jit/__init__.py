@@ -26,11 +26,16 @@ from .api import (
 from .arrays import ArrayDesc
 from .cos_sin_cache import compute_cos_sin_cache
 from .jit import CompileError
+from .rotary_embedding import MRotaryEmbedding, RotaryEmbedding, get_rope, rope_from_hf_config
+from .scaling import RopeScaling, resolve_rope_scaling
 
 __all__ = [
     "__version__",
     "ArrayDesc",
     "CompileError",
+    "MRotaryEmbedding",
+    "RopeScaling",
+    "RotaryEmbedding",
     "apply_llama31_rope",
     "apply_llama31_rope_inplace",
     "apply_llama31_rope_pos_ids",
@@ -47,5 +52,8 @@ __all__ = [
     "apply_rope_with_cos_sin_cache",
     "apply_rope_with_cos_sin_cache_inplace",
     "compute_cos_sin_cache",
+    "get_rope",
     "positions_from_offsets",
+    "resolve_rope_scaling",
+    "rope_from_hf_config",
 ]

@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
-import numpy as np
-
-from . import reference
 from .arrays import FLOAT_DTYPES, dtype_name, framework_of
 
+_DEFAULT_BASE = 10000.0
 
-def compute_cos_sin_cache(rotary_dim: int, max_position: int, base: float = 10000.0,
-                          dtype="float32", like=None):
-    """The default RoPE cache, computed in float64 and rounded once to `dtype`.
 
-    Returns a host NumPy array ``[max_position, rotary_dim]``, or, with ``like=`` an array of
-    any supported framework, an array of that framework on that array's device.
+def compute_cos_sin_cache(rotary_dim: int, max_position: int, base: float = _DEFAULT_BASE,
+                          dtype="float32", rope_scaling=None, like=None):
+    """The RoPE cache of any variant, computed in float64 and rounded once to `dtype`.
+
+    Returns a host NumPy array ``[rows, width]``, or, with ``like=`` an array of any
+    supported framework, an array of that framework on that array's device.
     `dtype` may be a name ('float32', 'bfloat16', 'float16') or a torch/NumPy dtype.
+
+    Without ``rope_scaling``: plain RoPE, ``[max_position, rotary_dim]``.
+
+    ``rope_scaling``: a HuggingFace-style dict (``rope_type`` default, linear, dynamic, yarn,
+    deepseek_yarn, llama3, longrope, proportional, with its parameters; see
+    ``rope_jit.scaling``). Every cos and sin is multiplied by the variant's attention
+    factor. Rows and width follow vLLM's classes: ``width = int(rotary_dim *
+    partial_rotary_factor)`` (the whole ``rotary_dim`` for proportional); rows
+    ``max_position`` for default/llama3/proportional/dynamic (dynamic: transformers'
+    frequencies at its original length; ``rope_jit.get_rope`` follows longer sequences),
+    ``ceil(max_position * factor)`` for linear, ``max(ceil(original * factor),
+    max_position)`` for yarn and deepseek_yarn, ``original + max_position`` for longrope
+    (short table in rows ``[0, original)``, long table after it: a batch whose largest
+    position is ``>= original`` reads row ``original + p``), at least ``4 * max_position``
+    with an ``mrope_section``. A ``rope_theta`` in the dict replaces the default ``base``;
+    an explicit ``base`` that disagrees with it raises ValueError.
     """
     name = dtype_name(dtype)
     if name not in FLOAT_DTYPES:
@@ -27,7 +42,13 @@ def compute_cos_sin_cache(rotary_dim: int, max_position: int, base: float = 1000
         raise TypeError(f"base: expected a number, got {type(base).__name__}")
     if not (0 < base < float("inf")) or base == 1:
         raise ValueError(f"base: expected a finite number > 0 and != 1, got {base!r}")
-    host = reference.round_to(reference.cos_sin_cache(rotary_dim, max_position, base=base), name)
-    if like is None:
-        return host
-    return framework_of(like, "like").from_host(host, like)
+    if like is not None:
+        framework_of(like, "like")  # an unsupported `like` fails before any work
+    from .scaling import resolve_rope_scaling
+
+    explicit = base
+    if rope_scaling is not None and getattr(rope_scaling, "get", None) is not None \
+            and rope_scaling.get("rope_theta") is not None and base == _DEFAULT_BASE:
+        explicit = None  # the default: the dict's rope_theta applies
+    scaling = resolve_rope_scaling(rope_scaling, rotary_dim, explicit, max_position)
+    return scaling.cos_sin_cache(name, like=like)
