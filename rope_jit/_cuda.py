@@ -81,6 +81,32 @@ def pointer_device(ptr: int) -> int:
     return attrs.device
 
 
+class _StreamHandle:
+    """A raw cudaStream_t seen through the CUDA stream protocol (``__cuda_stream__``)."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)  # (protocol version, handle)
+
+
+def external_stream(ptr: int):
+    """A CuPy Stream over a stream rope_jit does not own (torch's, a producer's).
+
+    CuPy 14 deprecated ``cupy.cuda.ExternalStream(ptr)`` (a DeprecationWarning on every
+    call) in favour of ``Stream.from_external(obj)``, which takes any object with
+    ``__cuda_stream__``; older CuPy has only ExternalStream. The stream is not owned:
+    the caller's framework keeps it alive."""
+    cp = cupy_module()
+    from_external = getattr(cp.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        return from_external(_StreamHandle(ptr))
+    return cp.cuda.ExternalStream(ptr)
+
+
 def wait_for_producer_stream(stream, device: int) -> None:
     """__cuda_array_interface__ v3: order our stream after the producer's, on the device."""
     if stream is None or device < 0:
@@ -88,12 +114,13 @@ def wait_for_producer_stream(stream, device: int) -> None:
     cp = cupy_module()
     with cp.cuda.Device(device):
         ours = cp.cuda.get_current_stream()
-        if stream in (1, 2):  # legacy / per-thread default stream
+        if stream == 1:  # CAI's legacy default stream: CuPy's null stream, handle 0
             stream = 0
+        # 2 (per-thread default stream) is the runtime's cudaStreamPerThread handle as is
         if stream == ours.ptr:
             return
         event = cp.cuda.Event(disable_timing=True)
-        event.record(cp.cuda.ExternalStream(stream))
+        event.record(external_stream(stream))
         ours.wait_event(event)
 
 

@@ -59,6 +59,17 @@ def _last_dim(q) -> int:
 _variants: dict = {}
 
 
+def _constant_for_dynamo(fn):
+    """What ``torch.compiler.assume_constant_result`` does (it sets this one attribute),
+    without importing torch: under torch.compile, Dynamo calls `fn` at trace time on its
+    constant arguments and bakes the result into the graph instead of tracing into it
+    (resolving a rope_scaling dict runs NumPy, and the memo below hashes a tuple, neither
+    of which Dynamo traces without a graph break in every torch version). Valid because
+    `fn`'s result depends on its arguments only."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def _on_the_fly(q, rotary_dim, rope_scale, rope_theta, variant=None, rope_scaling=None):
     """run_rope's on_the_fly tuple; `rope_scaling` (a HuggingFace-style dict) is resolved
     once per distinct dict contents and rotary dim."""
@@ -68,6 +79,13 @@ def _on_the_fly(q, rotary_dim, rope_scale, rope_theta, variant=None, rope_scalin
     if rope_scale != 1.0:
         raise ValueError(f"rope_scale: must be 1.0 when rope_scaling is given (its factor "
                          f"scales the frequencies), got {rope_scale!r}")
+    theta, scale, variant = _resolve_fly(rope_scaling, rot, rope_theta)
+    return (rot, theta, scale, variant)
+
+
+@_constant_for_dynamo
+def _resolve_fly(rope_scaling, rot: int, rope_theta) -> tuple:
+    """_fly_variant, memoized by the dict's contents (when hashable)."""
     try:
         key = (tuple(sorted(rope_scaling.items())), rot, rope_theta)
         hash(key)
@@ -78,8 +96,7 @@ def _on_the_fly(q, rotary_dim, rope_scale, rope_theta, variant=None, rope_scalin
         got = _fly_variant(rope_scaling, rot, rope_theta)
         if key is not None:
             _variants[key] = got
-    theta, scale, variant = got
-    return (rot, theta, scale, variant)
+    return got
 
 
 FLY_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "deepseek_yarn")

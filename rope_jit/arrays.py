@@ -104,6 +104,10 @@ class Framework:
     def mutable(self, obj) -> bool:
         return not self.describe(obj).readonly
 
+    def device_of(self, obj, name: str = "array") -> int:
+        """The device ordinal (HOST for host memory), from metadata only where possible."""
+        return self.describe(obj).device
+
     def stream(self, device: int) -> int:
         from ._cuda import cupy_stream
 
@@ -144,6 +148,9 @@ class TorchFramework(Framework):
         self._to_torch = {v: k for k, v in self._dtypes.items()}
         get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
         self._raw_stream = get_stream or (lambda d: torch.cuda.current_stream(d).cuda_stream)
+        from . import launch
+
+        launch.bind_torch(self)  # torch.library ops for torch.compile and autograd
 
     def describe(self, t) -> ArrayDesc:
         dev = t.device
@@ -238,8 +245,8 @@ class CudaArrayInterfaceFramework(Framework):
 
     def from_cupy(self, arr, like):
         mod = sys.modules.get("numba.cuda")
-        if mod is not None and type(like).__module__.startswith("numba"):
-            return mod.as_cuda_array(arr)
+        if mod is not None and type(like).__module__.split(".")[0] in ("numba", "numba_cuda"):
+            return mod.as_cuda_array(arr)  # a Numba DeviceNDArray over the CuPy memory
         return arr
 
 
@@ -262,12 +269,29 @@ class DLPackFramework(Framework):
     def mutable(self, obj) -> bool:
         return not _is_jax(obj)
 
+    def device_of(self, obj, name: str = "array") -> int:
+        """From ``__dlpack_device__`` (no export: the view is made later, on that device)."""
+        dev = getattr(obj, "__dlpack_device__", None)
+        if dev is None:
+            return self.describe(obj).device
+        kind, index = dev()
+        if kind in (_DL_CUDA, _DL_CUDA_MANAGED):
+            return int(index)
+        if kind in (_DL_CPU, _DL_CUDA_HOST):
+            return HOST
+        raise TypeError(f"{name}: expected a CUDA device array, got DLPack device type "
+                        f"{int(kind)} (CUDA is {_DL_CUDA})")
+
     def from_cupy(self, arr, like):
         if _is_jax(like):
             import jax.numpy as jnp
 
             return jnp.from_dlpack(arr)
         return arr
+
+
+# DLPack device types (dlpack.h DLDeviceType)
+_DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
 
 
 def _is_jax(obj) -> bool:
@@ -286,13 +310,15 @@ def _resolve(obj) -> Framework:
     global _TORCH
     cls = type(obj)
     root = cls.__module__.split(".")[0]
-    if root == "torch":
-        import torch
-
-        if isinstance(obj, torch.Tensor):
-            if _TORCH is None:
-                _TORCH = TorchFramework()
-            return _TORCH
+    torch = sys.modules.get("torch")  # a tensor implies torch is imported; never import it
+    if torch is not None and isinstance(obj, torch.Tensor):  # subclasses too (Parameter, ...)
+        if _TORCH is None:
+            _TORCH = TorchFramework()
+        return _TORCH
+    if root in ("jax", "jaxlib") and any(c.__name__ == "Tracer" for c in cls.__mro__):
+        raise TypeError("a JAX tracer (inside jax.jit, vmap or grad): rope_jit launches its "
+                        "kernel when called, so call it on concrete jax.Array values, outside "
+                        "jit")
     if root == "cupy" and cls.__name__ == "ndarray":
         return _CUPY
     if isinstance(obj, np.ndarray):

@@ -314,3 +314,169 @@ def test_on_the_fly_parameter_errors(theta, scale, llama, match):
 def test_on_the_fly_yarn_parameter_errors(variant, match):
     with pytest.raises(ValueError, match=match):
         launch._check_freq(1e4, 4.0, variant)
+
+
+YARN_DICTS = [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+    {"rope_type": "yarn", "factor": 40.0, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+     "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096},
+    {"rope_type": "yarn", "factor": 32.0, "truncate": False, "original_max_position_embeddings": 4096},
+    {"rope_type": "yarn", "factor": 8.0, "attention_factor": 0.8, "beta_fast": 16, "beta_slow": 2,
+     "original_max_position_embeddings": 2048},
+    {"rope_type": "deepseek_yarn", "factor": 40.0, "beta_fast": 32, "beta_slow": 1,
+     "mscale": 0.707, "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096},
+    {"rope_type": "yarn", "factor": 2.0, "beta_fast": 4, "beta_slow": 4,   # empty ramp
+     "original_max_position_embeddings": 1024},
+]
+
+
+@pytest.mark.parametrize("rope_scaling", YARN_DICTS + [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},
+    {"rope_type": "linear", "factor": 3.0}, {"rope_type": "default"}])
+@pytest.mark.parametrize("rot", [128, 64, 20])
+def test_on_the_fly_variant_frequencies_match_the_cache_builder(rope_scaling, rot):
+    """What the kernel computes on the fly from a HuggingFace dict (the launcher's ramp and
+    attention values fed into the kernel's formulation) equals the frequencies and the
+    attention factor the cache builder uses (rope_jit.scaling, itself checked against
+    transformers)."""
+    from rope_jit import api
+    from rope_jit.scaling import resolve_rope_scaling
+
+    theta, scale, variant = api._fly_variant(rope_scaling, rot, 1e4)
+    got, attention = _kernel_frequencies(rot, theta, scale, variant)
+    want = resolve_rope_scaling(rope_scaling, rot, base=1e4)
+    np.testing.assert_allclose(got, want.inv_freq, rtol=1e-13)
+    assert attention == pytest.approx(want.attention_factor, rel=1e-15)
+
+
+def test_on_the_fly_refuses_other_variants_by_name():
+    from rope_jit import api
+
+    for rs in ({"rope_type": "dynamic", "factor": 2.0}, {"type": "longrope", "short_factor": [1.0]}):
+        with pytest.raises(ValueError, match=r"rope_type '(dynamic|longrope)' is not computed on the fly"):
+            api._fly_variant(rs, 64, 1e4)
+
+
+# ------------------------------------------------------------------ devices (SPEC section 6)
+
+def _desc(shape, dtype="bfloat16", device=0, ptr=0):
+    from rope_jit.arrays import ArrayDesc, contiguous_strides
+
+    return ArrayDesc(ptr, tuple(shape), contiguous_strides(shape), dtype, device)
+
+
+@pytest.mark.parametrize("moved", ["key", "positions", "cos_sin_cache"])
+def test_plan_refuses_arrays_on_two_devices_cache(moved):
+    """Every array of a call on query's device, else ValueError naming the one that is not
+    (the planner, on ArrayDescs: no GPU involved)."""
+    from rope_jit.plan import plan_rope
+
+    dev = {moved: 1}
+    with pytest.raises(ValueError, match=rf"^{moved} is on cuda:1 but query is on cuda:0"):
+        plan_rope(_desc((8, 256)), _desc((8, 128), device=dev.get("key", 0)), head_size=64,
+                  is_neox=True, positions=_desc((8,), "int64", dev.get("positions", 0)),
+                  cos_sin_cache=_desc((32, 64), "float32", dev.get("cos_sin_cache", 0)),
+                  inplace=True)
+
+
+@pytest.mark.parametrize("moved", ["indptr", "offsets"])
+def test_plan_refuses_arrays_on_two_devices_indptr(moved):
+    from rope_jit.plan import plan_rope
+
+    with pytest.raises(ValueError, match=rf"^{moved} is on cuda:2 but query is on cuda:0"):
+        plan_rope(_desc((8, 4, 64)), None, head_size=None, is_neox=True,
+                  indptr=_desc((3,), "int32", 2 if moved == "indptr" else 0),
+                  offsets=_desc((2,), "int32", 2 if moved == "offsets" else 0), inplace=False)
+
+
+class _DLPackOnly:
+    """Metadata-only stand-in for a foreign array: __dlpack_device__ is all rope_jit may
+    read before the devices are checked (no export, no GPU)."""
+
+    def __init__(self, device_type, device_id, shape=(4, 2, 64)):
+        self._dev = (device_type, device_id)
+        self.shape = shape
+
+    def __dlpack__(self, *a, **kw):
+        raise AssertionError("exported before the device check")
+
+    def __dlpack_device__(self):
+        return self._dev
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """Fail the test if anything reaches CuPy (views, streams, launches)."""
+    def refuse():
+        raise AssertionError("CuPy touched before the arguments were checked")
+    monkeypatch.setattr(launch, "cupy_module", refuse)
+
+
+@pytest.mark.parametrize("moved", ["key", "pos_ids"])
+def test_foreign_arrays_on_two_devices_refused_before_any_gpu_work(moved, no_gpu):
+    q = _DLPackOnly(2, 0)
+    k = _DLPackOnly(2, 1 if moved == "key" else 0)
+    pos = _DLPackOnly(2, 1 if moved == "pos_ids" else 0)
+    name = "key" if moved == "key" else "positions"
+    with pytest.raises(ValueError, match=rf"^{name} is on cuda:1 but query is on cuda:0"):
+        rope_jit.apply_rope_pos_ids(q, k, pos)
+
+
+@pytest.mark.parametrize("device_type, error", [(1, "host memory"), (3, "host memory"),
+                                                (10, "DLPack device type 10")])
+def test_foreign_arrays_not_on_a_cuda_device_refused(device_type, error, no_gpu):
+    """DLPack CPU (1) and pinned host (3) memory, or a non-CUDA device (10, ROCm): TypeError
+    naming the argument."""
+    with pytest.raises(TypeError, match=rf"^positions: expected a CUDA device array.*{error}"):
+        rope_jit.apply_rope_pos_ids(_DLPackOnly(2, 0), None, _DLPackOnly(device_type, 0))
+
+
+def test_jax_like_arrays_refused_in_place(no_gpu):
+    """Arrays of an immutable framework (JAX, recognised by its module) in an in-place
+    function: TypeError saying why, before anything else."""
+    fake_jax = type("ArrayImpl", (_DLPackOnly,), {"__module__": "jaxlib.xla_extension"})
+    with pytest.raises(TypeError, match=r"^query: jaxlib.xla_extension.ArrayImpl arrays are "
+                                        r"immutable; use the out-of-place function"):
+        rope_jit.apply_rope_pos_ids_inplace(fake_jax(2, 0), None, _DLPackOnly(2, 0))
+
+
+class _CAIOnly:
+    def __init__(self, ptr, shape, typestr):
+        self.__cuda_array_interface__ = {"data": (ptr, False), "shape": shape,
+                                         "typestr": typestr, "version": 3, "strides": None}
+
+
+def test_cuda_array_interface_arrays_on_two_devices_refused(monkeypatch, no_gpu):
+    """__cuda_array_interface__ carries a pointer only: its device comes from the driver
+    (_cuda.pointer_device, replaced here by a table), and disagreeing devices raise before
+    any view or launch."""
+    from rope_jit import _cuda
+
+    devices = {0x1000: 0, 0x2000: 1, 0x3000: -1}
+    monkeypatch.setattr(_cuda, "pointer_device", lambda ptr: devices[ptr])
+    q = _CAIOnly(0x1000, (4, 2, 64), "<f2")
+    with pytest.raises(ValueError, match=r"^positions is on cuda:1 but query is on cuda:0"):
+        rope_jit.apply_rope_pos_ids(q, None, _CAIOnly(0x2000, (4,), "<i8"))
+    with pytest.raises(TypeError, match=r"^positions: expected a CUDA device array.*host memory"):
+        rope_jit.apply_rope_pos_ids(q, None, _CAIOnly(0x3000, (4,), "<i8"))
+
+
+def test_external_stream_without_deprecation_warning():
+    """CuPy 14 deprecates cupy.cuda.ExternalStream; rope_jit wraps foreign streams with
+    Stream.from_external (the CUDA stream protocol), which needs no GPU to construct."""
+    cp = pytest.importorskip("cupy")
+    import warnings
+
+    from rope_jit import _cuda
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = _cuda.external_stream(0x1234)
+    assert isinstance(s, cp.cuda.Stream) and s.ptr == 0x1234
+    import pathlib
+
+    src = pathlib.Path(launch.__file__).parent
+    assert "ExternalStream(" not in (src / "launch.py").read_text()
+    # in _cuda.py, only external_stream's fallback for CuPy < 14 remains
+    assert (src / "_cuda.py").read_text().count("cp.cuda.ExternalStream(") == 1
