@@ -85,7 +85,7 @@ def _on_the_fly(q, rotary_dim, rope_scale, rope_theta, variant=None, rope_scalin
 
 @_constant_for_dynamo
 def _resolve_fly(rope_scaling, rot: int, rope_theta) -> tuple:
-    """_fly_variant, memoized by the dict's contents (when hashable)."""
+    """scaling.on_the_fly_variant, memoized by the dict's contents (when hashable)."""
     try:
         key = (tuple(sorted(rope_scaling.items())), rot, rope_theta)
         hash(key)
@@ -93,42 +93,12 @@ def _resolve_fly(rope_scaling, rot: int, rope_theta) -> tuple:
         key = None
     got = _variants.get(key) if key is not None else None
     if got is None:
-        got = _fly_variant(rope_scaling, rot, rope_theta)
+        from .scaling import on_the_fly_variant
+
+        got = on_the_fly_variant(rope_scaling, rot, rope_theta)
         if key is not None:
             _variants[key] = got
     return got
-
-
-FLY_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "deepseek_yarn")
-
-
-def _fly_variant(rope_scaling, rot: int, rope_theta) -> tuple:
-    """(rope_theta, rope_scale, kernel variant) of a HuggingFace-style dict, for the variants
-    the kernel computes on the fly. The dict's own rope_theta, if any, wins over the
-    argument (whose default is FlashInfer's 1e4)."""
-    from .scaling import resolve_rope_scaling, rope_type_of
-
-    d = dict(rope_scaling)
-    rope_type = rope_type_of(d)
-    if rope_type not in FLY_ROPE_TYPES:
-        raise ValueError(f"rope_scaling: rope_type {rope_type!r} is not computed on the fly (on "
-                         f"the fly: {', '.join(FLY_ROPE_TYPES)}); build its cache with "
-                         "compute_cos_sin_cache(..., rope_scaling=...) and call "
-                         "apply_rope_with_cos_sin_cache, or use get_rope")
-    d.pop("partial_rotary_factor", None)   # on the fly, rotary_dim is the rotated width
-    base = None if d.get("rope_theta") is not None else rope_theta
-    s = resolve_rope_scaling(d, rot, base=base)
-    if s.rope_type == "default":
-        return (s.base, 1.0, None)
-    if s.rope_type == "linear":
-        return (s.base, s.factor, None)
-    if s.rope_type == "llama3":
-        return (s.base, s.factor, ("llama3", s.low_freq_factor, s.high_freq_factor,
-                                   s.original_max_position))
-    if s.extrapolation_factor not in (None, 1.0):
-        raise ValueError(f"rope_scaling: extrapolation_factor {s.extrapolation_factor!r} is not "
-                         "computed on the fly (only 1.0); use a cache")
-    return (s.base, s.factor, ("yarn", s.low, s.high, s.attention_factor))
 
 
 def _fly(q, k, inplace, rotary_dim, interleave, rope_scale, rope_theta, variant=None, *,

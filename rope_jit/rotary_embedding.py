@@ -190,7 +190,9 @@ class RotaryEmbedding:
         key ``[tokens..., heads * head_size]`` or ``[tokens..., heads, head_size]``.
         ``offsets`` (vLLM's batched LoRA offsets) are added to positions (one allocation).
         ``seq_len``: largest position + 1, for dynamic and longrope (read from positions
-        otherwise: a host sync). ``check_positions`` as ``apply_rope_inplace_with_cache``."""
+        otherwise: a host sync). ``check_positions`` as ``apply_rope_inplace_with_cache``.
+        Under torch.compile, call it once eagerly first: building the device cache from the
+        host is not traceable (README "Frameworks")."""
         from .api import apply_rope_inplace_with_cache
 
         if offsets is not None:

@@ -340,22 +340,13 @@ def test_on_the_fly_variant_frequencies_match_the_cache_builder(rope_scaling, ro
     attention values fed into the kernel's formulation) equals the frequencies and the
     attention factor the cache builder uses (rope_jit.scaling, itself checked against
     transformers)."""
-    from rope_jit import api
-    from rope_jit.scaling import resolve_rope_scaling
+    from rope_jit.scaling import on_the_fly_variant, resolve_rope_scaling
 
-    theta, scale, variant = api._fly_variant(rope_scaling, rot, 1e4)
+    theta, scale, variant = on_the_fly_variant(rope_scaling, rot, 1e4)
     got, attention = _kernel_frequencies(rot, theta, scale, variant)
     want = resolve_rope_scaling(rope_scaling, rot, base=1e4)
     np.testing.assert_allclose(got, want.inv_freq, rtol=1e-13)
     assert attention == pytest.approx(want.attention_factor, rel=1e-15)
-
-
-def test_on_the_fly_refuses_other_variants_by_name():
-    from rope_jit import api
-
-    for rs in ({"rope_type": "dynamic", "factor": 2.0}, {"type": "longrope", "short_factor": [1.0]}):
-        with pytest.raises(ValueError, match=r"rope_type '(dynamic|longrope)' is not computed on the fly"):
-            api._fly_variant(rs, 64, 1e4)
 
 
 # ------------------------------------------------------------------ devices (SPEC section 6)

@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 import rope_jit  # noqa: E402
 from rope_jit import api, launch  # noqa: E402
 from rope_jit.arrays import framework_of  # noqa: E402
+from rope_jit.scaling import on_the_fly_variant  # noqa: E402
 
 T, HQ, HK, D = 6, 4, 2, 64
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
@@ -249,7 +250,7 @@ def test_rope_scaling_dict_is_resolved_at_trace_time():
     gm = _trace(lambda q, pos: rope_jit.apply_rope_pos_ids(q, None, pos, rope_scaling=YARN)[0],
                 x["q"], x["pos"])
     (node,) = _op_nodes(gm)
-    theta, scale, variant = api._fly_variant(YARN, D, 1e4)
+    theta, scale, variant = on_the_fly_variant(YARN, D, 1e4)
     assert node.args[8:12] == (True, theta, scale, variant[0])
     assert node.args[12] == list(variant[1:])
 
