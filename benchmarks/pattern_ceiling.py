@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from timing import buffer_sets, copy_bandwidth, time_calls  # noqa: E402
+from rope_jit._cuda import external_stream  # noqa: E402
 
 SRC = r"""
 extern "C" __global__ void touch(uint4* x, long long rows, int vecs_per_row, int row_stride_vecs) {
@@ -41,7 +42,7 @@ for name, h, d, r in [("llama3-8b", 40, 128, 128), ("gptj", 34, 128, 64), ("dsv3
         grid = ((threads + 255) // 256,)
 
         def call(b):
-            with cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+            with external_stream(torch.cuda.current_stream().cuda_stream):
                 kernel(grid, (256,), (cp.uint64(b.data_ptr()), cp.int64(rows), cp.int32(vpr),
                                       cp.int32(stride)))
 
