@@ -43,3 +43,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "nvrtc" in item.keywords and not HAS_NVRTC:
             item.add_marker(skip_nvrtc)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """A fresh, empty kernel cache directory (ROPE_JIT_CACHE_DIR) and no modules or
+    binaries in memory, for tests of the cache, the CLI and warming."""
+    from rope_jit import jit
+
+    d = tmp_path / "cache"
+    monkeypatch.setenv(jit.ENV_CACHE_DIR, str(d))
+    jit.clear_memory()
+    yield d
+    jit.clear_memory()

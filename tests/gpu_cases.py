@@ -83,3 +83,24 @@ def poison_allocator(nbytes: int, dtype=torch.float32) -> None:
     torch.empty start poisoned: an element the kernel forgets to write stays NaN."""
     blocks = [torch.full((max(1, nbytes // 4),), float("nan"), device="cuda") for _ in range(4)]
     del blocks
+
+
+class CAIOnly:
+    """Exposes only __cuda_array_interface__ (like a Numba device array)."""
+
+    def __init__(self, t):
+        self._t = t
+        self.__cuda_array_interface__ = t.__cuda_array_interface__
+
+
+class DLPackOnly:
+    """Exposes only __dlpack__ / __dlpack_device__ (any DLPack producer)."""
+
+    def __init__(self, t):
+        self._t = t
+
+    def __dlpack__(self, *args, **kw):
+        return self._t.__dlpack__(*args, **kw)
+
+    def __dlpack_device__(self):
+        return self._t.__dlpack_device__()

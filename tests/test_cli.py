@@ -23,13 +23,7 @@ LLAMA_ARGS = ["--heads", "32", "8", "--head-size", "128", "--rotary-dim", "128",
               "--dtype", "bfloat16", "--cache-dtype", "float32", "--style", "neox"]
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    d = tmp_path / "cache"
-    monkeypatch.setenv(jit.ENV_CACHE_DIR, str(d))
-    jit.clear_memory()
-    yield d
-    jit.clear_memory()
+pytestmark = pytest.mark.usefixtures("cache_dir")  # conftest: a fresh cache per test
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

@@ -27,7 +27,7 @@ torch = pytest.importorskip("torch")
 import rope_jit  # noqa: E402
 from rope_jit import reference  # noqa: E402
 
-from gpu_cases import assert_rope_close, to_numpy64  # noqa: E402
+from gpu_cases import CAIOnly, DLPackOnly, assert_rope_close, to_numpy64  # noqa: E402
 from test_torch_ops import CALLS, _inputs  # noqa: E402  (every entry point, one call each)
 
 MAX_POS = 4096
@@ -641,25 +641,6 @@ def test_cupy_runs_on_cupys_current_stream():
     s.synchronize()
     for got in ((qo, ko), (a["q"], a["k"])):
         assert cp.array_equal(got[0], want[0]) and cp.array_equal(got[1], want[1])
-
-
-class CAIOnly:
-    """Exposes only __cuda_array_interface__ (like a Numba device array)."""
-
-    def __init__(self, t):
-        self._t = t
-        self.__cuda_array_interface__ = t.__cuda_array_interface__
-
-
-class DLPackOnly:
-    def __init__(self, t):
-        self._t = t
-
-    def __dlpack__(self, *args, **kw):
-        return self._t.__dlpack__(*args, **kw)
-
-    def __dlpack_device__(self):
-        return self._t.__dlpack_device__()
 
 
 @pytest.mark.parametrize("wrap", [CAIOnly, DLPackOnly])

@@ -24,6 +24,8 @@ from rope_jit import reference  # noqa: E402
 
 from gpu_cases import (  # noqa: E402
     TORCH_DTYPE,
+    CAIOnly,
+    DLPackOnly,
     as_heads,
     assert_rope_close,
     expected,
@@ -432,25 +434,6 @@ def test_cupy_arrays_in_and_out():
 def _bf16_torch(a):
     cp = pytest.importorskip("cupy")
     return torch.from_dlpack(a.view(cp.uint16)).view(torch.bfloat16)
-
-
-class CAIOnly:
-    """Exposes only __cuda_array_interface__ (like a Numba device array)."""
-
-    def __init__(self, t):
-        self._t = t
-        self.__cuda_array_interface__ = t.__cuda_array_interface__
-
-
-class DLPackOnly:
-    def __init__(self, t):
-        self._t = t
-
-    def __dlpack__(self, *args, **kw):
-        return self._t.__dlpack__(*args, **kw)
-
-    def __dlpack_device__(self):
-        return self._t.__dlpack_device__()
 
 
 @pytest.mark.parametrize("wrap", [CAIOnly, DLPackOnly])

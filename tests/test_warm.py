@@ -27,13 +27,7 @@ CALLS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    d = tmp_path / "cache"
-    monkeypatch.setenv(jit.ENV_CACHE_DIR, str(d))
-    jit.clear_memory()
-    yield d
-    jit.clear_memory()
+pytestmark = pytest.mark.usefixtures("cache_dir")  # conftest: a fresh cache per test
 
 
 # ------------------------------------------------------------------ deriving specs (CPU)
