@@ -10,10 +10,6 @@ from __future__ import annotations
 
 from .launch import run_positions, run_rope
 
-_LLAMA31_DEFAULTS = dict(rope_scale=8.0, rope_theta=5e5, low_freq_factor=1.0,
-                         high_freq_factor=4.0, old_context_len=8192)
-
-
 # ------------------------------------------------------------------ from a cos/sin cache
 
 def apply_rope_inplace_with_cache(positions, query, key, head_size, cos_sin_cache, is_neox,

@@ -316,39 +316,6 @@ def test_on_the_fly_yarn_parameter_errors(variant, match):
         launch._check_freq(1e4, 4.0, variant)
 
 
-YARN_DICTS = [
-    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
-    {"rope_type": "yarn", "factor": 40.0, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
-     "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096},
-    {"rope_type": "yarn", "factor": 32.0, "truncate": False, "original_max_position_embeddings": 4096},
-    {"rope_type": "yarn", "factor": 8.0, "attention_factor": 0.8, "beta_fast": 16, "beta_slow": 2,
-     "original_max_position_embeddings": 2048},
-    {"rope_type": "deepseek_yarn", "factor": 40.0, "beta_fast": 32, "beta_slow": 1,
-     "mscale": 0.707, "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096},
-    {"rope_type": "yarn", "factor": 2.0, "beta_fast": 4, "beta_slow": 4,   # empty ramp
-     "original_max_position_embeddings": 1024},
-]
-
-
-@pytest.mark.parametrize("rope_scaling", YARN_DICTS + [
-    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 8192},
-    {"rope_type": "linear", "factor": 3.0}, {"rope_type": "default"}])
-@pytest.mark.parametrize("rot", [128, 64, 20])
-def test_on_the_fly_variant_frequencies_match_the_cache_builder(rope_scaling, rot):
-    """What the kernel computes on the fly from a HuggingFace dict (the launcher's ramp and
-    attention values fed into the kernel's formulation) equals the frequencies and the
-    attention factor the cache builder uses (rope_jit.scaling, itself checked against
-    transformers)."""
-    from rope_jit.scaling import on_the_fly_variant, resolve_rope_scaling
-
-    theta, scale, variant = on_the_fly_variant(rope_scaling, rot, 1e4)
-    got, attention = _kernel_frequencies(rot, theta, scale, variant)
-    want = resolve_rope_scaling(rope_scaling, rot, base=1e4)
-    np.testing.assert_allclose(got, want.inv_freq, rtol=1e-13)
-    assert attention == pytest.approx(want.attention_factor, rel=1e-15)
-
-
 # ------------------------------------------------------------------ devices (SPEC section 6)
 
 def _desc(shape, dtype="bfloat16", device=0, ptr=0):

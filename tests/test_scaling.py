@@ -579,17 +579,11 @@ def test_partial_rotary_width():
 # ------------------------------------------------------------------ on the fly
 
 def _kernel_frequencies(rot, on_the_fly):
-    """The kernel's frequency formulation (kernels/rope.cu fly_cos_sin, as
-    tests/test_api_cpu.py writes it) fed with the launcher's values."""
-    exponent, inv_scale, a, b, attention = launch._freq_values((rot, *on_the_fly))
-    j = np.arange(rot // 2, dtype=np.float64)
-    inv = np.exp2(j * exponent)
-    variant = on_the_fly[2]
-    if variant is None:
-        return inv * inv_scale, attention
-    x = inv if variant[0] == "llama3" else j
-    w = np.clip(x * a + b, 0.0, 1.0)
-    return (1 - w) * (inv * inv_scale) + w * inv, attention
+    """The kernel's frequency formulation fed with the launcher's values
+    (tests/test_api_cpu.py writes it once)."""
+    from test_api_cpu import _kernel_frequencies as kernel_frequencies
+
+    return kernel_frequencies(rot, *on_the_fly)
 
 
 @pytest.mark.parametrize("params, rot", [
@@ -599,8 +593,17 @@ def _kernel_frequencies(rot, on_the_fly):
     (P["yarn-qwen2.5"], 128), (P["yarn-deepseek-v3"], 64), (P["yarn-gpt-oss"], 64), (P["yarn-mscale-ratio"], 96),
     ({"rope_type": "deepseek_yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
       "mscale": 1.0, "mscale_all_dim": 0.5}, 64),
+    ({"rope_type": "deepseek_yarn", "factor": 40.0, "beta_fast": 32, "beta_slow": 1,
+      "mscale": 0.707, "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096}, 20),
+    ({"rope_type": "yarn", "factor": 8.0, "attention_factor": 0.8, "beta_fast": 16,
+      "beta_slow": 2, "original_max_position_embeddings": 2048}, 128),
+    ({"rope_type": "yarn", "factor": 2.0, "beta_fast": 4, "beta_slow": 4,
+      "original_max_position_embeddings": 1024}, 64),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}, 20),
+    (P["llama3.1"], 20), ({"rope_type": "linear", "factor": 3.0}, 20), ({"rope_type": "default"}, 20),
 ], ids=["default", "linear", "llama3.1", "llama3.2", "yarn-qwen", "yarn-dsv3", "yarn-notrunc",
-        "yarn-mscale", "deepseek_yarn"])
+        "yarn-mscale", "deepseek_yarn", "deepseek_yarn-r20", "yarn-attention-factor",
+        "yarn-empty-ramp", "yarn-r20", "llama3.1-r20", "linear-r20", "default-r20"])
 def test_on_the_fly_variant_reproduces_the_cache_frequencies(params, rot):
     """The on-the-fly parameters, through the launcher and the kernel's formulation, give
     the frequencies and attention factor of the cache variant."""
