@@ -58,7 +58,7 @@ rows.append(("torch.cuda.current_stream().cuda_stream",
              per_call(lambda: torch.cuda.current_stream().cuda_stream)))
 prep = next(iter(launch._prepared.values()))
 values = (q.data_ptr(), k.data_ptr(), q.data_ptr(), k.data_ptr(), pos.data_ptr(), 0,
-          cache.data_ptr()) + launch._freq(None)[0] + prep.static
+          cache.data_ptr()) + launch._freq(None) + prep.static
 buf, argv, _ = launch._arg_buffer()
 rows.append(("struct pack_into", per_call(lambda: ROPE_PARAMS.packer.pack_into(buf, 0, *values))))
 drv = driver_module()

@@ -177,18 +177,15 @@ def _check_freq(theta, scale, variant) -> None:
         raise ValueError(f"on-the-fly scaling: expected llama3 or yarn, got {variant[0]!r}")
 
 
-_freq_cache: dict = {}  # on_the_fly -> (kernel frequency values, spec scaling name)
+_freq_cache: dict = {}
 
 
 def _freq(on_the_fly) -> tuple:
-    """(freq values, scaling) of run_rope's on_the_fly argument, validated once per value:
-    the warm path reads both from one dict hit."""
     v = _freq_cache.get(on_the_fly)
     if v is None:
         if on_the_fly is not None:
             _check_freq(*on_the_fly[1:])
-        scaling = "linear" if on_the_fly is None or on_the_fly[3] is None else on_the_fly[3][0]
-        v = _freq_cache[on_the_fly] = (_freq_values(on_the_fly), scaling)
+        v = _freq_cache[on_the_fly] = _freq_values(on_the_fly)
     return v
 
 
@@ -261,7 +258,7 @@ def run_rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions=N
                             offsets=offsets, cache=cache, on_the_fly=on_the_fly, mrope=mrope,
                             inverse=inverse, check_positions=check_positions)
     # _freq validates rope_theta/rope_scale (on a miss) before anything is compiled
-    freq, scaling = _freq_cache.get(on_the_fly) or _freq(on_the_fly)
+    freq = _freq_cache.get(on_the_fly) or _freq(on_the_fly)
     fp, qt = fw.fingerprint, type(query)
     fq, q_ptr = fp(query)
     # Absent arguments are tested inline and arguments of query's type go straight to its
@@ -275,6 +272,7 @@ def run_rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions=N
                      else _fp(offsets, "offsets"))
     fc, c_ptr = (_NONE if cache is None else fp(cache) if type(cache) is qt
                  else _fp(cache, "cos_sin_cache"))
+    scaling = "linear" if on_the_fly is None or on_the_fly[3] is None else on_the_fly[3][0]
     sig = (fq, fk, fpos, find, foff, fc, head_size, rotary_dim, is_neox, inplace, scaling, mrope,
            inverse)
     prep = _prepared.get(sig)
