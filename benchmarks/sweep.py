@@ -1,14 +1,17 @@
-"""Development sweep: rope_jit dispatch knobs (rope_jit.plan.TUNING) side by side with
+"""Development sweep: rope_jit dispatch knobs (rope_jit.plan.Tuning) side by side with
 FlashInfer's kernels (from .peers/libfi_rope.so, see ../shared/peers/flashinfer) and a torch
 copy of the same bytes, by CUDA-graph replay over rotating buffers.
 
-usage: python benchmarks/sweep.py [json list of TUNING overrides]
+usage: python benchmarks/sweep.py [json list of Tuning field overrides]
 """
 import ctypes, json, os, sys
 import torch
 sys.path.insert(0, os.path.dirname(__file__))
+import dataclasses
 import rope_jit
-from rope_jit import plan, launch
+from rope_jit import launch
+from rope_jit.call import cache_call, frequencies_json, on_the_fly_call
+from rope_jit.tuning import tuning_for
 from timing import time_calls, buffer_sets, copy_bandwidth
 
 configs = json.loads(sys.argv[1]) if len(sys.argv) > 1 else [{}]
@@ -23,7 +26,7 @@ bw = copy_bandwidth()
 print(f"copy {bw/1e12:.3f} TB/s", flush=True)
 shapes = [("llama", 32, 8, 128, 128, True), ("gptj", 32, 2, 128, 64, False),
           ("dsv3", 128, 1, 64, 64, False), ("phi2", 32, 32, 80, 32, True)]
-default = dict(plan.TUNING)
+default = tuning_for(torch.cuda.current_device())
 out = []
 for name, hq, hk, D, R, neox in shapes:
     for T in [int(x) for x in os.environ.get("TOKENS", "1,16,128,1024,8192,32768").split(",")]:
@@ -45,12 +48,13 @@ for name, hq, hk, D, R, neox in shapes:
             res["fi_c32"] = (time_calls([lambda q=q, k=k: lib.fi_cache_bf16(q.data_ptr(), k.data_ptr(), c32.data_ptr(), pos.data_ptr(), T, hq, hk, R, D, hq*D, D, hk*D, D, int(not neox), st()) for q, k in zip(qs, ks)]), base + T * R * 4)
             if lib.fi_posids_bf16(qs[0].data_ptr(), ks[0].data_ptr(), pos.data_ptr(), T, hq, hk, R, D, hq*D, D, hk*D, D, int(not neox), 1.0, 1e4, st()) == 0:
                 res["fi_fly"] = (time_calls([lambda q=q, k=k: lib.fi_posids_bf16(q.data_ptr(), k.data_ptr(), pos.data_ptr(), T, hq, hk, R, D, hq*D, D, hk*D, D, int(not neox), 1.0, 1e4, st()) for q, k in zip(qs, ks)]), base)
+        cache = cache_call(D, neox, True)
+        fly = on_the_fly_call("positions", R, not neox, True, frequencies_json())
         for ci, cfg in enumerate(configs):
-            plan.TUNING.clear(); plan.TUNING.update(default); plan.TUNING.update(cfg)
-            launch._prepared.clear()
-            res[f"c32/{ci}"] = (time_calls([lambda q=q, k=k: rope_jit.apply_rope_inplace_with_cache(pos, q, k, D, c32, neox) for q, k in zip(qs, ks)]), base + T * R * 4)
-            res[f"c16/{ci}"] = (time_calls([lambda q=q, k=k: rope_jit.apply_rope_inplace_with_cache(pos, q, k, D, c16, neox) for q, k in zip(qs, ks)]), base + T * R * 2)
-            res[f"fly/{ci}"] = (time_calls([lambda q=q, k=k: rope_jit.apply_rope_pos_ids_inplace(q, k, pos, rotary_dim=R, interleave=not neox) for q, k in zip(qs, ks)]), base)
+            t = dataclasses.replace(default, **cfg)  # passed in: part of every plan key
+            res[f"c32/{ci}"] = (time_calls([lambda q=q, k=k: launch.run_rope(cache, q.view(T, -1), k.view(T, -1), pos, cache=c32, tuning=t) for q, k in zip(qs, ks)]), base + T * R * 4)
+            res[f"c16/{ci}"] = (time_calls([lambda q=q, k=k: launch.run_rope(cache, q.view(T, -1), k.view(T, -1), pos, cache=c16, tuning=t) for q, k in zip(qs, ks)]), base + T * R * 2)
+            res[f"fly/{ci}"] = (time_calls([lambda q=q, k=k: launch.run_rope(fly, q, k, pos, tuning=t) for q, k in zip(qs, ks)]), base)
         cols = " ".join(f"{k}={t*1e6:7.2f}us/{b/t/bw*100:5.1f}%" for k, (t, b) in res.items())
         print(f"{name:6s} T={T:6d} {cols}", flush=True)
         out.append(dict(shape=name, T=T, res={k: [t, b] for k, (t, b) in res.items()}))

@@ -1,19 +1,18 @@
-"""rope_jit quickstart: compile a few specializations, then apply every entry point and
-print its error against the float64 reference.
+"""rope_jit quickstart: compile the kernels two model shapes use, then apply every entry
+point and print its error against the float64 reference.
 
-Runs anywhere: without a GPU it renders and NVRTC-compiles the kernels for sm_90, checks
-the reference, and says that applying the kernels needs an NVIDIA GPU.
+Runs anywhere: without a GPU it NVRTC-compiles the kernels for sm_90 (as an image build
+warming the cache would), checks the reference, and says that applying the kernels needs
+an NVIDIA GPU.
 """
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 
 import rope_jit
-from rope_jit import reference
-from rope_jit.specs import PositionsSpec, RopeSpec
+from rope_jit import reference, warm
 
 
 def check_reference() -> None:
@@ -30,18 +29,16 @@ def check_reference() -> None:
     print(f"reference: NeoX by hand ok; positions_from_offsets([0,1,5,10], [4,6,3]) = {pos.tolist()}")
 
 
-def compile_specs(arch: str) -> None:
-    from rope_jit import jit
-
-    specs = [RopeSpec(128, 128, "bfloat16", "float32", "int64", False, True, False, 8, 4, 2),
-             RopeSpec(128, 128, "bfloat16", None, "int32", True, True, True, 8, 1, 2),
-             RopeSpec(80, 32, "float16", "bfloat16", "int64", False, False, False, 8, 8, 1),
-             PositionsSpec("int32")]
-    for spec in specs:
-        t0 = time.perf_counter()
-        cubin = jit.compile_cubin(spec.render(), arch)
-        print(f"NVRTC {jit.arch_name(arch)}: {spec.words():<95s} {len(cubin):6d} B "
-              f"{(time.perf_counter() - t0) * 1e3:6.1f} ms")
+def compile_kernels(arch: str) -> None:
+    """Ahead-of-time warming, as `rope-jit warm` does: the kernels Llama-3-8B's calls use up
+    to 512 tokens, with an fp32 cache and on the fly, and Phi-2's with a bf16 cache."""
+    calls = [warm.model_call("llama3-8b"),
+             warm.model_call("llama3-8b", cache_dtype=None, indptr=True, index_dtype="int32"),
+             warm.model_call("phi-2", dtype="float16", cache_dtype="bfloat16")]
+    specs = [spec for call in calls for spec in warm.specs_for_call(call, max_tokens=512)]
+    for item in sorted(warm.warm(specs, [arch]).items, key=lambda i: i.spec.words()):
+        print(f"NVRTC {item.arch}: {item.spec.words():<95s} {item.origin:>8s} "
+              f"{item.seconds * 1e3:6.1f} ms")
 
 
 def run_on_gpu() -> None:
@@ -95,11 +92,14 @@ def run_on_gpu() -> None:
 def main() -> None:
     print(f"rope_jit {rope_jit.__version__}")
     check_reference()
-    from rope_jit._cuda import device_arch, device_count
+    try:
+        import torch
 
-    gpus = device_count()
-    compile_specs(f"sm_{device_arch(0)}" if gpus else "sm_90")
-    if gpus:
+        gpu = torch.cuda.is_available()
+    except ImportError:
+        gpu = False
+    compile_kernels("sm_{}{}".format(*torch.cuda.get_device_capability()) if gpu else "sm_90")
+    if gpu:
         run_on_gpu()
     else:
         print("No NVIDIA GPU here: the kernels were rendered and compiled, but applying them "

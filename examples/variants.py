@@ -30,7 +30,7 @@ import numpy as np
 
 import rope_jit
 from rope_jit import reference
-from rope_jit.scaling import mrope_cos_sin
+from rope_jit.reference import mrope_cos_sin
 
 
 def _factors(n, top):

@@ -6,6 +6,7 @@ CuPy is imported on the first GPU call.
 
 from ._version import __version__
 from .api import (
+    clear_caches,
     apply_llama31_rope,
     apply_llama31_rope_inplace,
     apply_llama31_rope_pos_ids,
@@ -51,6 +52,7 @@ __all__ = [
     "apply_rope_pos_ids_inplace",
     "apply_rope_with_cos_sin_cache",
     "apply_rope_with_cos_sin_cache_inplace",
+    "clear_caches",
     "compute_cos_sin_cache",
     "get_rope",
     "positions_from_offsets",

@@ -62,6 +62,13 @@ def device_arch(device: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def device_name(device: int) -> str:
+    """'NVIDIA H200' (the driver's name of the GPU)."""
+    name = cupy_module().cuda.runtime.getDeviceProperties(device)["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+@functools.lru_cache(maxsize=None)
 def num_sms(device: int) -> int:
     return cupy_module().cuda.runtime.getDeviceProperties(device)["multiProcessorCount"]
 
@@ -125,7 +132,7 @@ def wait_for_producer_stream(stream, device: int) -> None:
 
 
 def cupy_empty(shape, dtype: str, device: int):
-    from .arrays import numpy_dtype
+    from .dtypes import numpy_dtype
 
     cp = cupy_module()
     with cp.cuda.Device(device):

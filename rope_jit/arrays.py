@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-HOST = -1  # ArrayDesc.device of host memory
+from .dtypes import ITEMSIZE, dtype_name
 
-FLOAT_DTYPES = ("float16", "bfloat16", "float32")
-INDEX_DTYPES = ("int32", "int64")
-ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int32": 4, "int64": 8,
-            "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+HOST = -1  # ArrayDesc.device of host memory
 
 
 @dataclass(frozen=True)
@@ -60,31 +56,6 @@ def contiguous_strides(shape) -> tuple:
         strides.append(step)
         step *= max(n, 1)
     return tuple(reversed(strides))
-
-
-def dtype_name(dtype: Any) -> str:
-    """'bfloat16' for torch.bfloat16, np.float16, ml_dtypes.bfloat16, 'float16', ..."""
-    if isinstance(dtype, str):
-        name = dtype
-    else:
-        name = str(dtype)
-        if name.startswith("torch."):
-            name = name[len("torch."):]
-        else:
-            try:
-                name = np.dtype(dtype).name
-            except TypeError:
-                pass
-    return {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
-            "fp32": "float32", "int": "int32", "long": "int64"}.get(name, name)
-
-
-def numpy_dtype(name: str):
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 class Framework:
@@ -148,9 +119,6 @@ class TorchFramework(Framework):
         self._to_torch = {v: k for k, v in self._dtypes.items()}
         get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
         self._raw_stream = get_stream or (lambda d: torch.cuda.current_stream(d).cuda_stream)
-        from . import launch
-
-        launch.bind_torch(self)  # torch.library ops for torch.compile and autograd
 
     def describe(self, t) -> ArrayDesc:
         dev = t.device
@@ -323,6 +291,10 @@ def _resolve(obj) -> Framework:
         return _CUPY
     if isinstance(obj, np.ndarray):
         return _NUMPY
+    if root in ("jax", "jaxlib"):
+        # JAX GPU arrays also expose __cuda_array_interface__; DLPack keeps them JAX on the
+        # way back (results as jax.Array) and orders our stream after JAX's writes.
+        return _DLPACK
     if hasattr(obj, "__cuda_array_interface__"):
         return _CAI
     if hasattr(obj, "__dlpack__"):

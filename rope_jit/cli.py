@@ -273,7 +273,7 @@ _FLAG_VALUES = {  # option value -> CallShape field value
 
 def _dtype(text: str) -> str:
     """Float dtype names and their usual aliases (bf16, fp16, half, ...)."""
-    from .arrays import FLOAT_DTYPES, dtype_name
+    from .dtypes import FLOAT_DTYPES, dtype_name
 
     name = dtype_name(text)
     if name not in FLOAT_DTYPES:

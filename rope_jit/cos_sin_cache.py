@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .arrays import FLOAT_DTYPES, dtype_name, framework_of
+from .arrays import framework_of
+from .dtypes import FLOAT_DTYPES, dtype_name
+from .scaling import check_base, resolve_rope_scaling
 
 _DEFAULT_BASE = 10000.0
 
@@ -38,14 +40,9 @@ def compute_cos_sin_cache(rotary_dim: int, max_position: int, base: float = _DEF
         raise ValueError(f"rotary_dim: expected a positive even integer, got {rotary_dim!r}")
     if isinstance(max_position, bool) or not isinstance(max_position, int) or max_position < 0:
         raise ValueError(f"max_position: expected a non-negative integer, got {max_position!r}")
-    if isinstance(base, bool) or not isinstance(base, (int, float)):
-        raise TypeError(f"base: expected a number, got {type(base).__name__}")
-    if not (0 < base < float("inf")) or base == 1:
-        raise ValueError(f"base: expected a finite number > 0 and != 1, got {base!r}")
+    check_base(base, "base")
     if like is not None:
         framework_of(like, "like")  # an unsupported `like` fails before any work
-    from .scaling import resolve_rope_scaling
-
     explicit = base
     if rope_scaling is not None and getattr(rope_scaling, "get", None) is not None \
             and rope_scaling.get("rope_theta") is not None and base == _DEFAULT_BASE:

@@ -134,23 +134,20 @@ def binary_key(source: str, arch: str, options=None) -> str:
 # ------------------------------------------------------------------ compile
 
 def compile_cubin(source: str, arch: str, options=None, name: str = "rope_jit.cu") -> bytes:
-    """NVRTC source -> cubin for `arch`. Raises CompileError with NVRTC's log."""
+    """NVRTC source -> cubin for `arch` (counted in ``stats``). Raises CompileError with
+    NVRTC's log."""
     options = NVRTC_OPTIONS if options is None else options
     nvrtc = nvrtc_module()
+    t0 = time.perf_counter()
     prog = nvrtc.createProgram(source, name, [], [])
     try:
         try:
             nvrtc.compileProgram(prog, [f"--gpu-architecture={arch_name(arch)}", *options])
         except nvrtc.NVRTCError as e:
             raise CompileError(f"NVRTC failed for {arch_name(arch)}: {e}\n{nvrtc.getProgramLog(prog)}") from None
-        return nvrtc.getCUBIN(prog)
+        cubin = nvrtc.getCUBIN(prog)
     finally:
         nvrtc.destroyProgram(prog)
-
-
-def _compile_counted(spec, source: str, arch: str) -> bytes:
-    t0 = time.perf_counter()
-    cubin = compile_cubin(source, arch, name=f"{spec.kernel_name}.cu")
     stats.add(compiles=1, compile_seconds=time.perf_counter() - t0)
     return cubin
 
@@ -321,13 +318,13 @@ def _from_disk_or_compile(spec, source: str, arch: str, key: str) -> tuple[bytes
             cubin = reader.read()  # another process may have written it while we waited
             if cubin is not None:
                 return cubin, FROM_DISK
-            cubin = _compile_counted(spec, source, arch)
+            cubin = compile_cubin(source, arch, name=f"{spec.kernel_name}.cu")
             _write_entry(path, _pack_entry(_entry_meta(spec, arch, key), cubin))
             return cubin, COMPILED
     except OSError as e:
         _warn_unwritable(e)
         if cubin is None:  # the directory failed before the compile
-            cubin = _compile_counted(spec, source, arch)
+            cubin = compile_cubin(source, arch, name=f"{spec.kernel_name}.cu")
         return cubin, COMPILED
 
 
@@ -360,10 +357,6 @@ def _load_module(spec, device: int, cubin: bytes) -> tuple:
         fn = module.get_function(spec.kernel_name)
     stats.add(module_loads=1, load_seconds=time.perf_counter() - t0)
     return fn.ptr, module, fn
-
-
-def loaded_specs() -> list:
-    return list(_functions)
 
 
 def clear_memory() -> None:

@@ -1,27 +1,24 @@
-"""The call path: fingerprint the arguments, reuse a cached plan, launch on the caller's stream.
+"""The call path: fingerprint the arrays, reuse a cached plan, launch on the caller's stream.
 
 A warm call costs: one fingerprint per array (pointer, shape, strides, dtype, device),
-one dict look-up, packing the kernel-argument struct, and one cuLaunchKernel. Everything
-that depends only on shapes, strides, dtypes, alignment and devices (validation, planning,
-the compiled function) is computed once per distinct fingerprint by ``_prepare``.
+one dict look-up keyed by the ``RopeCall`` and the fingerprints, packing the pointers into
+the kernel-argument struct, and one cuLaunchKernel. Everything that depends only on the
+call, shapes, strides, dtypes, alignment and devices (validation, planning, frequency
+values, the compiled function) is computed once per distinct key by ``_prepare``.
 
-The kernel argument is one struct passed by value; its bytes are packed into a per-thread
-buffer (cuLaunchKernel copies them before it returns, and the GIL may be released inside
-it, so buffers are never shared between threads). Nothing is allocated on the device for
-an in-place call, so it can be captured in a CUDA graph once its kernel is loaded.
+The kernel argument is one struct passed by value; each thread keeps, per plan, a buffer
+whose static part is packed once (cuLaunchKernel copies the bytes before it returns, and
+the GIL may be released inside it, so buffers are never shared between threads). Nothing is
+allocated on the device for an in-place call, so it can be captured in a CUDA graph once
+its kernel is loaded.
 
-Torch tensors take that direct path too, unless the call must be visible to torch: while
-torch.compile traces it, when q or k requires grad, or for tensor subclasses (fake,
-functional tensors) and meta tensors. Those calls go through the torch.library custom ops
-of ``rope_jit.torch_ops`` (graph nodes, fake implementations, autograd), whose real
-implementations come back here with ``_route=False``. The test that decides costs about
-0.2 us of the warm path on the H100 host (README "Frameworks" has the measurements).
+This module never decides whether torch must see a call (``rope_jit.route`` does, above
+it); torch's custom ops come back here for their real implementations.
 """
 
 from __future__ import annotations
 
 import ctypes
-import math
 import struct
 import threading
 from dataclasses import dataclass
@@ -30,48 +27,56 @@ from . import jit
 from ._cuda import (current_device, cupy_module, device_count, driver_module, external_stream,
                     num_sms)
 from .arrays import _BY_TYPE, HOST, Framework, describe, framework_of
-from .plan import plan_positions, plan_rope
-from .specs import POSITIONS_PARAMS, ROPE_FREQ, ROPE_PARAMS, ROPE_POINTERS, PositionsSpec
+from .call import RopeCall, check_int
+from .dtypes import numpy_dtype
+from .plan import RopeArrays, Tuning, plan_positions, plan_rope
+from .positions import host_positions
+from .specs import POSITIONS_PARAMS, ROPE_PARAMS, ROPE_POINTERS, PositionsSpec
+from .tuning import tuning_for
 
-_ARG_BYTES = 1024
 _tls = threading.local()
 
 
-def _arg_buffer():
-    """(struct buffer, address of the one-element void* array that points at it)."""
-    b = getattr(_tls, "buf", None)
-    if b is None:
-        buf = ctypes.create_string_buffer(_ARG_BYTES)
-        argv = (ctypes.c_void_p * 1)(ctypes.addressof(buf))
-        b = _tls.buf = (buf, ctypes.addressof(argv), argv)
-    return b
+class BoundedCache:
+    """A bounded map with least-recently-used eviction in two generations: look-ups hit a
+    plain dict (no bookkeeping on the warm path); when it holds `maxsize / 2` entries it
+    becomes the old generation, and an old entry used again moves back to the new one. An
+    entry unused for a whole generation is dropped."""
+
+    def __init__(self, maxsize: int):
+        self.half = max(1, maxsize // 2)
+        self.new: dict = {}
+        self.old: dict = {}
+        self.get = self.new.get   # the warm path: one bound-method call
+
+    def miss(self, key):
+        """The old generation's entry for key (moved back to the new one), or None."""
+        v = self.old.pop(key, None)
+        if v is not None:
+            self.put(key, v)
+        return v
+
+    def put(self, key, value) -> None:
+        if len(self.new) >= self.half:
+            self.old, self.new = self.new, {}
+            self.get = self.new.get
+        self.new[key] = value
+
+    def clear(self) -> None:
+        self.new.clear()
+        self.old.clear()
+
+    def __len__(self) -> int:
+        return len(self.new) + len(self.old)
 
 
-def launch_kernel(func: int, grid, block, smem: int, stream: int, packer, values) -> None:
-    buf, argv, _keep = _arg_buffer()
-    packer.pack_into(buf, 0, *values)
-    driver_module().launchKernel(func, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                                 smem, stream, argv, 0)
+PLAN_CACHE_SIZE = 4096
+_plans = BoundedCache(PLAN_CACHE_SIZE)
+_single_device = False  # set once a GPU is seen and it is the only one: no device switch check
 
-
-# The RoPE struct is pointers + frequency values (change per call) followed by the static
-# part (fixed per plan). Each thread keeps, per plan, a buffer whose static bytes are packed
-# once; a warm call packs only the first 11 fields.
-_DYNAMIC = struct.Struct("<" + "q" * len(ROPE_POINTERS) + "d" * len(ROPE_FREQ))
-
-
-def _plan_buffer(prep) -> tuple:
-    bufs = getattr(_tls, "plans", None)
-    if bufs is None:
-        bufs = _tls.plans = {}
-    b = bufs.get(prep)
-    if b is None:
-        buf = ctypes.create_string_buffer(ROPE_PARAMS.size)
-        ROPE_PARAMS.packer.pack_into(buf, 0, *((0,) * len(ROPE_POINTERS)),
-                                     *((0.0,) * len(ROPE_FREQ)), *prep.static)
-        argv = (ctypes.c_void_p * 1)(ctypes.addressof(buf))
-        b = bufs[prep] = (buf, ctypes.addressof(argv), argv)
-    return b
+# Pointers are packed per call; the rest of the struct (frequencies, strides) per plan.
+_POINTERS = struct.Struct("<" + "q" * len(ROPE_POINTERS))
+_THREAD_BUFFERS_MAX = 256
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: keys the per-thread arg buffers
@@ -87,128 +92,41 @@ class _Prepared:
     dtype: str
 
 
-_prepared: dict = {}
-_single_device = False  # set once a GPU is seen and it is the only one: no device switch check
-
-# Bound by bind_torch() when arrays.py first meets a torch tensor (rope_jit never imports
-# torch itself): the torch Framework, torch.Tensor, torch.compiler.is_dynamo_compiling and
-# the rope_jit.torch_ops module. Module globals, so the warm path's routing test is a few
-# global reads and attribute reads, not a method call.
-_torch_fw = None
-_Tensor = None
-_is_compiling = None
-_torch_ops = None
-
-
-def bind_torch(fw) -> None:
-    """Called once with the TorchFramework: registers rope_jit's torch.library ops."""
-    global _torch_fw, _Tensor, _is_compiling, _torch_ops
-    import torch
-
-    try:
-        from . import torch_ops
-    except Exception as e:  # a torch without torch.library.custom_op(schema=) (< 2.4)
-        import warnings
-
-        warnings.warn(f"rope_jit: torch.compile and autograd support unavailable with torch "
-                      f"{torch.__version__} ({type(e).__name__}: {e}); eager calls work",
-                      stacklevel=2)
-        return
-
-    # is_dynamo_compiling is `return False`, which Dynamo folds to True while tracing: a
-    # third of the cost of is_compiling (measured on the H100 host: 36 vs 85 ns a call).
-    # Non-strict torch.export hands us FakeTensors, which the type test routes anyway.
-    _is_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
-    _Tensor, _torch_ops = torch.Tensor, torch_ops
-    _torch_fw = fw
+def _plan_buffer(prep: _Prepared) -> tuple:
+    """This thread's argument buffer of `prep`, static part packed: (buffer, void** argv)."""
+    bufs = getattr(_tls, "plans", None)
+    if bufs is None:
+        bufs = _tls.plans = {}
+    b = bufs.get(prep)
+    if b is None:
+        if len(bufs) >= _THREAD_BUFFERS_MAX:
+            bufs.clear()
+        buf = ctypes.create_string_buffer(ROPE_PARAMS.size)
+        ROPE_PARAMS.packer.pack_into(buf, 0, *((0,) * len(ROPE_POINTERS)), *prep.static)
+        argv = (ctypes.c_void_p * 1)(ctypes.addressof(buf))
+        b = bufs[prep] = (buf, argv)
+    return b
 
 
-def _freq_values(on_the_fly) -> tuple:
-    """Kernel values (freq_exponent, inv_scale, ramp_a, ramp_b, attention_factor) of the
-    on-the-fly parameters (see run_rope); kernels/rope.cu fly_cos_sin says how they are used."""
-    if on_the_fly is None:
-        return (0.0, 1.0, 0.0, 0.0, 1.0)
-    rot, theta, scale, variant = on_the_fly
-    exponent = -2.0 * math.log2(theta) / rot
-    if variant is None:
-        return (exponent, 1.0 / scale, 0.0, 0.0, 1.0)
-    if variant[0] == "llama3":
-        # w = clamp((old_ctx / wavelen - low) / (high - low)), wavelen = 2 pi / inv_freq
-        _, low, high, old_ctx = variant
-        ramp_a = old_ctx / (2 * math.pi * high - 2 * math.pi * low)
-        ramp_b = -1.0 / (high / low - 1.0)
-        return (exponent, 1.0 / scale, ramp_a, ramp_b, 1.0)
-    # YaRN: weight of the unscaled frequency w = 1 - clamp((j - low) / (high - low)),
-    # transformers' linear ramp, which widens an empty ramp (low == high) by 0.001.
-    _, low, high, attention_factor = variant
-    if high == low:
-        high = low + 0.001
-    return (exponent, 1.0 / scale, -1.0 / (high - low), 1.0 + low / (high - low),
-            attention_factor)
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check_freq(theta, scale, variant) -> None:
-    if not (_finite(theta) and theta > 0) or theta == 1:
-        raise ValueError(f"rope_theta: expected a finite number > 0 and != 1, got {theta!r}")
-    if not (_finite(scale) and scale > 0):
-        raise ValueError(f"rope_scale: expected a finite number > 0, got {scale!r}")
-    if variant is None:
-        return
-    if variant[0] == "llama3":
-        _, low, high, old_ctx = variant
-        if not (_finite(low) and _finite(high) and low > 0 and high > low):
-            raise ValueError(f"high_freq_factor must exceed low_freq_factor > 0, got "
-                             f"low_freq_factor={low!r}, high_freq_factor={high!r}")
-        if not (_finite(old_ctx) and old_ctx > 0):
-            raise ValueError(f"old_context_len: expected a positive number, got {old_ctx!r}")
-    elif variant[0] == "yarn":
-        _, low, high, attention_factor = variant
-        if not (_finite(low) and _finite(high) and high >= low):
-            raise ValueError(f"yarn ramp: expected finite low <= high frequency indices, got "
-                             f"low={low!r}, high={high!r}")
-        if not (_finite(attention_factor) and attention_factor > 0):
-            raise ValueError(f"attention_factor: expected a finite number > 0, got "
-                             f"{attention_factor!r}")
-    else:
-        raise ValueError(f"on-the-fly scaling: expected llama3 or yarn, got {variant[0]!r}")
-
-
-_freq_cache: dict = {}
-
-
-def _freq(on_the_fly) -> tuple:
-    v = _freq_cache.get(on_the_fly)
-    if v is None:
-        if on_the_fly is not None:
-            _check_freq(*on_the_fly[1:])
-        v = _freq_cache[on_the_fly] = _freq_values(on_the_fly)
-    return v
-
-
-def _prepare(fw: Framework, query, key, positions, indptr, offsets, cache, head_size,
-             rotary_dim, is_neox, inplace, scaling, mrope, inverse) -> _Prepared:
+def _prepare(fw: Framework, call: RopeCall, query, key, positions, indptr, offsets, cache,
+             tuning: Tuning | None) -> _Prepared:
     qd = fw.describe(query)
-    kd = describe(key, "key") if key is not None else None
-    pd = describe(positions, "positions") if positions is not None else None
-    ind = describe(indptr, "indptr") if indptr is not None else None
-    od = describe(offsets, "offsets") if offsets is not None else None
-    cd = describe(cache, "cos_sin_cache") if cache is not None else None
-    sms = num_sms(qd.device) if qd.device >= 0 else 132
-    plan = plan_rope(qd, kd, head_size=head_size, rotary_dim=rotary_dim, is_neox=is_neox,
-                     positions=pd, indptr=ind, offsets=od, cos_sin_cache=cd, inplace=inplace,
-                     scaling=scaling, mrope_section=mrope[0] if mrope else None,
-                     mrope_interleaved=bool(mrope and mrope[1]), inverse=inverse, num_sms=sms)
-    if plan.spec is None:
-        return _Prepared(0, (), (), 0, plan.static, plan.device, plan.q_out_shape,
-                         plan.k_out_shape, qd.dtype)
-    func = jit.get_function(plan.spec, plan.device)
-    return _Prepared(func, plan.launch.grid, plan.launch.block, plan.launch.smem, plan.static,
-                     plan.device,
-                     plan.q_out_shape, plan.k_out_shape, qd.dtype)
+    arrays = RopeArrays(
+        qd, describe(key, "key") if key is not None else None,
+        describe(positions, "positions") if positions is not None else None,
+        describe(indptr, "indptr") if indptr is not None else None,
+        describe(offsets, "offsets") if offsets is not None else None,
+        describe(cache, "cos_sin_cache") if cache is not None else None)
+    on_gpu = qd.device >= 0
+    sms = num_sms(qd.device) if on_gpu else 132
+    if tuning is None:
+        tuning = tuning_for(qd.device) if on_gpu else Tuning()
+    plan = plan_rope(call, arrays, tuning=tuning, num_sms=sms)
+    func = jit.get_function(plan.spec, plan.device) if plan.spec is not None else 0
+    launch = plan.launch
+    return _Prepared(func, launch.grid if launch else (), launch.block if launch else (),
+                     launch.smem if launch else 0, plan.static, plan.device, plan.q_out_shape,
+                     plan.k_out_shape, qd.dtype)
 
 
 _NONE = (None, 0)  # fingerprint and pointer of an absent argument
@@ -221,44 +139,18 @@ def _fp(obj, name: str):
     return framework_of(obj, name).fingerprint(obj)
 
 
-def run_rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions=None,
-             indptr=None, offsets=None, cache=None, on_the_fly=None, mrope=None,
-             inverse=False, check_positions=False, _route=True):
-    """Apply RoPE. In place: returns None. Out of place: returns (q_out, k_out) of the
-    caller's array type (k_out None when key is None).
+def run_rope(call: RopeCall, query, key, positions=None, indptr=None, offsets=None, cache=None,
+             *, tuning: Tuning | None = None, fw: Framework | None = None):
+    """Apply RoPE as `call` says to arrays of any supported framework. In place: returns
+    None. Out of place: (q_out, k_out) of the caller's array type (k_out None without key).
 
-    on_the_fly: None with a cache, else (rotary_dim, rope_theta, rope_scale, variant) where
-    rope_scale divides the frequencies and variant is None (linear scaling),
-    ("llama3", low_freq_factor, high_freq_factor, old_context_len) or
-    ("yarn", low, high, attention_factor) with YaRN's ramp bounds as frequency indices.
-    mrope: None, or ((t, h, w) section, interleaved) with positions [3, num_tokens].
-    inverse: rotate by the negative angle (the backward pass: the transpose of the rotation).
-    _route: False only from the torch custom ops' implementations (no second routing).
+    tuning: the dispatch knobs; None: this device's (``rope_jit.tuning``).
+    fw: query's Framework when the caller already knows it.
     """
-    fw = _BY_TYPE.get(type(query)) or framework_of(query, "query")  # inline hit: ~40 ns less
-    # Torch calls that torch must see go through the custom ops: under torch.compile (the
-    # op becomes a graph node), when q or k requires grad (autograd; torch_ops decides
-    # whether grad mode is on), for tensor subclasses (FakeTensor, FunctionalTensor,
-    # Parameter). Ordered cheapest first; a plain eager call pays all four tests.
-    try:  # free unless raised (Python >= 3.11)
-        route = fw is _torch_fw and (type(query) is not _Tensor or query.requires_grad
-                                     or (key is not None and key.requires_grad)
-                                     or _is_compiling()) and _route
-    except AttributeError:  # key is no tensor at all: the direct path names it
-        route = False
-    if route:
-        return _torch_ops.rope(query, key, head_size=head_size, rotary_dim=rotary_dim,
-                               is_neox=is_neox, inplace=inplace, positions=positions,
-                               indptr=indptr, offsets=offsets, cache=cache,
-                               on_the_fly=on_the_fly, mrope=mrope, inverse=inverse,
-                               check_positions=check_positions)
+    if fw is None:
+        fw = _BY_TYPE.get(type(query)) or framework_of(query, "query")
     if not fw.native:
-        return _run_foreign(fw, query, key, head_size=head_size, rotary_dim=rotary_dim,
-                            is_neox=is_neox, inplace=inplace, positions=positions, indptr=indptr,
-                            offsets=offsets, cache=cache, on_the_fly=on_the_fly, mrope=mrope,
-                            inverse=inverse, check_positions=check_positions)
-    # _freq validates rope_theta/rope_scale (on a miss) before anything is compiled
-    freq = _freq_cache.get(on_the_fly) or _freq(on_the_fly)
+        return _run_foreign(fw, call, query, key, positions, indptr, offsets, cache, tuning)
     fp, qt = fw.fingerprint, type(query)
     fq, q_ptr = fp(query)
     # Absent arguments are tested inline and arguments of query's type go straight to its
@@ -272,27 +164,16 @@ def run_rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions=N
                      else _fp(offsets, "offsets"))
     fc, c_ptr = (_NONE if cache is None else fp(cache) if type(cache) is qt
                  else _fp(cache, "cos_sin_cache"))
-    scaling = "linear" if on_the_fly is None or on_the_fly[3] is None else on_the_fly[3][0]
-    sig = (fq, fk, fpos, find, foff, fc, head_size, rotary_dim, is_neox, inplace, scaling, mrope,
-           inverse)
-    prep = _prepared.get(sig)
+    sig = (call, fq, fk, fpos, find, foff, fc, tuning)
+    prep = _plans.get(sig) or _plans.miss(sig)
     if prep is None:
-        if fw is _torch_fw and _route and query.is_meta:
-            # meta tensors: the op's meta kernel gives the output shapes (checked here, on
-            # a plan miss, so the warm path pays nothing for it)
-            return _torch_ops.rope(query, key, head_size=head_size, rotary_dim=rotary_dim,
-                                   is_neox=is_neox, inplace=inplace, positions=positions,
-                                   indptr=indptr, offsets=offsets, cache=cache,
-                                   on_the_fly=on_the_fly, mrope=mrope, inverse=inverse,
-                                   check_positions=check_positions)
-        prep = _prepare(fw, query, key, positions, indptr, offsets, cache, head_size,
-                        rotary_dim, is_neox, inplace, scaling, mrope, inverse)
-        _prepared[sig] = prep
+        prep = _prepare(fw, call, query, key, positions, indptr, offsets, cache, tuning)
+        _plans.put(sig, prep)
         global _single_device
         _single_device = device_count() == 1
-    if check_positions and cache is not None and prep.func:
+    if call.check_positions and cache is not None and prep.func:
         _check_positions_in_cache(positions, cache)
-    if inplace:
+    if call.inplace:
         qo_ptr, ko_ptr, outs = q_ptr, k_ptr, None
     else:
         q_out = fw.empty(prep.q_out_shape, prep.dtype, prep.device, query)
@@ -301,9 +182,8 @@ def run_rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions=N
         ko_ptr = fw.fingerprint(k_out)[1] if k_out is not None else 0
         outs = (q_out, k_out)
     if prep.func:
-        buf, argv, _keep = _plan_buffer(prep)
-        _DYNAMIC.pack_into(buf, 0, q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr or ind_ptr, off_ptr, c_ptr,
-                           *freq)
+        buf, argv = _plan_buffer(prep)
+        _POINTERS.pack_into(buf, 0, q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr or ind_ptr, off_ptr, c_ptr)
         dev = prep.device
         if _single_device or dev == current_device():
             _launch_prepared(prep, fw.stream(dev), argv)
@@ -316,15 +196,26 @@ def run_rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions=N
 _cu_launch = None  # cupy_backends' cuLaunchKernel, looked up once
 
 
-def _launch_prepared(prep, stream: int, argv: int) -> None:
+def _launch_prepared(prep: _Prepared, stream: int, argv) -> None:
     global _cu_launch
     if _cu_launch is None:
         _cu_launch = driver_module().launchKernel
     g, b = prep.grid, prep.block
-    _cu_launch(prep.func, g[0], g[1], g[2], b[0], b[1], b[2], prep.smem, stream, argv, 0)
+    _cu_launch(prep.func, g[0], g[1], g[2], b[0], b[1], b[2], prep.smem, stream,
+               ctypes.addressof(argv), 0)
 
 
-def _run_foreign(fw: Framework, query, key, *, inplace, **kw):
+def launch_kernel(func: int, grid, block, smem: int, stream: int, packer, values) -> None:
+    """One launch of a kernel whose arguments are packed on the spot (cold paths)."""
+    buf = ctypes.create_string_buffer(packer.size)
+    packer.pack_into(buf, 0, *values)
+    argv = (ctypes.c_void_p * 1)(ctypes.addressof(buf))
+    driver_module().launchKernel(func, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                                 smem, stream, ctypes.addressof(argv), 0)
+
+
+def _run_foreign(fw: Framework, call: RopeCall, query, key, positions, indptr, offsets, cache,
+                 tuning):
     """Arrays that arrive through __cuda_array_interface__ or __dlpack__: read them as CuPy
     views, run on CuPy's current stream of their device, and hand results back in the
     caller's type.
@@ -339,21 +230,19 @@ def _run_foreign(fw: Framework, query, key, *, inplace, **kw):
     * __cuda_array_interface__ v3 with a ``stream``: our stream waits on an event recorded
       on the producer's stream (``_cuda.wait_for_producer_stream``).
     """
-    if inplace:
+    if call.inplace:
         for obj, name in ((query, "query"), (key, "key")):
             if obj is not None and not framework_of(obj, name).mutable(obj):
                 raise TypeError(f"{name}: {type(obj).__module__}.{type(obj).__name__} arrays are "
                                 "immutable; use the out-of-place function, which returns new arrays")
-    names = {"cache": "cos_sin_cache"}
-    arrays = [("query", query), ("key", key)] + [(n, kw.pop(n)) for n in
-                                                 ("positions", "indptr", "offsets", "cache")]
+    arrays = (("query", query), ("key", key), ("positions", positions), ("indptr", indptr),
+              ("offsets", offsets), ("cos_sin_cache", cache))
     # Devices first, from metadata alone (no view is made yet): every array on one device,
     # checked before anything touches the GPU.
     device = None
-    for n, obj in arrays:
+    for name, obj in arrays:
         if obj is None:
             continue
-        name = names.get(n, n)
         d = framework_of(obj, name).device_of(obj, name)
         if d == HOST:
             raise TypeError(f"{name}: expected a CUDA device array, got an array in host memory "
@@ -374,9 +263,8 @@ def _run_foreign(fw: Framework, query, key, *, inplace, **kw):
         return _cupy_view(f.describe(obj))
 
     with cupy_module().cuda.Device(device):
-        views = {n: view(obj, names.get(n, n)) for n, obj in arrays}
-        q, k = views.pop("query"), views.pop("key")
-        outs = run_rope(q, k, inplace=inplace, **views, **kw)
+        views = [view(obj, name) for name, obj in arrays]
+        outs = run_rope(call, *views, tuning=tuning)
         if outs is None:
             return None
         return (fw.from_cupy(outs[0], query),
@@ -385,8 +273,6 @@ def _run_foreign(fw: Framework, query, key, *, inplace, **kw):
 
 def _cupy_view(d):
     """A CuPy ndarray over the memory an ArrayDesc describes (no copy)."""
-    from .arrays import numpy_dtype
-
     cp = cupy_module()
     dt = numpy_dtype(d.dtype)
     extent = 1 + sum((n - 1) * s for n, s in zip(d.shape, d.strides)) if d.size else 0
@@ -412,38 +298,39 @@ def _check_positions_in_cache(positions, cache) -> None:
                          f"{max_pos} rows), got min {lo}, max {hi}")
 
 
+def clear_caches() -> None:
+    """Forget every plan (and this thread's argument buffers): the next call of each kind
+    plans again (compiled kernels stay loaded)."""
+    _plans.clear()
+    if getattr(_tls, "plans", None) is not None:
+        _tls.plans.clear()
+
+
 # ------------------------------------------------------------------ positions_from_offsets
 
-def run_positions(indptr, offsets, nnz, _route=True):
+def run_positions(indptr, offsets, nnz):
+    """positions_from_offsets: on the host for host arrays, else one kernel on the device."""
     fw = framework_of(indptr, "indptr")
-    if fw is _torch_fw and _route and (_is_compiling() or type(indptr) is not _Tensor
-                                       or indptr.is_meta):
-        return _torch_ops.positions_from_offsets(indptr, offsets, nnz)
     ind, off = fw.describe(indptr), describe(offsets, "offsets")
-    plan_positions(ind, off, 0 if nnz is None else int(nnz))
+    nnz = None if nnz is None else check_int(nnz, "nnz")
+    index_dtype, batch = plan_positions(ind, off, nnz)
     if ind.device == HOST:  # host memory of any framework: computed on the host
         import numpy as np
-
-        from .reference import positions_from_offsets as host_positions
 
         out = host_positions(np.asarray(indptr), np.asarray(offsets), nnz)
         return out if fw.name == "numpy" else fw.from_host(out, None)
     if nnz is None:
         nnz = _last_entry(indptr, ind)
-    index_dtype, batch = plan_positions(ind, off, int(nnz))
-    out = fw.empty((int(nnz),), index_dtype, ind.device, indptr)
+    out = fw.empty((nnz,), index_dtype, ind.device, indptr)
     if nnz == 0:
         return out
-    spec = PositionsSpec(index_dtype)
-    func = jit.get_function(spec, ind.device)
+    func = jit.get_function(PositionsSpec(index_dtype), ind.device)
     out_ptr = describe(out).ptr
     ind_ptr = ind.ptr if fw.native else _cupy_view(ind).data.ptr
-    off_ptr = off.ptr
     block = 256
-    grid = (-(-int(nnz) // block), 1, 1)
     with cupy_module().cuda.Device(ind.device):
-        launch_kernel(func, grid, (block, 1, 1), 0, fw.stream(ind.device), POSITIONS_PARAMS.packer,
-                      (ind_ptr, off_ptr, out_ptr, int(nnz), batch))
+        launch_kernel(func, (-(-nnz // block), 1, 1), (block, 1, 1), 0, fw.stream(ind.device),
+                      POSITIONS_PARAMS.packer, (ind_ptr, off.ptr, out_ptr, nnz, batch))
     return out
 
 

@@ -142,3 +142,20 @@ def ulp(y: np.ndarray, dtype: str) -> np.ndarray:
     e = np.where(a > 0, np.frexp(a)[1] - 1, min_exp)   # exact floor(log2(a))
     e = np.maximum(e, min_exp)
     return np.ldexp(1.0, (e - mant).astype(np.int64))
+
+
+def mrope_cos_sin(cache, positions, mrope_section, mrope_interleaved: bool = False):
+    """float64 (cos, sin) ``[num_tokens, R/2]`` of multimodal positions ``[3, num_tokens]``
+    read from a cache (any dtype, values taken exactly): frequency j reads the cache row of
+    ``positions[mrope_rows(...)[j], t]`` (t, h, w sections in chunks, or interleaved). The
+    reference the mRoPE kernels are tested against."""
+    positions = np.asarray(positions)
+    if positions.ndim != 2 or positions.shape[0] != 3:
+        raise ValueError(f"positions: expected shape [3, num_tokens], got {list(positions.shape)}")
+    half = np.asarray(cache).shape[-1] // 2
+    if sum(int(n) for n in mrope_section) != half:
+        raise ValueError(f"mrope_section: {list(mrope_section)} sums to "
+                         f"{sum(int(n) for n in mrope_section)}, the cache has {half} frequencies")
+    c3, s3 = cos_sin_from_cache(cache, positions)  # [3, T, R/2]
+    return (mrope_select(c3, mrope_section, mrope_interleaved),
+            mrope_select(s3, mrope_section, mrope_interleaved))

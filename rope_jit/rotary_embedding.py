@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from .arrays import FLOAT_DTYPES, dtype_name, framework_of
+from .arrays import framework_of
+from .dtypes import FLOAT_DTYPES, dtype_name
 from .scaling import RopeScaling, resolve_rope_scaling
 
 

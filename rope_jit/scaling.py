@@ -1,7 +1,7 @@
 """RoPE scaling variants: inverse frequencies, attention factor and cache layout of every
 HuggingFace ``rope_type`` (and vLLM's ``deepseek_yarn``), in NumPy float64.
 
-One function, :func:`resolve_rope_scaling`, turns a HuggingFace-style dict (a
+:func:`resolve_rope_scaling` turns a HuggingFace-style dict (a
 ``rope_scaling`` of transformers 4.x or a ``rope_parameters`` of transformers 5.x, or
 vLLM's ``rope_scaling`` argument of ``get_rope``) into a frozen :class:`RopeScaling` that
 holds everything a cache builder or an on-the-fly kernel needs, with the formulas of
@@ -36,17 +36,19 @@ Nothing here imports torch, CuPy or transformers.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import warnings
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from functools import lru_cache
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
-from . import reference
-from .arrays import FLOAT_DTYPES, dtype_name, framework_of, numpy_dtype
+from .arrays import framework_of
+from .dtypes import FLOAT_DTYPES, dtype_name, numpy_dtype, round_to
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "deepseek_yarn", "llama3", "longrope",
               "proportional")
@@ -151,7 +153,8 @@ class RopeScaling:
         inv = self.inv_freq
         if long is not None and self.rope_type == "longrope":
             inv = self.long_inv_freq if long else self.short_inv_freq
-        c, s = reference.cos_sin(positions, inv)
+        angle = np.asarray(positions, dtype=np.float64)[..., None] * inv
+        c, s = np.cos(angle), np.sin(angle)
         if self.attention_factor != 1.0:
             c, s = c * self.attention_factor, s * self.attention_factor
         return c, s
@@ -170,7 +173,7 @@ class RopeScaling:
         if name not in FLOAT_DTYPES:
             raise TypeError(f"dtype: expected float16, bfloat16 or float32, got {dtype!r}")
         fw = framework_of(like, "like") if like is not None else None
-        host = self._build(numpy_dtype(name), lambda x: reference.round_to(x, name))
+        host = self._build(numpy_dtype(name), lambda x: round_to(x, name))
         return host if fw is None else fw.from_host(host, like)
 
     def _build(self, out_dtype, rounding) -> np.ndarray:
@@ -205,62 +208,103 @@ def _is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _where(key: str) -> str:
-    return f"rope_scaling[{key!r}]"
+@dataclass(frozen=True)
+class _Params:
+    """A variant's dict and the context its init function reads: the rotated dim, the base,
+    max_position and seq_len; ``names`` maps dict keys to the argument a user gave (the
+    FlashInfer-style functions build the dict from ``rope_scale`` or ``old_context_len``)."""
 
+    d: Mapping
+    rope_type: str
+    dim: int
+    theta: float
+    max_position: int | None
+    seq_len: int | None
+    names: Mapping = field(default_factory=dict)
 
-def _number(d: Mapping, key: str, rope_type: str, *, default=None, required=False,
-            positive=True, minimum=None, falsy_default=False) -> float | None:
-    """d[key] as a finite float. falsy_default: None and 0 mean `default` (transformers'
-    ``d.get(key) or default`` idiom, kept so results match it)."""
-    v = d.get(key)
-    if v is None or (falsy_default and _is_number(v) and v == 0):
-        if required:
-            raise ValueError(f"{_where(key)}: required for rope_type {rope_type!r}")
-        return default
-    if not _is_number(v) or not math.isfinite(float(v)):
-        raise ValueError(f"{_where(key)}: expected a finite number for rope_type "
-                         f"{rope_type!r}, got {v!r}")
-    v = float(v)
-    if positive and v <= 0:
-        raise ValueError(f"{_where(key)}: expected a number > 0, got {v!r}")
-    if minimum is not None and v < minimum:
-        raise ValueError(f"{_where(key)}: expected a number >= {minimum}, got {v!r}")
-    return v
+    def where(self, key: str) -> str:
+        return self.names.get(key, f"rope_scaling[{key!r}]")
+
+    def number(self, key: str, *, default=None, required=False, positive=True, minimum=None,
+               falsy_default=False) -> float | None:
+        """d[key] as a finite float. falsy_default: None and 0 mean `default`
+        (transformers' ``d.get(key) or default`` idiom, kept so results match it)."""
+        v = self.d.get(key)
+        if v is None or (falsy_default and _is_number(v) and v == 0):
+            if required:
+                raise ValueError(f"{self.where(key)}: required for rope_type {self.rope_type!r}")
+            return default
+        if not _is_number(v) or not math.isfinite(float(v)):
+            raise ValueError(f"{self.where(key)}: expected a finite number for rope_type "
+                             f"{self.rope_type!r}, got {v!r}")
+        v = float(v)
+        if positive and v <= 0:
+            raise ValueError(f"{self.where(key)}: expected a number > 0, got {v!r}")
+        if minimum is not None and v < minimum:
+            raise ValueError(f"{self.where(key)}: expected a number >= {minimum}, got {v!r}")
+        return v
+
+    def required_factor(self) -> float:
+        """``factor``, which transformers' validation requires for this type (a missing key
+        is an error; an explicit None falls back to max_position / original, as
+        transformers' YaRN computes it for DeepSeek-style configs)."""
+        if "factor" not in self.d:
+            raise ValueError(f"{self.where('factor')}: required for rope_type {self.rope_type!r}")
+        return self.number("factor", required=self.d["factor"] is not None or self.rope_type
+                           == "deepseek_yarn")
+
+    def original_max(self) -> int:
+        key = "original_max_position_embeddings"
+        v = self.d.get(key)
+        if v is None:
+            raise ValueError(f"{self.where(key)}: required for rope_type {self.rope_type!r}")
+        return _integer(v, self.where(key), minimum=1)
+
+    def flag(self, key: str, default: bool) -> bool:
+        v = self.d.get(key, default)
+        if not isinstance(v, (bool, np.bool_)):
+            raise ValueError(f"{self.where(key)}: expected a bool, got {v!r}")
+        return bool(v)
+
+    def factor_from_max_position(self, factor: float | None) -> float:
+        """The factor, else transformers' fallback max_position / original."""
+        if factor is not None:
+            return factor
+        if not self.max_position:
+            raise ValueError(f"{self.where('factor')}: required for rope_type "
+                             f"{self.rope_type!r} (or give max_position: factor = "
+                             "max_position / original)")
+        return self.max_position / self.original_max()
 
 
 def _integer(v, what: str, *, minimum: int) -> int:
-    if _is_number(v) and float(v).is_integer() and math.isfinite(float(v)):
+    if _is_number(v) and math.isfinite(float(v)) and float(v).is_integer():
         v = int(v)
         if v >= minimum:
             return v
     raise ValueError(f"{what}: expected an integer >= {minimum}, got {v!r}")
 
 
-def _original_max(d: Mapping, rope_type: str) -> int:
-    v = d.get("original_max_position_embeddings")
-    if v is None:
-        raise ValueError(f"{_where('original_max_position_embeddings')}: required for "
-                         f"rope_type {rope_type!r}")
-    return _integer(v, _where("original_max_position_embeddings"), minimum=1)
-
-
-def _check_base(base, what: str) -> float:
-    if not _is_number(base):
+def check_base(base, what: str) -> float:
+    """rope_theta / base: a finite number > 0 and != 1 (the one check every entry uses)."""
+    if not _is_number(base) or not (0 < float(base) < math.inf) or float(base) == 1:
         raise ValueError(f"{what}: expected a finite number > 0 and != 1, got {base!r}")
-    base = float(base)
-    if not (0 < base < math.inf) or base == 1:
-        raise ValueError(f"{what}: expected a finite number > 0 and != 1, got {base!r}")
-    return base
+    return float(base)
 
 
 def rope_type_of(rope_scaling: Mapping | None) -> str:
-    """The canonical rope_type of a dict (``rope_type``, else ``type``, else default)."""
+    """The canonical rope_type of a dict (``rope_type``, else ``type``, else default).
+    Both keys with different values is an error (which one was meant?)."""
     if rope_scaling is None:
         return "default"
     t = rope_scaling.get("rope_type")
+    legacy = rope_scaling.get("type")
     if t is None:
-        t = rope_scaling.get("type", "default")
+        t = "default" if legacy is None else legacy
+    elif (legacy is not None and legacy != "mrope"  # Qwen2-VL's marker of mRoPE sections
+          and _ALIASES.get(legacy, legacy) != _ALIASES.get(t, t)):
+        raise ValueError(f"rope_scaling['type']: {legacy!r} conflicts with "
+                         f"rope_scaling['rope_type'] = {t!r}; give one of them")
     if not isinstance(t, str):
         raise ValueError(f"rope_scaling['rope_type']: expected a string, got {t!r}")
     t = _ALIASES.get(t, t)
@@ -274,14 +318,12 @@ def rope_type_of(rope_scaling: Mapping | None) -> str:
     return t
 
 
-def _mrope(d: Mapping, half: int, rope_type: str):
-    section = d.get("mrope_section")
-    interleaved = d.get("mrope_interleaved", False)
-    if not isinstance(interleaved, (bool, np.bool_)):
-        raise ValueError(f"{_where('mrope_interleaved')}: expected a bool, got {interleaved!r}")
+def _mrope(p: _Params):
+    section = p.d.get("mrope_section")
+    interleaved = p.flag("mrope_interleaved", False)
     if section is None:
         if interleaved:
-            raise ValueError(f"{_where('mrope_interleaved')}: needs mrope_section")
+            raise ValueError(f"{p.where('mrope_interleaved')}: needs mrope_section")
         return None, False
     try:
         section = tuple(section)
@@ -289,14 +331,14 @@ def _mrope(d: Mapping, half: int, rope_type: str):
         section = None
     if (section is None or len(section) != 3
             or not all(_is_number(s) and float(s).is_integer() and s >= 0 for s in section)):
-        raise ValueError(f"{_where('mrope_section')}: expected 3 non-negative integers "
-                         f"(t, h, w frequency counts), got {d.get('mrope_section')!r}")
+        raise ValueError(f"{p.where('mrope_section')}: expected 3 non-negative integers "
+                         f"(t, h, w frequency counts), got {p.d.get('mrope_section')!r}")
     section = tuple(int(s) for s in section)
-    if sum(section) != half:
-        raise ValueError(f"{_where('mrope_section')}: the sections {list(section)} must sum to "
-                         f"rotary_dim/2 = {half}, got {sum(section)}")
-    if rope_type == "longrope":
-        raise ValueError(f"{_where('mrope_section')}: not supported with rope_type 'longrope' "
+    if sum(section) != p.dim // 2:
+        raise ValueError(f"{p.where('mrope_section')}: the sections {list(section)} must sum "
+                         f"to rotary_dim/2 = {p.dim // 2}, got {sum(section)}")
+    if p.rope_type == "longrope":
+        raise ValueError(f"{p.where('mrope_section')}: not supported with rope_type 'longrope' "
                          "(its cache holds two tables)")
     return section, bool(interleaved)
 
@@ -304,7 +346,6 @@ def _mrope(d: Mapping, half: int, rope_type: str):
 # -------------------------------------------------------------------- the formulas
 
 def _default_inv(dim: int, base: float) -> np.ndarray:
-    # Same expression as reference.inv_frequencies: the default cache stays bit-identical.
     return 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
 
 
@@ -327,14 +368,6 @@ def yarn_correction_range(beta_fast: float, beta_slow: float, dim: int, base: fl
     if truncate:
         low, high = math.floor(low), math.ceil(high)
     return float(max(low, 0)), float(min(high, dim - 1))
-
-
-def _yarn_inv(dim, base, factor, low, high, extrapolation_factor):
-    i = np.arange(dim // 2, dtype=np.float64)
-    extrap = _default_inv(dim, base)
-    interp = extrap / factor
-    mask = (1.0 - np.clip((i - low) / (high - low), 0.0, 1.0)) * extrapolation_factor
-    return interp * (1.0 - mask) + extrap * mask
 
 
 def llama3_inv_freq(inv: np.ndarray, factor: float, low_freq_factor: float,
@@ -366,9 +399,188 @@ def _ceil_mul(n: int, factor: float) -> int:
     return int(math.ceil(n * factor))
 
 
+# -------------------------------------------------------------------- one function per type
+
+@dataclass
+class _Variant:
+    """What a rope_type's init function contributes to a RopeScaling."""
+
+    inv: np.ndarray
+    cache_length: int | None
+    attention: float = 1.0
+    factor: float = 1.0
+    base: float | None = None           # dynamic NTK: the adjusted base
+    fields: dict = field(default_factory=dict)   # RopeScaling's variant fields
+    params: dict = field(default_factory=dict)   # normalized parameters, defaults filled in
+
+
+def _init_default(p: _Params) -> _Variant:
+    return _Variant(_default_inv(p.dim, p.theta), p.max_position)
+
+
+def _init_linear(p: _Params) -> _Variant:
+    factor = p.number("factor", required=True)
+    length = None if p.max_position is None else max(p.max_position, _ceil_mul(p.max_position, factor))
+    return _Variant(_default_inv(p.dim, p.theta) / factor, length, factor=factor)
+
+
+def _init_dynamic(p: _Params) -> _Variant:
+    if p.d.get("factor") is None and p.d.get("alpha") is not None:
+        raise ValueError(f"{p.where('alpha')}: dynamic NTK-alpha scaling (vLLM's "
+                         "DynamicNTKAlphaRotaryEmbedding) is not supported; give 'factor'")
+    factor = p.number("factor", required=True)
+    if p.max_position is None or p.max_position < 1:
+        raise ValueError("max_position: required (>= 1) for rope_type 'dynamic' (it is the "
+                         f"original context length), got {p.max_position!r}")
+    if p.dim < 4:
+        raise ValueError(f"rotary_dim: dynamic NTK needs a rotary dim >= 4 (exponent "
+                         f"R/(R-2)), got {p.dim}")
+    length = p.max_position if p.seq_len is None else max(p.seq_len, p.max_position)
+    new_base = p.theta * ((factor * length / p.max_position) - (factor - 1)) ** (p.dim / (p.dim - 2))
+    return _Variant(_default_inv(p.dim, new_base), length, factor=factor, base=new_base,
+                    fields=dict(original_base=p.theta, seq_len=length))
+
+
+def _init_yarn(p: _Params) -> _Variant:
+    """transformers' YaRN, and vLLM's DeepseekScalingRotaryEmbedding (deepseek_yarn: ramp
+    always truncated, mask scaled by extrapolation_factor, attention factor
+    get(f, mscale) / get(f, mscale_all_dim) * attn_factor)."""
+    deepseek = p.rope_type == "deepseek_yarn"
+    orig = p.original_max()
+    factor = p.factor_from_max_position(p.required_factor())
+    # transformers reads beta_fast/beta_slow with `or`: 0 means the default too
+    beta_fast = p.number("beta_fast", default=32.0, falsy_default=True)
+    beta_slow = p.number("beta_slow", default=1.0, falsy_default=True)
+    if beta_fast < beta_slow:
+        raise ValueError(f"{p.where('beta_fast')}: must be >= beta_slow, got beta_fast="
+                         f"{beta_fast!r}, beta_slow={beta_slow!r}")
+    mscale = p.number("mscale", positive=False, minimum=0.0)
+    mscale_all_dim = p.number("mscale_all_dim", positive=False, minimum=0.0)
+    attn_factor = p.number("attn_factor", default=1.0)
+    if deepseek:
+        truncate = True
+        extrapolation = p.number("extrapolation_factor", default=1.0, positive=False, minimum=0.0)
+        attention = (yarn_get_mscale(factor, 1.0 if mscale is None else mscale)
+                     / yarn_get_mscale(factor, 0.0 if mscale_all_dim is None else mscale_all_dim)
+                     * attn_factor)
+    else:
+        truncate = p.flag("truncate", True)
+        extrapolation = 1.0
+        attention = p.number("attention_factor")
+        if attention is None:
+            if mscale and mscale_all_dim:  # transformers: both present and non-zero
+                attention = yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
+            else:
+                attention = yarn_get_mscale(factor)
+        attention *= attn_factor  # vLLM's multiplier; 1 unless the dict has it
+    low, high = yarn_correction_range(beta_fast, beta_slow, p.dim, p.theta, orig, truncate)
+    if low == high:
+        high = low + 0.001  # transformers' / vLLM's guard against an empty ramp
+    i = np.arange(p.dim // 2, dtype=np.float64)
+    extrap = _default_inv(p.dim, p.theta)
+    mask = (1.0 - np.clip((i - low) / (high - low), 0.0, 1.0)) * extrapolation
+    inv = extrap / factor * (1.0 - mask) + extrap * mask
+    length = _ceil_mul(orig, factor)
+    if p.max_position is not None:
+        length = max(length, p.max_position)
+    params = dict(original_max_position_embeddings=orig, beta_fast=beta_fast,
+                  beta_slow=beta_slow, mscale=mscale, mscale_all_dim=mscale_all_dim,
+                  attn_factor=attn_factor, truncate=truncate)
+    if deepseek:
+        params["extrapolation_factor"] = extrapolation
+    return _Variant(inv, length, attention=attention, factor=factor, params=params,
+                    fields=dict(original_max_position=orig, low=low, high=high,
+                                beta_fast=beta_fast, beta_slow=beta_slow, truncate=truncate,
+                                extrapolation_factor=extrapolation))
+
+
+def _init_llama3(p: _Params) -> _Variant:
+    factor = p.number("factor", required=True)
+    lff = p.number("low_freq_factor", required=True)
+    hff = p.number("high_freq_factor", required=True)
+    if hff < lff:
+        raise ValueError(f"{p.where('high_freq_factor')}: must be >= low_freq_factor, got "
+                         f"high_freq_factor={hff!r}, low_freq_factor={lff!r}")
+    orig = p.original_max()
+    inv = llama3_inv_freq(_default_inv(p.dim, p.theta), factor, lff, hff, orig)
+    return _Variant(inv, p.max_position, factor=factor,
+                    fields=dict(original_max_position=orig, low_freq_factor=lff,
+                                high_freq_factor=hff),
+                    params=dict(low_freq_factor=lff, high_freq_factor=hff,
+                                original_max_position_embeddings=orig))
+
+
+def _init_longrope(p: _Params) -> _Variant:
+    orig = p.original_max()
+    half = p.dim // 2
+    tables = {}
+    for key in ("short_factor", "long_factor"):
+        v = p.d.get(key)
+        if v is None:
+            raise ValueError(f"{p.where(key)}: required for rope_type 'longrope'")
+        try:
+            arr = np.array([float(x) if _is_number(x) else math.nan for x in v], dtype=np.float64)
+        except TypeError:
+            raise ValueError(f"{p.where(key)}: expected a list of {half} numbers, got {v!r}") from None
+        if arr.shape != (half,):
+            raise ValueError(f"{p.where(key)}: expected {half} numbers (rotary_dim/2), got {len(arr)}")
+        if not (np.isfinite(arr).all() and (arr > 0).all()):
+            raise ValueError(f"{p.where(key)}: expected finite numbers > 0, got {list(v)!r}")
+        tables[key] = arr
+    # transformers only warns about a missing factor here and uses max_position / original
+    factor = p.factor_from_max_position(p.number("factor"))
+    attention = p.number("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    # vLLM's per-table overrides (Phi-3-small configs); each defaults to the factor above
+    short_ms = p.number("short_mscale", default=attention)
+    long_ms = p.number("long_mscale", default=attention)
+    if short_ms != long_ms:
+        raise ValueError(f"rope_scaling['short_mscale'] = {short_ms!r} differs from "
+                         f"['long_mscale'] = {long_ms!r}: one factor for both tables is "
+                         "supported; give attention_factor")
+    base_inv = _default_inv(p.dim, p.theta)
+    short_inv = base_inv / tables["short_factor"]
+    long_inv = base_inv / tables["long_factor"]
+    use_long = p.seq_len is not None and p.seq_len > orig
+    return _Variant(long_inv if use_long else short_inv,
+                    None if p.max_position is None else orig + p.max_position,
+                    attention=short_ms, factor=factor,
+                    fields=dict(original_max_position=orig, short_inv_freq=_readonly(short_inv),
+                                long_inv_freq=_readonly(long_inv), seq_len=p.seq_len),
+                    params=dict(original_max_position_embeddings=orig,
+                                short_factor=tuple(tables["short_factor"]),
+                                long_factor=tuple(tables["long_factor"])))
+
+
+def _init_proportional(p: _Params) -> _Variant:
+    """transformers' proportional RoPE: the whole head rotates; int(prf * head_dim // 2)
+    angles use exponents 2i/head_dim, the rest frequency 0."""
+    factor = p.number("factor", default=1.0)
+    prf = p.d.get("partial_rotary_factor") or 1.0
+    angles = int(prf * p.dim // 2)
+    inv = np.zeros(p.dim // 2, dtype=np.float64)
+    inv[:angles] = 1.0 / p.theta ** (np.arange(0, 2 * angles, 2, dtype=np.float64) / p.dim)
+    return _Variant(inv / factor, p.max_position, factor=factor)
+
+
+# rope_type -> init function, as transformers' ROPE_INIT_FUNCTIONS (deepseek_yarn: vLLM's)
+ROPE_INIT_FUNCTIONS = {
+    "default": _init_default,
+    "linear": _init_linear,
+    "dynamic": _init_dynamic,
+    "yarn": _init_yarn,
+    "deepseek_yarn": _init_yarn,
+    "llama3": _init_llama3,
+    "longrope": _init_longrope,
+    "proportional": _init_proportional,
+}
+assert set(ROPE_INIT_FUNCTIONS) == set(ROPE_TYPES)
+
+
 def resolve_rope_scaling(rope_scaling: Mapping | None, rotary_dim: int, base: float | None = None,
                          max_position: int | None = None, *, seq_len: int | None = None,
-                         ) -> RopeScaling:
+                         names: Mapping | None = None) -> RopeScaling:
     """Resolve a HuggingFace-style RoPE dict into a :class:`RopeScaling`.
 
     rope_scaling: None (plain RoPE) or a dict with ``rope_type`` (or ``type``) and the
@@ -383,17 +595,21 @@ def resolve_rope_scaling(rope_scaling: Mapping | None, rotary_dim: int, base: fl
     max_position: transformers' ``max_position_embeddings`` (vLLM's ``max_position``): the
         cache rows of most variants, dynamic NTK's original length, the long table of
         longrope, and the fallback factor ``max_position / original`` of yarn and longrope
-        when the dict has no ``factor``.
+        when the dict's factor is None.
     seq_len: the current sequence length (largest position + 1), for the variants that
         depend on it: dynamic (frequencies for max(seq_len, max_position)) and longrope
         (``inv_freq`` is the long table when seq_len > original). None: transformers'
         initial state (dynamic as default frequencies, longrope short).
+    names: dict key -> the argument name errors should give (for dicts built from other
+        arguments).
 
-    Unknown rope_type, a missing or invalid parameter: ValueError naming it.
+    Unknown rope_type, a missing or invalid parameter: ValueError naming it. The variant
+    itself is computed by ``ROPE_INIT_FUNCTIONS[rope_type]``.
     """
     if rope_scaling is not None and not isinstance(rope_scaling, Mapping):
         raise ValueError(f"rope_scaling: expected a dict or None, got {type(rope_scaling).__name__}")
     d = dict(rope_scaling or {})
+    names = dict(names or {})
     rope_type = rope_type_of(d)
     unknown = sorted(k for k in d if k not in _KNOWN_KEYS)
     if unknown:
@@ -409,25 +625,24 @@ def resolve_rope_scaling(rope_scaling: Mapping | None, rotary_dim: int, base: fl
         seq_len = _integer(seq_len, "seq_len", minimum=0)
 
     # rope_theta: the argument and the dict must agree when both are given
+    theta_name = names.get("rope_theta", "rope_scaling['rope_theta']")
     if d.get("rope_theta") is not None:
-        theta = _check_base(d["rope_theta"], _where("rope_theta"))
-        if base is not None and _check_base(base, "base") != theta:
-            raise ValueError(f"base: {base!r} differs from {_where('rope_theta')} = {theta!r}; "
+        theta = check_base(d["rope_theta"], theta_name)
+        if base is not None and check_base(base, "base") != theta:
+            raise ValueError(f"base: {base!r} differs from {theta_name} = {theta!r}; "
                              "give one of them")
     else:
-        theta = _check_base(10000.0 if base is None else base, "base")
+        theta = check_base(10000.0 if base is None else base, "base")
 
     prf = d.get("partial_rotary_factor", 1.0)
     if prf is None:
         prf = 1.0
     if not _is_number(prf) or not (0.0 < float(prf) <= 1.0):
-        raise ValueError(f"{_where('partial_rotary_factor')}: expected a number in (0, 1], got {prf!r}")
+        raise ValueError(f"rope_scaling['partial_rotary_factor']: expected a number in (0, 1], "
+                         f"got {prf!r}")
     prf = float(prf)
-
     if rope_type == "proportional":
-        # transformers' _compute_proportional_rope_parameters: the whole head rotates;
-        # int(prf * head_dim // 2) angles use exponents 2i/head_dim, the rest frequency 0.
-        dim = rotary_dim
+        dim = rotary_dim  # the whole head rotates; the pairs past prf's angles at frequency 0
         if dim % 2:
             raise ValueError(f"rotary_dim: expected a positive even integer, got {rotary_dim!r}")
     else:
@@ -435,242 +650,107 @@ def resolve_rope_scaling(rope_scaling: Mapping | None, rotary_dim: int, base: fl
         if dim < 2 or dim % 2:
             raise ValueError(f"rotary_dim: int(rotary_dim * partial_rotary_factor) = "
                              f"int({rotary_dim} * {prf}) = {dim}: expected a positive even integer")
-    half = dim // 2
-    section, interleaved = _mrope(d, half, rope_type)
 
-    params: dict[str, Any] = {"rope_type": rope_type, "rope_theta": theta,
-                              "partial_rotary_factor": prf}
-    fields: dict[str, Any] = {}
-    out_base = theta  # RopeScaling.base: dynamic NTK replaces it
-    attention = 1.0
-    factor = 1.0
-    cache_length = max_position
+    p = _Params(d, rope_type, dim, theta, max_position, seq_len, names)
+    section, interleaved = _mrope(p)
+    v = ROPE_INIT_FUNCTIONS[rope_type](p)
 
-    if rope_type == "default":
-        inv = _default_inv(dim, theta)
-
-    elif rope_type == "linear":
-        factor = _number(d, "factor", rope_type, required=True)
-        inv = _default_inv(dim, theta) / factor
-        cache_length = None if max_position is None else max(max_position, _ceil_mul(max_position, factor))
-
-    elif rope_type == "dynamic":
-        if d.get("factor") is None and d.get("alpha") is not None:
-            raise ValueError(f"{_where('alpha')}: dynamic NTK-alpha scaling (vLLM's "
-                             "DynamicNTKAlphaRotaryEmbedding) is not supported; give 'factor'")
-        factor = _number(d, "factor", rope_type, required=True)
-        if max_position is None or max_position < 1:
-            raise ValueError("max_position: required (>= 1) for rope_type 'dynamic' (it is the "
-                             f"original context length), got {max_position!r}")
-        if dim < 4:
-            raise ValueError(f"rotary_dim: dynamic NTK needs a rotary dim >= 4 (exponent "
-                             f"R/(R-2)), got {dim}")
-        length = max_position if seq_len is None else max(seq_len, max_position)
-        new_base = theta * ((factor * length / max_position) - (factor - 1)) ** (dim / (dim - 2))
-        inv = _default_inv(dim, new_base)
-        fields.update(original_base=theta, seq_len=length)
-        out_base = new_base
-        cache_length = length
-
-    elif rope_type in ("yarn", "deepseek_yarn"):
-        orig = _original_max(d, rope_type)
-        factor = _number(d, "factor", rope_type)
-        if factor is None:
-            if rope_type == "deepseek_yarn" or not max_position:
-                raise ValueError(f"{_where('factor')}: required for rope_type {rope_type!r}"
-                                 + ("" if rope_type == "deepseek_yarn" else
-                                    " (or give max_position: factor = max_position / original)"))
-            factor = max_position / orig  # transformers' fallback (DeepSeek-style configs)
-        # transformers reads beta_fast/beta_slow with `or`: 0 means the default too
-        beta_fast = _number(d, "beta_fast", rope_type, default=32.0, falsy_default=True)
-        beta_slow = _number(d, "beta_slow", rope_type, default=1.0, falsy_default=True)
-        if beta_fast < beta_slow:
-            raise ValueError(f"{_where('beta_fast')}: must be >= beta_slow, got beta_fast="
-                             f"{beta_fast!r}, beta_slow={beta_slow!r}")
-        mscale = _number(d, "mscale", rope_type, positive=False, minimum=0.0)
-        mscale_all_dim = _number(d, "mscale_all_dim", rope_type, positive=False, minimum=0.0)
-        attn_factor = _number(d, "attn_factor", rope_type, default=1.0)
-        if rope_type == "yarn":
-            truncate = d.get("truncate", True)
-            if not isinstance(truncate, (bool, np.bool_)):
-                raise ValueError(f"{_where('truncate')}: expected a bool, got {truncate!r}")
-            truncate = bool(truncate)
-            extrapolation = 1.0
-            given = _number(d, "attention_factor", rope_type)
-            if given is not None:
-                attention = given
-            elif mscale and mscale_all_dim:  # transformers: both present and non-zero
-                attention = yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
-            else:
-                attention = yarn_get_mscale(factor)
-            attention *= attn_factor  # vLLM's multiplier; 1 unless the dict has it
-        else:
-            # vLLM's DeepseekScalingRotaryEmbedding: ramp always truncated, mask scaled by
-            # extrapolation_factor, mscale = get(f, mscale) / get(f, mscale_all_dim) * attn_factor
-            truncate = True
-            extrapolation = _number(d, "extrapolation_factor", rope_type, default=1.0,
-                                    positive=False, minimum=0.0)
-            attention = (yarn_get_mscale(factor, 1.0 if mscale is None else mscale)
-                         / yarn_get_mscale(factor, 0.0 if mscale_all_dim is None else mscale_all_dim)
-                         * attn_factor)
-        low, high = yarn_correction_range(beta_fast, beta_slow, dim, theta, orig, truncate)
-        if low == high:
-            high = low + 0.001  # transformers' / vLLM's guard against an empty ramp
-        inv = _yarn_inv(dim, theta, factor, low, high, extrapolation)
-        fields.update(original_max_position=orig, low=low, high=high, beta_fast=beta_fast,
-                      beta_slow=beta_slow, truncate=truncate, extrapolation_factor=extrapolation)
-        params.update(original_max_position_embeddings=orig, beta_fast=beta_fast,
-                      beta_slow=beta_slow, mscale=mscale, mscale_all_dim=mscale_all_dim,
-                      attn_factor=attn_factor, truncate=truncate)
-        if rope_type == "deepseek_yarn":
-            params["extrapolation_factor"] = extrapolation
-        cache_length = _ceil_mul(orig, factor)
-        if max_position is not None:
-            cache_length = max(cache_length, max_position)
-
-    elif rope_type == "llama3":
-        factor = _number(d, "factor", rope_type, required=True)
-        lff = _number(d, "low_freq_factor", rope_type, required=True)
-        hff = _number(d, "high_freq_factor", rope_type, required=True)
-        if hff < lff:
-            raise ValueError(f"{_where('high_freq_factor')}: must be >= low_freq_factor, got "
-                             f"high_freq_factor={hff!r}, low_freq_factor={lff!r}")
-        orig = _original_max(d, rope_type)
-        inv = llama3_inv_freq(_default_inv(dim, theta), factor, lff, hff, orig)
-        fields.update(original_max_position=orig, low_freq_factor=lff, high_freq_factor=hff)
-        params.update(low_freq_factor=lff, high_freq_factor=hff,
-                      original_max_position_embeddings=orig)
-
-    elif rope_type == "longrope":
-        orig = _original_max(d, rope_type)
-        tables = {}
-        for key in ("short_factor", "long_factor"):
-            v = d.get(key)
-            if v is None:
-                raise ValueError(f"{_where(key)}: required for rope_type 'longrope'")
-            try:
-                arr = np.array([float(x) if _is_number(x) else math.nan for x in v], dtype=np.float64)
-            except TypeError:
-                raise ValueError(f"{_where(key)}: expected a list of {half} numbers, got {v!r}") from None
-            if arr.shape != (half,):
-                raise ValueError(f"{_where(key)}: expected {half} numbers (rotary_dim/2), got {len(arr)}")
-            if not (np.isfinite(arr).all() and (arr > 0).all()):
-                raise ValueError(f"{_where(key)}: expected finite numbers > 0, got {list(v)!r}")
-            tables[key] = arr
-        factor = _number(d, "factor", rope_type)
-        if factor is None:
-            if max_position is None:
-                raise ValueError(f"{_where('factor')}: required for rope_type 'longrope' (or "
-                                 "give max_position: factor = max_position / original)")
-            factor = max_position / orig  # transformers (and vLLM's) Phi-3 rule
-        given = _number(d, "attention_factor", rope_type)
-        if given is not None:
-            attention = given
-        elif factor <= 1.0:
-            attention = 1.0
-        else:
-            attention = math.sqrt(1 + math.log(factor) / math.log(orig))
-        # vLLM's per-table overrides (Phi-3-small configs); each defaults to the factor above
-        short_ms = _number(d, "short_mscale", rope_type, default=attention)
-        long_ms = _number(d, "long_mscale", rope_type, default=attention)
-        if short_ms != long_ms:
-            raise ValueError(f"rope_scaling['short_mscale'] = {short_ms!r} differs from "
-                             f"['long_mscale'] = {long_ms!r}: one factor for both tables is "
-                             "supported; give attention_factor")
-        attention = short_ms
-        base_inv = _default_inv(dim, theta)
-        short_inv = base_inv / tables["short_factor"]
-        long_inv = base_inv / tables["long_factor"]
-        use_long = seq_len is not None and seq_len > orig
-        inv = long_inv if use_long else short_inv
-        fields.update(original_max_position=orig, short_inv_freq=_readonly(short_inv),
-                      long_inv_freq=_readonly(long_inv), seq_len=seq_len)
-        params.update(original_max_position_embeddings=orig,
-                      short_factor=tuple(tables["short_factor"]),
-                      long_factor=tuple(tables["long_factor"]))
-        cache_length = None if max_position is None else orig + max_position
-
-    elif rope_type == "proportional":
-        factor = _number(d, "factor", rope_type, default=1.0)
-        angles = int(prf * dim // 2)
-        inv = np.zeros(half, dtype=np.float64)
-        inv[:angles] = 1.0 / theta ** (np.arange(0, 2 * angles, 2, dtype=np.float64) / dim)
-        inv = inv / factor
-
-    else:  # pragma: no cover - rope_type_of rejects everything else
-        raise AssertionError(rope_type)
-
-    params["factor"] = factor
-    params["attention_factor"] = attention
+    params = {"rope_type": rope_type, "rope_theta": theta, "partial_rotary_factor": prf,
+              **v.params, "factor": v.factor, "attention_factor": v.attention}
+    cache_length = v.cache_length
     if section is not None:
         params.update(mrope_section=list(section), mrope_interleaved=interleaved)
         # vLLM's MRotaryEmbedding: Qwen2.5-VL video positions can exceed max_position
         if max_position is not None:
             cache_length = max(cache_length or 0, 4 * max_position)
     return RopeScaling(
-        rope_type=rope_type, rotary_dim=dim,
-        base=out_base,
-        max_position=max_position, inv_freq=_readonly(inv), attention_factor=float(attention),
-        cache_length=cache_length, factor=float(factor), partial_rotary_factor=prf,
-        mrope_section=section, mrope_interleaved=interleaved,
-        params=MappingProxyType(params), **fields)
+        rope_type=rope_type, rotary_dim=dim, base=theta if v.base is None else v.base,
+        max_position=max_position, inv_freq=_readonly(v.inv),
+        attention_factor=float(v.attention), cache_length=cache_length, factor=float(v.factor),
+        partial_rotary_factor=prf, mrope_section=section, mrope_interleaved=interleaved,
+        params=MappingProxyType(params), **v.fields)
 
 
 # -------------------------------------------------------------------- on the fly
 
-def on_the_fly_variant(rope_scaling: Mapping, rotary_dim: int, rope_theta: float = 1e4):
-    """``(rope_theta, rope_scale, variant)`` for the on-the-fly kernels (rope_jit.launch):
-    variant None (plain / linear: frequencies divided by rope_scale),
-    ``("llama3", low_freq_factor, high_freq_factor, original_max_position)`` or
-    ``("yarn", low, high, attention_factor)`` with rope_scale the factor.
+class OnTheFly(NamedTuple):
+    """What the on-the-fly kernel needs (kernels/rope.cu, fly_cos_sin): the compile-time
+    variant and the five RopeParams frequency values."""
 
-    rotary_dim is the kernel's rotary dim, so the dict must not carry a
-    partial_rotary_factor other than 1 (pass rotary_dim= instead). rope_theta: the dict's
-    ``rope_theta`` wins over FlashInfer's default 1e4; any other value must agree with it.
-    Variants that are not cheap in the kernel (dynamic, longrope, proportional) or that
-    the kernel does not model (deepseek_yarn with extrapolation_factor != 1, mrope caches)
-    raise ValueError: use a cache (``compute_cos_sin_cache`` / ``get_rope``)."""
-    if not isinstance(rope_scaling, Mapping):
-        raise ValueError(f"rope_scaling: expected a dict, got {type(rope_scaling).__name__}")
+    variant: str             # one of specs.SCALINGS: linear, llama3, yarn
+    freq_exponent: float     # inv_freq[j] = 2 ** (j * freq_exponent)
+    inv_scale: float         # the scaled frequency is inv_freq * inv_scale
+    ramp_a: float            # blend weight w = clamp(x * ramp_a + ramp_b, 0, 1)
+    ramp_b: float
+    attention_factor: float  # multiplies cos and sin
+
+
+def _fly_linear(s: RopeScaling, exponent: float, names: Mapping) -> OnTheFly:
+    return OnTheFly("linear", exponent, 1.0 / s.factor, 0.0, 0.0, 1.0)
+
+
+def _fly_llama3(s: RopeScaling, exponent: float, names: Mapping) -> OnTheFly:
+    """transformers' Llama 3 bands as a clamped blend over x = inv_freq:
+    w = clamp((original / wavelen - low) / (high - low)), wavelen = 2 pi / inv_freq."""
+    low, high = s.low_freq_factor, s.high_freq_factor
+    if not high > low:
+        raise ValueError(f"{names.get('high_freq_factor', 'high_freq_factor')}: must exceed "
+                         f"low_freq_factor on the fly, got low_freq_factor={low!r}, "
+                         f"high_freq_factor={high!r}")
+    ramp_a = s.original_max_position / (2 * math.pi * high - 2 * math.pi * low)
+    ramp_b = -1.0 / (high / low - 1.0)
+    return OnTheFly("llama3", exponent, 1.0 / s.factor, ramp_a, ramp_b, 1.0)
+
+
+def _fly_yarn(s: RopeScaling, exponent: float, names: Mapping) -> OnTheFly:
+    """YaRN's ramp over x = j: the weight of the unscaled frequency is
+    1 - clamp((j - low) / (high - low)) (low and high as resolved: ramp already widened)."""
+    if s.extrapolation_factor != 1.0:
+        raise ValueError(f"rope_scaling['extrapolation_factor']: {s.extrapolation_factor!r} is "
+                         "not available on the fly (the kernel's YaRN ramp has none); use a "
+                         "cos/sin cache (compute_cos_sin_cache or get_rope)")
+    width = s.high - s.low
+    return OnTheFly("yarn", exponent, 1.0 / s.factor, -1.0 / width, 1.0 + s.low / width,
+                    s.attention_factor)
+
+
+# rope_type -> its on-the-fly kernel values; the others need a cache
+ON_THE_FLY_FUNCTIONS = {
+    "default": _fly_linear,
+    "linear": _fly_linear,
+    "llama3": _fly_llama3,
+    "yarn": _fly_yarn,
+    "deepseek_yarn": _fly_yarn,
+}
+
+
+@lru_cache(maxsize=256)
+def on_the_fly_values(frequencies: str, rotary_dim: int) -> OnTheFly:
+    """The kernel values of a call's on-the-fly frequencies (``RopeCall.frequencies``, see
+    ``rope_jit.call.frequencies_json``) at the kernel's rotary dim. ValueError naming the
+    parameter for invalid values and for variants the kernel cannot compute (dynamic,
+    longrope, proportional, deepseek_yarn with an extrapolation_factor, a
+    partial_rotary_factor other than 1: use a cache)."""
+    spec = json.loads(frequencies)
+    rope_scaling, names = spec["rope_scaling"], spec["names"]
     rope_type = rope_type_of(rope_scaling)
-    if rope_type not in ("default", "linear", "llama3", "yarn", "deepseek_yarn"):
+    fly = ON_THE_FLY_FUNCTIONS.get(rope_type)
+    if fly is None:
         raise ValueError(f"rope_scaling['rope_type']: {rope_type!r} is not available on the fly "
-                         "(on the fly: default, linear, llama3, yarn); use a cos/sin cache "
-                         "(compute_cos_sin_cache or get_rope)")
+                         f"(on the fly: {', '.join(ON_THE_FLY_FUNCTIONS)}); use a cos/sin "
+                         "cache (compute_cos_sin_cache or get_rope)")
     prf = rope_scaling.get("partial_rotary_factor")
     if prf is not None and prf != 1:
-        raise ValueError(f"{_where('partial_rotary_factor')}: must be 1 on the fly (got {prf!r}); "
-                         "pass rotary_dim= instead")
-    base = rope_theta
-    if rope_scaling.get("rope_theta") is not None and rope_theta == 1e4:
-        base = None  # FlashInfer's default: the dict's value applies
-    s = resolve_rope_scaling(rope_scaling, rotary_dim, base)
-    if s.rope_type in ("default", "linear"):
-        return (s.base, s.factor, None)
-    if s.rope_type == "llama3":
-        return (s.base, s.factor, ("llama3", s.low_freq_factor, s.high_freq_factor,
-                                   s.original_max_position))
-    if s.extrapolation_factor == 1.0:  # yarn, or deepseek_yarn without its extra knob
-        return (s.base, s.factor, ("yarn", s.low, s.high, s.attention_factor))
-    raise ValueError(f"rope_scaling['extrapolation_factor']: {s.extrapolation_factor!r} is not "
-                     "available on the fly (the kernel's YaRN ramp has none); use a cos/sin cache "
-                     "(compute_cos_sin_cache or get_rope)")
+        raise ValueError(f"rope_scaling['partial_rotary_factor']: must be 1 on the fly (got "
+                         f"{prf!r}); pass rotary_dim= instead")
+    s = resolve_rope_scaling({**rope_scaling, "rope_theta": spec["rope_theta"]}, rotary_dim,
+                             names={"rope_theta": "rope_theta", **names})
+    return fly(s, -2.0 * math.log2(s.base) / rotary_dim, names)
 
 
-# -------------------------------------------------------------------- mRoPE
+def on_the_fly_variant(rope_scaling: Mapping, rotary_dim: int, rope_theta: float = 1e4) -> OnTheFly:
+    """``on_the_fly_values`` of a HuggingFace-style dict (with FlashInfer's rope_theta
+    rule: the dict's ``rope_theta`` wins over the default 1e4; another value must agree)."""
+    from .call import frequencies_json
 
-def mrope_cos_sin(cache, positions, mrope_section, mrope_interleaved: bool = False):
-    """float64 (cos, sin) ``[num_tokens, R/2]`` of multimodal positions ``[3, num_tokens]``
-    read from a cache (any dtype, values taken exactly): frequency j reads the cache row of
-    ``positions[reference.mrope_rows(...)[j], t]`` (t, h, w sections in chunks, or
-    interleaved). The reference the mRoPE kernels are tested against."""
-    positions = np.asarray(positions)
-    if positions.ndim != 2 or positions.shape[0] != 3:
-        raise ValueError(f"positions: expected shape [3, num_tokens], got {list(positions.shape)}")
-    half = np.asarray(cache).shape[-1] // 2
-    if sum(int(n) for n in mrope_section) != half:
-        raise ValueError(f"mrope_section: {list(mrope_section)} sums to "
-                         f"{sum(int(n) for n in mrope_section)}, the cache has {half} frequencies")
-    c3, s3 = reference.cos_sin_from_cache(cache, positions)  # [3, T, R/2]
-    return (reference.mrope_select(c3, mrope_section, mrope_interleaved),
-            reference.mrope_select(s3, mrope_section, mrope_interleaved))
+    return on_the_fly_values(frequencies_json(rope_theta, rope_scaling=rope_scaling), rotary_dim)

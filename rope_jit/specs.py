@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from .dtypes import C_TYPE
 
 _HERE = Path(__file__).resolve().parent
 
@@ -50,8 +52,9 @@ class ParamStruct:
         return self.packer.size
 
 
-# Pointers first (they change every call), then the on-the-fly frequency parameters,
-# then everything that depends only on shapes and strides (fixed per cached plan).
+# Pointers first (they change every call), then everything fixed per cached plan: the
+# on-the-fly frequency values (rope_jit.scaling.OnTheFly) and what depends only on shapes
+# and strides. A warm call packs the pointers alone.
 ROPE_POINTERS = ("q", "k", "q_out", "k_out", "positions", "offsets", "cache")
 ROPE_FREQ = ("freq_exponent", "inv_scale", "ramp_a", "ramp_b", "attention_factor")
 ROPE_STATIC = (
@@ -71,10 +74,6 @@ ROPE_PARAMS = ParamStruct(
 POSITIONS_PARAMS = ParamStruct(
     "PositionsParams",
     [("indptr", "q"), ("offsets", "q"), ("out", "q"), ("num_tokens", "q"), ("batch_size", "q")])
-
-C_TYPE = {"float16": "f16_t", "bfloat16": "bf16_t", "float32": "float",
-          "int32": "int", "int64": "long long"}
-
 
 def _c_bool(b: bool) -> str:
     return "true" if b else "false"
@@ -175,15 +174,8 @@ class PositionsSpec:
         return _render(prelude, "positions.cu")
 
 
-Spec = RopeSpec | PositionsSpec
-
-
 def _render(prelude: str, kernel_file: str) -> str:
     return "\n".join([template("common.cuh"), prelude, template(kernel_file)])
-
-
-def spec_fields(spec) -> dict:
-    return {f.name: getattr(spec, f.name) for f in fields(spec)}
 
 
 def source_hash(source: str) -> str:

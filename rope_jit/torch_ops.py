@@ -1,68 +1,36 @@
 """torch.library custom ops behind rope_jit's public entry points: torch.compile and autograd.
 
-Imported (and the ops registered) the first time rope_jit meets a torch tensor; never
-imported without torch. Three ops in the ``rope_jit`` namespace mirror ``launch.run_rope``
-and ``launch.run_positions`` one to one, so there is one code path, not two:
+Imported (and the ops registered) by ``rope_jit.route`` the first time rope_jit meets a
+torch tensor; never imported without torch. Three ops in the ``rope_jit`` namespace:
 
 * ``rope_jit::rope``   out of place: returns ``(q_out, k_out)`` (k_out is an empty tensor
   when there is no key: a custom op cannot return None); differentiable w.r.t. query and
-  key, the backward being the same op with ``inverse`` flipped (the rotation by the
-  negative angle is the transpose of the rotation, and the out-of-place kernel copies the
-  pass-through part of a partial rotary head, so its gradient passes through unchanged).
+  key, the backward being the same op with the call's ``inverse`` flipped (the rotation by
+  the negative angle is the transpose of the rotation, and the out-of-place kernel copies
+  the pass-through part of a partial rotary head, so its gradient passes through
+  unchanged).
 * ``rope_jit::rope_``  in place: mutates query and key (declared in the schema, so
   functionalization and CUDA graphs see the writes); not differentiable.
 * ``rope_jit::positions_from_offsets``: positions of a ragged batch (no gradient).
 
-Op arguments are tensors, numbers, bools, strings and lists only, so a call's Python-level
-parameters are resolved before the op: the on-the-fly tuple ``(rotary_dim, theta, scale,
-variant)`` becomes ``rope_theta``, ``rope_scale``, ``variant`` (``"none"``, ``"llama3"``,
-``"yarn"``) and ``variant_params`` (three floats); a HuggingFace ``rope_scaling`` dict has
-already been resolved to those by ``api._on_the_fly``; the mRoPE section becomes an int list.
-With a cos/sin cache, ``cos_sin_cache`` is given and the frequency arguments are unused.
+The arrays are op arguments; the rest of the call (a ``RopeCall``) travels as the op
+arguments ``rope_jit.call.OP_FIELDS`` declares (``to_op_args`` / ``from_op_args``), so the
+schema, the packing and the unpacking cannot disagree.
 
-Eager calls on plain CUDA tensors without grad never come here (``launch.run_rope`` keeps
-its direct path); the ops serve torch.compile (Dynamo records them as graph nodes, their
-fake implementations give the output metadata), autograd, tensor subclasses (FakeTensor,
-FunctionalTensor) and meta tensors. The real implementations call ``run_rope`` with
-``_route=False``; on CPU tensors they raise the same TypeError as every entry point
-(``query: expected a CUDA device array ... host memory``).
+The real implementations call ``launch.run_rope``; on CPU tensors they raise the same
+TypeError as every entry point (``query: expected a CUDA device array ... host memory``).
 """
 
 import torch
 
 from . import launch
-from .arrays import ArrayDesc
-from .plan import _int, plan_positions, plan_rope
+from .arrays import ArrayDesc, framework_of
+from .call import OP_FIELDS, OP_SCHEMA_ARGS, RopeCall, check_int, from_op_args, to_op_args
+from .plan import RopeArrays, plan_positions, plan_rope
 
 NAMESPACE = "rope_jit"
-
-# Shared by the in-place and out-of-place schemas (after query and key).
-_ARGS = ("Tensor? positions, Tensor? indptr, Tensor? offsets, Tensor? cos_sin_cache, "
-         "int? head_size, int? rotary_dim, bool is_neox, float rope_theta, float rope_scale, "
-         "str variant, float[] variant_params, int[]? mrope_section, bool mrope_interleaved, "
-         "bool inverse, bool check_positions")
-_N_ARGS = 15  # arguments after query and key (the backward returns None for each)
-
-
-# ------------------------------------------------------------------ op arguments <-> run_rope
-
-def _run_kwargs(positions, indptr, offsets, cos_sin_cache, head_size, rotary_dim, is_neox,
-                rope_theta, rope_scale, variant, variant_params, mrope_section,
-                mrope_interleaved, inverse, check_positions) -> dict:
-    """The op's arguments as launch.run_rope keywords (the inverse of `rope` below)."""
-    if cos_sin_cache is None:
-        var = None if variant == "none" else (variant, *variant_params)
-        on_the_fly = (rotary_dim, rope_theta, rope_scale, var)
-    else:
-        on_the_fly = None
-    mrope = (tuple(mrope_section), mrope_interleaved) if mrope_section is not None else None
-    return dict(head_size=head_size, rotary_dim=rotary_dim, is_neox=is_neox, positions=positions,
-                indptr=indptr, offsets=offsets, cache=cos_sin_cache, on_the_fly=on_the_fly,
-                mrope=mrope, inverse=inverse, check_positions=check_positions)
-
-
-def _opt_int(v, name):
-    return None if v is None else _int(v, name)
+_ARRAYS = "Tensor? positions, Tensor? indptr, Tensor? offsets, Tensor? cos_sin_cache"
+_NO_GRADS = (None,) * (4 + len(OP_FIELDS))  # positions, indptr, offsets, cache, the call
 
 
 def _tensor(x, name):
@@ -71,8 +39,6 @@ def _tensor(x, name):
     tensors, which the real implementation refuses like every host array."""
     if x is None or isinstance(x, torch.Tensor):
         return x
-    from .arrays import framework_of
-
     fw = framework_of(x, name)  # TypeError naming the argument for a non-array
     try:
         if fw.name == "numpy":
@@ -84,24 +50,11 @@ def _tensor(x, name):
         raise TypeError(f"{name}: cannot be passed to torch as a tensor ({e})") from None
 
 
-def rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions, indptr, offsets,
-         cache, on_the_fly, mrope, inverse, check_positions):
-    """launch.run_rope for torch calls torch must see: the same arguments, through the ops."""
-    if on_the_fly is None:
-        theta, scale, variant, params = 10000.0, 1.0, "none", []
-    else:
-        rotary_dim, theta, scale, var = on_the_fly
-        # the direct path's ValueErrors (rope_theta, rope_scale, Llama 3 / YaRN numbers),
-        # before float() could turn a bad value into a valid-looking one
-        launch._check_freq(theta, scale, var)
-        variant, params = ("none", []) if var is None else (var[0], [float(v) for v in var[1:]])
-    sec = None if mrope is None else [_int(v, "mrope_section") for v in mrope[0]]
+def rope(call: RopeCall, query, key, positions, indptr, offsets, cache):
+    """route.rope for torch calls torch must see: the same call, through the ops."""
     args = (_tensor(positions, "positions"), _tensor(indptr, "indptr"),
-            _tensor(offsets, "offsets"), _tensor(cache, "cos_sin_cache"),
-            _opt_int(head_size, "head_size"), _opt_int(rotary_dim, "rotary_dim"), bool(is_neox),
-            float(theta), float(scale), variant, params, sec, bool(mrope and mrope[1]),
-            bool(inverse), bool(check_positions))
-    if inplace:
+            _tensor(offsets, "offsets"), _tensor(cache, "cos_sin_cache"), *to_op_args(call))
+    if call.inplace:
         if torch.is_grad_enabled() and (query.requires_grad
                                         or (key is not None and key.requires_grad)):
             name = "query" if query.requires_grad else "key"
@@ -118,8 +71,8 @@ def rope(query, key, *, head_size, rotary_dim, is_neox, inplace, positions, indp
 
 
 def positions_from_offsets(indptr, offsets, nnz):
-    return torch.ops.rope_jit.positions_from_offsets(indptr, _tensor(offsets, "offsets"),
-                                                     _opt_int(nnz, "nnz"))
+    return torch.ops.rope_jit.positions_from_offsets(
+        indptr, _tensor(offsets, "offsets"), None if nnz is None else check_int(nnz, "nnz"))
 
 
 # ------------------------------------------------------------------ trace-time validation
@@ -150,46 +103,37 @@ def _descs(*tensors):
     return out
 
 
-def _check_fake(inplace, query, key, positions, indptr, offsets, cos_sin_cache, head_size,
-                rotary_dim, is_neox, rope_theta, rope_scale, variant, variant_params,
-                mrope_section, mrope_interleaved, inverse, check_positions) -> None:
+def _check_fake(inplace, query, key, positions, indptr, offsets, cos_sin_cache, call_args) -> None:
     """At trace time, the errors the real call would raise (named arguments, before the
     graph runs). Skipped for symbolic shapes."""
     descs = _descs(query, key, positions, indptr, offsets, cos_sin_cache)
-    if descs is _SYMBOLIC:
-        return
-    qd, kd, pd, ind, od, cd = descs
-    if cos_sin_cache is None:
-        launch._check_freq(rope_theta, rope_scale,
-                           None if variant == "none" else (variant, *variant_params))
-    plan_rope(qd, kd, head_size=head_size, rotary_dim=rotary_dim, is_neox=is_neox,
-              positions=pd, indptr=ind, offsets=od, cos_sin_cache=cd, inplace=inplace,
-              scaling="linear" if variant == "none" or cos_sin_cache is not None else variant,
-              mrope_section=mrope_section, mrope_interleaved=mrope_interleaved,
-              inverse=inverse)
+    if descs is not _SYMBOLIC:
+        plan_rope(from_op_args(inplace, call_args), RopeArrays(*descs))
 
 
 # ------------------------------------------------------------------ rope_jit::rope (out of place)
 
 @torch.library.custom_op(f"{NAMESPACE}::rope", mutates_args=(),
-                         schema=f"(Tensor query, Tensor? key, {_ARGS}) -> (Tensor, Tensor)")
-def _rope_op(query, key, *args):
-    q_out, k_out = launch.run_rope(query, key, inplace=False, _route=False, **_run_kwargs(*args))
+                         schema=f"(Tensor query, Tensor? key, {_ARRAYS}, {OP_SCHEMA_ARGS}) "
+                                "-> (Tensor, Tensor)")
+def _rope_op(query, key, positions, indptr, offsets, cos_sin_cache, *call_args):
+    q_out, k_out = launch.run_rope(from_op_args(False, call_args), query, key, positions,
+                                   indptr, offsets, cos_sin_cache)
     return q_out, (k_out if key is not None else query.new_empty(0))
 
 
 @_rope_op.register_fake
-def _rope_fake(query, key, *args):
-    _check_fake(False, query, key, *args)
+def _rope_fake(query, key, positions, indptr, offsets, cos_sin_cache, *call_args):
+    _check_fake(False, query, key, positions, indptr, offsets, cos_sin_cache, call_args)
     # the real outputs are new contiguous tensors of the inputs' shapes and dtype
     return query.new_empty(query.shape), (key.new_empty(key.shape) if key is not None
                                           else query.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, positions, indptr, offsets, cos_sin_cache, *static = inputs
+    query, key, positions, indptr, offsets, cos_sin_cache, *call_args = inputs
     ctx.has_key = key is not None
-    ctx.static = static
+    ctx.call = from_op_args(False, call_args)
     ctx.save_for_backward(positions, indptr, offsets, cos_sin_cache)
 
 
@@ -203,13 +147,12 @@ def _backward(ctx, grad_q, grad_k):
     family, out of place) with `inverse` flipped. Differentiable itself, so double
     backward works. Positions and the cache get no gradient."""
     positions, indptr, offsets, cos_sin_cache = ctx.saved_tensors
-    static = list(ctx.static)
-    static[-2] = not static[-2]   # inverse
-    static[-1] = False            # check_positions: the forward checked them
+    # the forward checked the positions already
+    call = ctx.call._replace(inverse=not ctx.call.inverse, check_positions=False)
     gk = _grad_input(grad_k) if ctx.has_key else None
     dq, dk = torch.ops.rope_jit.rope(_grad_input(grad_q), gk, positions, indptr, offsets,
-                                     cos_sin_cache, *static)
-    return (dq, dk if ctx.has_key else None) + (None,) * _N_ARGS
+                                     cos_sin_cache, *to_op_args(call))
+    return (dq, dk if ctx.has_key else None) + _NO_GRADS
 
 
 _rope_op.register_autograd(_backward, setup_context=_setup_context)
@@ -218,14 +161,16 @@ _rope_op.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------ rope_jit::rope_ (in place)
 
 @torch.library.custom_op(f"{NAMESPACE}::rope_", mutates_args=("query", "key"),
-                         schema=f"(Tensor(a!) query, Tensor(b!)? key, {_ARGS}) -> ()")
-def _rope_inplace_op(query, key, *args):
-    launch.run_rope(query, key, inplace=True, _route=False, **_run_kwargs(*args))
+                         schema=f"(Tensor(a!) query, Tensor(b!)? key, {_ARRAYS}, "
+                                f"{OP_SCHEMA_ARGS}) -> ()")
+def _rope_inplace_op(query, key, positions, indptr, offsets, cos_sin_cache, *call_args):
+    launch.run_rope(from_op_args(True, call_args), query, key, positions, indptr, offsets,
+                    cos_sin_cache)
 
 
 @_rope_inplace_op.register_fake
-def _rope_inplace_fake(query, key, *args):
-    _check_fake(True, query, key, *args)
+def _rope_inplace_fake(query, key, positions, indptr, offsets, cos_sin_cache, *call_args):
+    _check_fake(True, query, key, positions, indptr, offsets, cos_sin_cache, call_args)
 
 
 # ------------------------------------------------------------------ positions_from_offsets
@@ -233,7 +178,7 @@ def _rope_inplace_fake(query, key, *args):
 @torch.library.custom_op(f"{NAMESPACE}::positions_from_offsets", mutates_args=(),
                          schema="(Tensor indptr, Tensor offsets, SymInt? nnz) -> Tensor")
 def _positions_op(indptr, offsets, nnz):
-    return launch.run_positions(indptr, offsets, nnz, _route=False)
+    return launch.run_positions(indptr, offsets, nnz)
 
 
 @_positions_op.register_fake

@@ -4,11 +4,11 @@ such an arch the first call then loads a kernel instead of compiling one.
 
 Which specialization a call uses is the planner's decision: vector widths, heads per
 batch and prefetching depend on the token count and on the GPU's SM count. Nothing here
-restates those rules. ``specs_for_call`` describes a call the way the API would (the
-``ArrayDesc``s of q, k, positions and cache), runs ``plan.plan_rope`` on it over a sweep of
-token counts and SM counts, and collects the distinct specs the planner returns. Planner
-keyword arguments this module does not know (scaling variants, mRoPE, whatever comes
-next) pass through ``CallShape.plan_kwargs`` untouched.
+restates those rules. ``specs_for_call`` describes a call the way the API would (its
+``RopeCall`` and the ``ArrayDesc``s of q, k, positions and cache), runs ``plan.plan_rope``
+on it over a sweep of token counts and SM counts, and collects the distinct specs the
+planner returns. ``CallShape.plan_kwargs`` sets the call's other fields (``PLAN_ARGS``:
+the on-the-fly scaling variant, mRoPE sections, the inverse rotation).
 
 ``warm`` compiles (spec, arch) pairs on a thread pool: NVRTC releases the GIL, so the
 compiles run in parallel.
@@ -23,7 +23,10 @@ from dataclasses import dataclass, replace
 
 from . import jit
 from . import plan as planner  # looked up at call time: tests and new planner versions swap it
-from .arrays import FLOAT_DTYPES, INDEX_DTYPES, ITEMSIZE, ArrayDesc, contiguous_strides
+from .arrays import ArrayDesc, contiguous_strides
+from .call import INDPTR, POSITIONS, RopeCall, cache_call, frequencies_json, on_the_fly_call
+from .dtypes import FLOAT_DTYPES, INDEX_DTYPES, ITEMSIZE
+from .plan import RopeArrays, Tuning
 
 DEFAULT_MAX_TOKENS = 131072
 
@@ -60,6 +63,18 @@ _CACHE_ROWS = 4096
 # Synthetic base addresses, 256-byte aligned like every CUDA allocation: alignment is all
 # the planner reads of a pointer.
 _BASE = {"q": 1 << 32, "k": 2 << 32, "positions": 3 << 32, "offsets": 4 << 32, "cache": 5 << 32}
+
+
+# On-the-fly kernel variants (specs.SCALINGS) and a HuggingFace dict of each: the compiled
+# kernel depends on the variant only, not on its parameter values.
+SCALING_EXAMPLES = {
+    "linear": None,
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+}
+# CallShape.plan_kwargs names: RopeCall fields, and the on-the-fly scaling variant.
+PLAN_ARGS = ("scaling", "mrope_section", "mrope_interleaved", "inverse")
 
 
 class WarmError(RuntimeError):
@@ -136,21 +151,43 @@ def _position_kwargs(call: CallShape, num_tokens: int) -> dict:
     return {"positions": _desc("positions", shape, call.index_dtype)}
 
 
-def plan_call(call: CallShape, num_tokens: int, num_sms: int):
+def rope_call(call: CallShape) -> RopeCall:
+    """The RopeCall the API builds for `call`. ValueError naming an unknown plan_kwargs
+    name or an unknown scaling variant."""
+    extra = dict(call.plan_kwargs)
+    unknown = sorted(set(extra) - set(PLAN_ARGS))
+    if unknown:
+        raise ValueError(f"plan_kwargs: unknown {', '.join(unknown)}; expected "
+                         f"{', '.join(PLAN_ARGS)}")
+    scaling = extra.pop("scaling", "linear")
+    if scaling not in SCALING_EXAMPLES:
+        raise ValueError(f"scaling: expected one of {', '.join(SCALING_EXAMPLES)}, got {scaling!r}")
+    convention = INDPTR if call.indptr else POSITIONS
+    if call.cache_dtype is None:
+        rc = on_the_fly_call(convention, call.rotary_dim or call.head_size, not call.is_neox,
+                             call.inplace, frequencies_json(rope_scaling=SCALING_EXAMPLES[scaling]))
+    else:
+        if scaling != "linear":
+            raise ValueError(f"scaling: {scaling!r} is an on-the-fly variant; a cache holds "
+                             "whatever variant built it (use cache_dtype None)")
+        rc = cache_call(call.head_size, call.is_neox, call.inplace)._replace(convention=convention)
+    if extra.get("mrope_section") is not None:
+        extra["mrope_section"] = tuple(extra["mrope_section"])
+    return rc._replace(**extra)
+
+
+def plan_call(call: CallShape, num_tokens: int, num_sms: int, tuning: Tuning | None = None):
     """The planner's plan for `call` at `num_tokens` tokens on a GPU of `num_sms` SMs.
     Raises the planner's TypeError/ValueError for a call it refuses."""
     rot = call.rotary_dim or call.head_size
     fly = call.cache_dtype is None
-    kwargs = dict(
-        head_size=None if fly else call.head_size,
-        rotary_dim=rot if fly else None,
-        is_neox=call.is_neox, inplace=call.inplace, num_sms=num_sms,
-        cos_sin_cache=None if fly else _desc("cache", (_CACHE_ROWS, rot), call.cache_dtype),
-        **_position_kwargs(call, num_tokens))
-    kwargs.update(call.plan_kwargs)
     q = _heads_desc(call, "q", call.num_q_heads, num_tokens)
     k = _heads_desc(call, "k", call.num_kv_heads, num_tokens) if call.num_kv_heads else None
-    return planner.plan_rope(q, k, **kwargs)
+    arrays = RopeArrays(
+        q, k, cos_sin_cache=None if fly else _desc("cache", (_CACHE_ROWS, rot), call.cache_dtype),
+        **_position_kwargs(call, num_tokens))
+    return planner.plan_rope(rope_call(call), arrays, num_sms=num_sms,
+                             tuning=tuning or planner.DEFAULT_TUNING)
 
 
 def token_counts(max_tokens: int) -> list[int]:

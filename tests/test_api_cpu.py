@@ -21,6 +21,8 @@ import pytest
 
 import rope_jit
 from rope_jit import jit, launch, reference
+from rope_jit.call import frequencies_json
+from rope_jit.scaling import on_the_fly_values
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess:
@@ -263,19 +265,22 @@ def test_positions_from_offsets_rejects_lists():
 
 # ------------------------------------------------------------------ on-the-fly parameters
 
-def _kernel_frequencies(rot, theta, scale, variant):
+def _kernel_frequencies(rot, fly):
     """The kernel's formulation (kernels/rope.cu, fly_cos_sin) of the frequencies and the
-    cos/sin factor, fed with the values the launcher computes: inv = 2^(j*freq_exponent);
-    linear: f = inv*inv_scale; llama3 / yarn: w = clamp(x*a + b, 0, 1) with x = inv / j,
-    f = (1-w)*inv*inv_scale + w*inv."""
-    exponent, inv_scale, a, b, attention = launch._freq_values((rot, theta, scale, variant))
+    cos/sin factor, fed with the planner's values (scaling.OnTheFly): inv =
+    2^(j*freq_exponent); linear: f = inv*inv_scale; llama3 / yarn: w = clamp(x*a + b, 0, 1)
+    with x = inv / j, f = (1-w)*inv*inv_scale + w*inv."""
     j = np.arange(rot // 2, dtype=np.float64)
-    inv = np.exp2(j * exponent)
-    if variant is None:
-        return inv * inv_scale, attention
-    x = inv if variant[0] == "llama3" else j
-    w = np.clip(x * a + b, 0.0, 1.0)
-    return (1 - w) * (inv * inv_scale) + w * inv, attention
+    inv = np.exp2(j * fly.freq_exponent)
+    if fly.variant == "linear":
+        return inv * fly.inv_scale, fly.attention_factor
+    x = inv if fly.variant == "llama3" else j
+    w = np.clip(x * fly.ramp_a + fly.ramp_b, 0.0, 1.0)
+    return (1 - w) * (inv * fly.inv_scale) + w * inv, fly.attention_factor
+
+
+def _fly_values(rot, theta, scale, llama):
+    return on_the_fly_values(frequencies_json(theta, scale, llama31=llama), rot)
 
 
 @pytest.mark.parametrize("rot, theta, scale, llama", [
@@ -286,34 +291,24 @@ def test_on_the_fly_frequencies_match_reference(rot, theta, scale, llama):
     """The kernel's clamped-blend parameters reproduce the reference frequencies: linear
     scaling divides by rope_scale; Llama 3.1 matches transformers' piecewise bands."""
     want = reference.inv_frequencies(rot, base=theta, rope_scale=scale, llama31=llama)
-    variant = ("llama3", *llama) if llama else None
-    got, attention = _kernel_frequencies(rot, theta, scale, variant)
+    got, attention = _kernel_frequencies(rot, _fly_values(rot, theta, scale, llama))
     np.testing.assert_allclose(got, want, rtol=1e-13)
     assert attention == 1.0
 
 
 @pytest.mark.parametrize("theta, scale, llama, match", [
-    (1.0, 1.0, None, "rope_theta"), (0.0, 1.0, None, "rope_theta"), (-1e4, 1.0, None, "rope_theta"),
-    (math.inf, 1.0, None, "rope_theta"), (math.nan, 1.0, None, "rope_theta"),
-    ("1e4", 1.0, None, "rope_theta"),
-    (1e4, 0.0, None, "rope_scale"), (1e4, -8.0, None, "rope_scale"), (1e4, math.inf, None, "rope_scale"),
-    (5e5, 8.0, (0.0, 4.0, 8192), "low_freq_factor"), (5e5, 8.0, (4.0, 4.0, 8192), "high_freq_factor"),
-    (5e5, 8.0, (1.0, 4.0, 0), "old_context_len"),
+    (1.0, 1.0, None, "^rope_theta"), (0.0, 1.0, None, "^rope_theta"),
+    (-1e4, 1.0, None, "^rope_theta"), (math.inf, 1.0, None, "^rope_theta"),
+    (math.nan, 1.0, None, "^rope_theta"), ("1e4", 1.0, None, "^rope_theta"),
+    (1e4, 0.0, None, "^rope_scale"), (1e4, -8.0, None, "^rope_scale"), (1e4, math.inf, None, "^rope_scale"),
+    (5e5, 8.0, (0.0, 4.0, 8192), "^low_freq_factor"), (5e5, 8.0, (4.0, 4.0, 8192), "^high_freq_factor"),
+    (5e5, 8.0, (1.0, 4.0, 0), "^old_context_len"), (5e5, "8", (1.0, 4.0, 8192), "^rope_scale"),
 ])
 def test_on_the_fly_parameter_errors(theta, scale, llama, match):
-    """Bad rope_theta / rope_scale / Llama 3.1 parameters: ValueError naming them."""
+    """Bad rope_theta / rope_scale / Llama 3.1 parameters: ValueError naming the argument
+    as the FlashInfer-style functions call it."""
     with pytest.raises(ValueError, match=match):
-        launch._check_freq(theta, scale, ("llama3", *llama) if llama else None)
-
-
-@pytest.mark.parametrize("variant, match", [
-    (("yarn", 20.0, 10.0, 1.0), "low <= high"), (("yarn", math.nan, 10.0, 1.0), "low"),
-    (("yarn", 1.0, 10.0, 0.0), "attention_factor"), (("yarn", 1.0, 10.0, math.inf), "attention_factor"),
-    (("ntk", 1.0, 2.0, 3.0), "expected llama3 or yarn"),
-])
-def test_on_the_fly_yarn_parameter_errors(variant, match):
-    with pytest.raises(ValueError, match=match):
-        launch._check_freq(1e4, 4.0, variant)
+        _fly_values(128, theta, scale, llama)
 
 
 # ------------------------------------------------------------------ devices (SPEC section 6)
@@ -328,7 +323,7 @@ def _desc(shape, dtype="bfloat16", device=0, ptr=0):
 def test_plan_refuses_arrays_on_two_devices_cache(moved):
     """Every array of a call on query's device, else ValueError naming the one that is not
     (the planner, on ArrayDescs: no GPU involved)."""
-    from rope_jit.plan import plan_rope
+    from test_plan import plan_rope  # the planner fed as the public functions feed it
 
     dev = {moved: 1}
     with pytest.raises(ValueError, match=rf"^{moved} is on cuda:1 but query is on cuda:0"):
@@ -340,7 +335,7 @@ def test_plan_refuses_arrays_on_two_devices_cache(moved):
 
 @pytest.mark.parametrize("moved", ["indptr", "offsets"])
 def test_plan_refuses_arrays_on_two_devices_indptr(moved):
-    from rope_jit.plan import plan_rope
+    from test_plan import plan_rope  # the planner fed as the public functions feed it
 
     with pytest.raises(ValueError, match=rf"^{moved} is on cuda:2 but query is on cuda:0"):
         plan_rope(_desc((8, 4, 64)), None, head_size=None, is_neox=True,

@@ -475,19 +475,23 @@ def test_jax_arrays_out_of_place_and_inplace_refused():
 
 def test_dispatch_boundaries_from_the_rules():
     """Token counts on each side of the head-parallel / batched switch and of the prefetch
-    switch, computed from rope_jit.plan.TUNING and this GPU's SM count (not hard-coded)."""
+    switch, computed from this GPU's dispatch knobs (rope_jit.tuning) and SM count (not
+    hard-coded)."""
     from rope_jit import plan
     from rope_jit._cuda import num_sms
+    from rope_jit.tuning import tuning_for
 
-    sms = num_sms(torch.cuda.current_device())
+    device = torch.cuda.current_device()
+    sms, tuning = num_sms(device), tuning_for(device)
     hq, hk, D = 32, 8, 128
     chunks = D // 2 // 8  # bf16, 16-byte vectors
     wave = sms * 2048
-    t_switch = int(plan.TUNING["small_waves"] * wave) // (chunks * (hq + hk))
+    t_switch = int(tuning.small_waves * wave) // (chunks * (hq + hk))
     seen = set()
     for T in (t_switch, t_switch + 1, 4 * t_switch, 4 * t_switch + 1):
         for cache_dtype in ("float32", None):
-            hb, per_group, _ = plan.choose_launch(T, chunks, hq + hk, sms, cache_dtype is None)
+            hb, per_group, _ = plan.choose_launch(T, chunks, hq + hk, sms, cache_dtype is None,
+                                                  tuning)
             seen.add((hb, per_group > hb))
             if cache_dtype:
                 run_cache_case("vllm", "bfloat16", cache_dtype, True, D, D, num_tokens=T, hq=hq, hk=hk)

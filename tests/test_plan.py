@@ -10,8 +10,29 @@ from __future__ import annotations
 import pytest
 
 from rope_jit.arrays import HOST, ArrayDesc, contiguous_strides
-from rope_jit.plan import TUNING, choose_launch, choose_vec, plan_positions, plan_rope
-from rope_jit.specs import ROPE_STATIC
+from rope_jit.call import INDPTR, POSITIONS, RopeCall, check_mrope_section, frequencies_json
+from rope_jit.plan import DEFAULT_TUNING as TUNING
+from rope_jit.plan import RopeArrays, choose_launch, choose_vec, plan_positions
+from rope_jit.plan import plan_rope as plan_call
+from rope_jit.specs import ROPE_FREQ, ROPE_STATIC
+from rope_jit.warm import SCALING_EXAMPLES
+
+
+def plan_rope(query, key, *, head_size, is_neox, inplace, rotary_dim=None, positions=None,
+              indptr=None, offsets=None, cos_sin_cache=None, scaling="linear",
+              mrope_section=None, mrope_interleaved=False, inverse=False, num_sms=132):
+    """The planner fed the way the public functions feed it: a RopeCall (cache when a
+    cos_sin_cache is given, else on the fly with the named scaling variant) and the
+    arrays."""
+    frequencies = (None if cos_sin_cache is not None
+                   else frequencies_json(rope_scaling=SCALING_EXAMPLES[scaling]))
+    call = RopeCall(inplace, head_size, rotary_dim, is_neox,
+                    POSITIONS if positions is not None else INDPTR,
+                    frequencies,
+                    None if mrope_section is None else check_mrope_section(mrope_section),
+                    mrope_interleaved, inverse)
+    return plan_call(call, RopeArrays(query, key, positions, indptr, offsets, cos_sin_cache),
+                     num_sms=num_sms)
 
 BASE = 1 << 32  # a 16-byte aligned fake device pointer
 ITEM = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int32": 4, "int64": 8,
@@ -47,8 +68,8 @@ def call_fly(**overrides):
 
 
 def static(plan) -> dict:
-    assert len(plan.static) == len(ROPE_STATIC)
-    return dict(zip(ROPE_STATIC, plan.static))
+    assert len(plan.static) == len(ROPE_FREQ) + len(ROPE_STATIC)
+    return dict(zip(ROPE_FREQ + ROPE_STATIC, plan.static))
 
 
 def test_valid_baselines():
@@ -138,8 +159,8 @@ ERRORS = [
     ("indptr-empty", call_fly, dict(indptr=desc((0,), "int32"), offsets=desc((0,), "int32")),
      ValueError, r"indptr: expected shape \[batch_size \+ 1\], got \[0\]"),
     ("no-positions", call_fly, dict(indptr=None, offsets=None), TypeError,
-     r"expected positions, or both indptr and offsets"),
-    ("offsets-missing", call_fly, dict(offsets=None), TypeError, r"expected positions, or both indptr and offsets"),
+     r"indptr: expected an integer array, got None"),
+    ("offsets-missing", call_fly, dict(offsets=None), TypeError, r"offsets: expected an integer array, got None"),
     ("query-none", call, dict(query=None), TypeError,
      r"query: expected a float16, bfloat16 or float32 array, got None"),
     # the cache
@@ -473,7 +494,7 @@ def test_launch_covers_tokens_and_heads():
     for sms in (108, 132):
         for chunks in (1, 3, 5, 8, 16, 32, 64, 256):
             for heads in (1, 2, 3, 5, 8, 40, 72):
-                boundary = int(TUNING["small_waves"] * sms * 2048) // (chunks * heads)
+                boundary = int(TUNING.small_waves * sms * 2048) // (chunks * heads)
                 for tokens in (1, 2, 63, 64, 65, 1000, boundary, boundary + 1, 100_000):
                     for fly in (False, True):
                         if tokens >= 1:
@@ -499,13 +520,13 @@ def test_head_parallel_boundary(chunks, heads, sms, fly):
     """The switch happens exactly where tokens*chunks*heads exceeds TUNING['small_waves']
     waves of sms*2048 threads: head_batch 1 at the boundary token count, batched
     (min(TUNING['head_batch'], heads) heads) one token later."""
-    limit = TUNING["small_waves"] * sms * 2048
+    limit = TUNING.small_waves * sms * 2048
     boundary = int(limit // (chunks * heads))
     assert boundary * chunks * heads <= limit < (boundary + 1) * chunks * heads
     hb, _, _ = _check_launch(boundary, chunks, heads, sms, fly)
     assert hb == 1
     hb, per_group, _ = _check_launch(boundary + 1, chunks, heads, sms, fly)
-    assert hb == min(TUNING["head_batch"], heads) > 1
+    assert hb == min(TUNING.head_batch, heads) > 1
     assert per_group % hb == 0
 
 
@@ -514,7 +535,7 @@ def test_large_problems_batch_heads(tokens):
     """Many tokens: heads are batched (head_batch = TUNING['head_batch']) and each head
     group holds several heads, so cos/sin is shared across them."""
     hb, per_group, launch = _check_launch(tokens, 8, 40, 132, False)
-    assert hb == TUNING["head_batch"] > 1
+    assert hb == TUNING.head_batch > 1
     assert per_group >= hb
     assert launch.grid[1] * launch.block[1] < 40
 
@@ -623,8 +644,13 @@ def test_scaling_is_part_of_the_on_the_fly_spec_only():
     assert call_fly(scaling="llama3").spec.scaling == "llama3"
     assert call_fly().spec.scaling == "linear"
     assert call(scaling="yarn").spec.scaling == "linear"
-    with pytest.raises(ValueError, match=r"^scaling: expected one of linear, llama3, yarn"):
-        call_fly(scaling="ntk")
+    # the variants the kernel cannot compute are refused by name:
+    q = desc((T, HQ, D))
+    for rope_scaling, match in [({"rope_type": "dynamic", "factor": 2.0}, "'dynamic' is not available"),
+                                ({"rope_type": "ntk"}, "unknown RoPE type 'ntk'")]:
+        c = RopeCall(True, None, None, True, INDPTR, frequencies_json(rope_scaling=rope_scaling))
+        with pytest.raises(ValueError, match=match):
+            plan_call(c, RopeArrays(q, None, None, desc((3,), "int32"), desc((2,), "int32")))
 
 
 def _mrope(**overrides):

@@ -23,7 +23,8 @@ import pytest
 import rope_jit
 from rope_jit import reference, rotary_embedding
 from rope_jit.rotary_embedding import MRotaryEmbedding, RotaryEmbedding, get_rope, rope_from_hf_config
-from rope_jit.scaling import mrope_cos_sin, resolve_rope_scaling
+from rope_jit.reference import mrope_cos_sin
+
 
 EPS32 = 2.0 ** -24
 

@@ -32,11 +32,11 @@ import numpy as np
 import pytest
 
 import rope_jit
-from rope_jit import launch, reference
+from rope_jit import reference
+from rope_jit.reference import mrope_cos_sin
 from rope_jit.scaling import (
     ROPE_TYPES,
     RopeScaling,
-    mrope_cos_sin,
     on_the_fly_variant,
     resolve_rope_scaling,
     yarn_correction_range,
@@ -375,16 +375,16 @@ def test_resolved_values_are_read_only():
 
 
 def test_yarn_factor_fallback_matches_transformers(hf):
-    """No factor (DeepSeek-style configs): transformers' init function uses
-    max_position_embeddings / original (its config validation insists on a factor, so it
-    is cleared after validation here)."""
+    """factor None (DeepSeek-style configs): transformers' init function uses
+    max_position_embeddings / original (its config validation insists on the key, so it
+    is cleared after validation here; a missing key is refused, as its validation does)."""
     params = {"rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": 4096,
               "rope_theta": 1e4}
     with float64_torch(hf.torch):
         cfg = hf_config(hf, dict(params), 64, 65536)
         cfg.rope_parameters["factor"] = None
         inv, attention = hf.init_functions["yarn"](cfg, "cpu")
-    s = resolve_rope_scaling({k: v for k, v in params.items() if k != "factor"}, 64, None, 65536)
+    s = resolve_rope_scaling({**params, "factor": None}, 64, None, 65536)
     assert s.factor == 16.0
     np.testing.assert_allclose(s.inv_freq, inv.double().numpy(), rtol=1e-14)
     assert s.attention_factor == pytest.approx(attention, rel=1e-15)
@@ -583,7 +583,7 @@ def _kernel_frequencies(rot, on_the_fly):
     (tests/test_api_cpu.py writes it once)."""
     from test_api_cpu import _kernel_frequencies as kernel_frequencies
 
-    return kernel_frequencies(rot, *on_the_fly)
+    return kernel_frequencies(rot, on_the_fly)
 
 
 @pytest.mark.parametrize("params, rot", [
@@ -612,14 +612,15 @@ def test_on_the_fly_variant_reproduces_the_cache_frequencies(params, rot):
     got, attention = _kernel_frequencies(rot, fly)
     np.testing.assert_allclose(got, s.inv_freq, rtol=1e-13)
     assert attention == pytest.approx(s.attention_factor, rel=1e-15)
-    assert fly[0] == s.base
+    assert fly.freq_exponent == -2.0 * math.log2(s.base) / rot
 
 
 def test_on_the_fly_variant_theta_rules():
     """The dict's rope_theta wins over FlashInfer's default 1e4; another explicit value
     must agree with it; without one in the dict the argument applies."""
-    assert on_the_fly_variant({"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}, 64)[0] == 5e5
-    assert on_the_fly_variant({"rope_type": "linear", "factor": 2.0}, 64, 5e5)[0] == 5e5
+    exponent = -2.0 * math.log2(5e5) / 64
+    assert on_the_fly_variant({"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}, 64).freq_exponent == exponent
+    assert on_the_fly_variant({"rope_type": "linear", "factor": 2.0}, 64, 5e5).freq_exponent == exponent
     with pytest.raises(ValueError, match="differs"):
         on_the_fly_variant({"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}, 64, 2e5)
 
@@ -712,7 +713,8 @@ def _without(d, key):
     ({"rope_type": "dynamic", "factor": 2.0}, {}, r"max_position: required \(>= 1\) for rope_type 'dynamic'"),
     (_without(YARN, "original_max_position_embeddings"), {},
      r"\['original_max_position_embeddings'\]: required for rope_type 'yarn'"),
-    (_without(YARN, "factor"), {}, r"\['factor'\]: required for rope_type 'yarn' \(or give max_position"),
+    (_without(YARN, "factor"), dict(max_position=65536), r"\['factor'\]: required for rope_type 'yarn'$"),
+    ({**YARN, "factor": None}, {}, r"\['factor'\]: required for rope_type 'yarn' \(or give max_position"),
     ({**YARN, "rope_type": "deepseek_yarn", "factor": None}, dict(max_position=512),
      r"\['factor'\]: required for rope_type 'deepseek_yarn'"),
     (_without(LLAMA, "low_freq_factor"), {}, r"\['low_freq_factor'\]: required for rope_type 'llama3'"),

@@ -19,9 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import rope_jit  # noqa: E402
-from rope_jit import api, launch  # noqa: E402
-from rope_jit.arrays import framework_of  # noqa: E402
-from rope_jit.scaling import on_the_fly_variant  # noqa: E402
+from rope_jit import route  # noqa: E402
+from rope_jit.call import OP_FIELDS, frequencies_json, from_op_args  # noqa: E402
 
 T, HQ, HK, D = 6, 4, 2, 64
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
@@ -29,9 +28,20 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
           "original_max_position_embeddings": 8192, "rope_theta": 5e5}
 
 
+# Node arguments: query, key, positions, indptr, offsets, cos_sin_cache, then the call.
+CALL_ARGS = 6
+INVERSE = CALL_ARGS + [n for n, _ in OP_FIELDS].index("inverse")
+
+
 def _bind():
-    framework_of(torch.zeros(1))  # the first torch tensor registers the ops
+    import rope_jit.torch_ops  # noqa: F401  (importing it registers the ops)
+
     return torch.ops.rope_jit
+
+
+def _node_call(node, inplace=False):
+    """The RopeCall an op node carries."""
+    return from_op_args(inplace, node.args[CALL_ARGS:])
 
 
 def _inputs(device="cpu", requires_grad=False, dtype=torch.float32):
@@ -117,7 +127,7 @@ def test_ops_are_registered_with_their_mutations():
     assert [str(r.type) for r in rope._schema.returns] == ["Tensor", "Tensor"]
     # op arguments are tensors, numbers, bools, strings and lists only
     allowed = {"Tensor", "Optional[Tensor]", "Optional[int]", "bool", "float", "str",
-               "List[float]", "Optional[List[int]]", "Optional[SymInt]"}
+               "Optional[str]", "List[float]", "Optional[List[int]]", "Optional[SymInt]"}
     for op in (rope, rope_, pos):
         assert {str(a.type) for a in op._schema.arguments} <= allowed, op._schema
 
@@ -186,30 +196,26 @@ def _name(node) -> str:
     return str(node.target).replace(".default", "")
 
 
-def _recorded_run_rope(monkeypatch, call, x):
-    """The keywords the eager path hands to launch.run_rope for this call."""
+def _recorded_call(monkeypatch, call, x):
+    """The RopeCall and arrays the eager path hands to route.rope for this call."""
     seen = []
 
-    def record(query, key, **kw):
-        seen.append(kw)
-        return None if kw["inplace"] else (query, key)
+    def record(rope_call, query, key, positions=None, indptr=None, offsets=None, cache=None):
+        seen.append((rope_call, (positions, indptr, offsets, cache)))
+        return None if rope_call.inplace else (query, key)
 
-    monkeypatch.setattr(api, "run_rope", record)
+    monkeypatch.setattr(route, "rope", record)
     call(x)
     monkeypatch.undo()
     assert len(seen) == 1
-    import inspect
-
-    defaults = {n: p.default for n, p in inspect.signature(launch.run_rope).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    return {**defaults, **seen[0]}
+    return seen[0]
 
 
 @pytest.mark.parametrize("name", sorted(CALLS))
 def test_entry_point_compiles_to_one_graph_with_the_op(name, monkeypatch):
     """Each entry point under torch.compile(fullgraph=True): no graph break, one node of its
     op, and the op's arguments mean exactly what the eager path passes to run_rope (the
-    on-the-fly tuple, rotary dim, mRoPE section, head size, style, inverse)."""
+    RopeCall: frequencies, rotary dim, mRoPE section, head size, style, inverse)."""
     _bind()
     op, call = CALLS[name]
     x = _inputs()
@@ -228,19 +234,11 @@ def test_entry_point_compiles_to_one_graph_with_the_op(name, monkeypatch):
     if op == "positions_from_offsets":
         assert nodes[0].args[2] == T
         return
-    kw = _recorded_run_rope(monkeypatch, call, x)
-    from rope_jit.torch_ops import _run_kwargs
-
-    got = _run_kwargs(*nodes[0].args[2:])
-    assert kw.pop("inplace") is (op == "rope_")
-    if kw["on_the_fly"] is not None:
-        kw["rotary_dim"] = kw["on_the_fly"][0]  # the op carries the resolved rotary dim
-        assert kw["on_the_fly"][3] == got["on_the_fly"][3]  # variant numbers, exactly
-    for key in ("head_size", "rotary_dim", "is_neox", "on_the_fly", "mrope", "inverse",
-                "check_positions"):
-        assert got[key] == kw[key], (key, got[key], kw[key])
-    for key in ("positions", "indptr", "offsets", "cache"):
-        assert (got[key] is None) == (kw[key] is None), key
+    eager_call, eager_arrays = _recorded_call(monkeypatch, call, x)
+    assert eager_call.inplace is (op == "rope_")
+    assert _node_call(nodes[0], eager_call.inplace) == eager_call
+    for got, want in zip(nodes[0].args[2:CALL_ARGS], eager_arrays):
+        assert (got is None) == (want is None)
 
 
 def test_rope_scaling_dict_is_resolved_at_trace_time():
@@ -250,9 +248,7 @@ def test_rope_scaling_dict_is_resolved_at_trace_time():
     gm = _trace(lambda q, pos: rope_jit.apply_rope_pos_ids(q, None, pos, rope_scaling=YARN)[0],
                 x["q"], x["pos"])
     (node,) = _op_nodes(gm)
-    theta, scale, variant = on_the_fly_variant(YARN, D, 1e4)
-    assert node.args[8:12] == (True, theta, scale, variant[0])
-    assert node.args[12] == list(variant[1:])
+    assert _node_call(node).frequencies == frequencies_json(rope_scaling=YARN)
 
 
 def test_all_entry_points_in_one_graph():
@@ -333,8 +329,9 @@ def test_aot_autograd_forward_and_backward_graphs():
     fwd = [n for n in _op_nodes(graphs["fw"]) if _name(n) == "rope_jit.rope"]
     bwd = _op_nodes(graphs["bw"])
     assert len(fwd) == 1 and [_name(n) for n in bwd] == ["rope_jit.rope"]
-    assert fwd[0].args[15] is False and bwd[0].args[15] is True  # inverse
-    assert fwd[0].args[6:15] == bwd[0].args[6:15]  # head size, style, frequencies: same family
+    assert fwd[0].args[INVERSE] is False and bwd[0].args[INVERSE] is True
+    # head size, style, frequencies: the same family
+    assert _node_call(fwd[0])._replace(inverse=True) == _node_call(bwd[0])
 
 
 # ------------------------------------------------------------------ fake and meta tensors
@@ -460,8 +457,8 @@ def test_backward_is_the_inverse_op_with_the_same_arguments():
     x = _inputs(requires_grad=True)
     gm = make_fx(step, tracing_mode="fake")(x["q"], x["k"], x["pos"])
     nodes = _op_nodes(gm)
-    assert [n.args[15] for n in nodes] == [False, True]
-    assert nodes[0].args[2:15] == nodes[1].args[2:15]
+    assert [n.args[INVERSE] for n in nodes] == [False, True]
+    assert nodes[0].args[2:INVERSE] == nodes[1].args[2:INVERSE]
 
     def double(q, k, pos):
         qo, ko = rope_jit.apply_rope_pos_ids(q, k, pos)
@@ -469,7 +466,7 @@ def test_backward_is_the_inverse_op_with_the_same_arguments():
         return torch.autograd.grad(gq.sum() + gk.sum(), (q, k))
 
     nodes = _op_nodes(make_fx(double, tracing_mode="fake")(x["q"], x["k"], x["pos"]))
-    assert any(n.args[15] is True for n in nodes) and len(nodes) >= 3
+    assert any(n.args[INVERSE] is True for n in nodes) and len(nodes) >= 3
 
 
 # ------------------------------------------------------------------ routing and errors
@@ -492,7 +489,9 @@ def test_routing(case, routed, monkeypatch):
     """Which calls reach the ops: plain eager tensors never do (their warm path stays
     direct); tensors requiring grad, subclasses (fake, Parameter) do."""
     _bind()
-    monkeypatch.setattr(launch, "_torch_ops", _NoOps())
+    rope_jit.apply_rope_pos_ids(*(torch.empty(T, 1, D, device="meta"),) * 2,
+                                torch.arange(T, device="meta"))  # binds torch in route
+    monkeypatch.setattr(route, "_torch_ops", _NoOps())
     x = _inputs()
     q, k = x["q"], x["k"]
     if case == "q_requires_grad":

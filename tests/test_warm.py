@@ -5,7 +5,6 @@ by the call path's build() with zero compiles. Tests that compile are marked ``n
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import replace
 
 import pytest
@@ -75,20 +74,23 @@ def test_decode_only_warming_is_a_subset():
 
 
 def test_plan_kwargs_reach_the_planner(monkeypatch):
-    """Keyword arguments the module does not know pass to plan_rope untouched, and the
-    planner is looked up at call time (a new planner version is what runs)."""
+    """plan_kwargs set the call's RopeCall fields (and the on-the-fly scaling variant); the
+    planner is looked up at call time (a new planner version is what runs); a name that is
+    no call field is refused by name."""
     seen = []
 
-    def recording_planner(q, k, **kwargs):
-        seen.append(kwargs)
-        return real(q, k, **{n: v for n, v in kwargs.items() if n != "new_knob"})
+    def recording_planner(call, arrays, **kwargs):
+        seen.append(call)
+        return real(call, arrays, **kwargs)
 
     real = plan.plan_rope
     monkeypatch.setattr(plan, "plan_rope", recording_planner)
-    call = replace(LLAMA, plan_kwargs={"new_knob": (1, 2)})
-    assert call.plan_kwargs == (("new_knob", (1, 2)),)  # a dict becomes hashable pairs
+    call = replace(LLAMA, plan_kwargs={"inverse": True})
+    assert call.plan_kwargs == (("inverse", True),)  # a dict becomes hashable pairs
     specs = warm.specs_for_call(call, max_tokens=64, sm_counts=(132,))
-    assert specs and seen and all(kw["new_knob"] == (1, 2) for kw in seen)
+    assert specs and seen and all(c.inverse for c in seen) and all(s.inverse for s in specs)
+    with pytest.raises(ValueError, match=r"^plan_kwargs: unknown new_knob; expected scaling, "):
+        warm.specs_for_call(replace(LLAMA, plan_kwargs={"new_knob": 1}), max_tokens=4)
 
 
 def test_call_is_described_as_the_api_passes_it(monkeypatch):
@@ -96,25 +98,25 @@ def test_call_is_described_as_the_api_passes_it(monkeypatch):
     [T, H, D] and rotary_dim; fused QKV: token stride of the whole QKV row and k right
     after q's columns; mRoPE: positions [3, T]."""
     seen = []
-    monkeypatch.setattr(plan, "plan_rope", lambda q, k, **kw: seen.append((q, k, kw)) or
-                        plan.RopePlan(None, None, (), 0, q.shape, None))
+    monkeypatch.setattr(plan, "plan_rope", lambda call, arrays, **kw: seen.append((call, arrays))
+                        or plan.RopePlan(None, None, (), 0, arrays.query.shape, None))
     warm.plan_call(CallShape(8, 2, 128, fused_qkv=True, plan_kwargs={"mrope_section": (16, 24, 24)}),
                    5, 132)
-    q, k, kw = seen[-1]
+    call, a = seen[-1]
+    q, k = a.query, a.key
     assert q.shape == (5, 8 * 128) and q.strides == ((8 + 4) * 128, 1)
     assert k.ptr - q.ptr == 8 * 128 * 2 and k.strides == q.strides
-    assert kw["head_size"] == 128 and kw["rotary_dim"] is None
-    assert kw["cos_sin_cache"].shape[1] == 128 and kw["positions"].shape == (3, 5)
+    assert call.head_size == 128 and call.rotary_dim is None and call.from_cache
+    assert call.mrope_section == (16, 24, 24)
+    assert a.cos_sin_cache.shape[1] == 128 and a.positions.shape == (3, 5)
     warm.plan_call(CallShape(8, 0, 64, 32, cache_dtype=None, indptr=True, index_dtype="int32"), 5, 132)
-    q, k, kw = seen[-1]
-    assert q.shape == (5, 8, 64) and k is None
-    assert kw["head_size"] is None and kw["rotary_dim"] == 32 and kw["cos_sin_cache"] is None
-    assert kw["indptr"].dtype == kw["offsets"].dtype == "int32" and "positions" not in kw
-    assert all(d.ptr % 256 == 0 for d in (q, kw["indptr"], kw["offsets"]))
+    call, a = seen[-1]
+    assert a.query.shape == (5, 8, 64) and a.key is None
+    assert call.head_size is None and call.rotary_dim == 32 and a.cos_sin_cache is None
+    assert a.indptr.dtype == a.offsets.dtype == "int32" and a.positions is None
+    assert all(d.ptr % 256 == 0 for d in (a.query, a.indptr, a.offsets))
 
 
-@pytest.mark.skipif("mrope_section" not in inspect.signature(plan.plan_rope).parameters,
-                    reason="this planner has no mRoPE")
 def test_mrope_specs_through_plan_kwargs():
     """mRoPE sections, passed as a planner keyword, reach the specs."""
     call = replace(warm.model_call("qwen2.5-7b", cache_dtype=None),

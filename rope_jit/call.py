@@ -1,0 +1,260 @@
+"""What one RoPE call asks for, as one hashable value: ``RopeCall``.
+
+The public functions build it once from their arguments (validating the plain-Python ones
+here; arrays are validated by the planner) and pass it down unchanged: the router, the
+torch custom ops, the launcher and the planner all read the same value. The torch op schema
+is derived from ``OP_FIELDS`` below, so packing it into op arguments and unpacking it again
+happen in one place (``to_op_args`` / ``from_op_args``), and the backward pass flips the
+named field ``inverse``.
+
+Builders are memoized (a warm call pays a dictionary look-up, not a validation) and marked
+constant for torch.compile: Dynamo calls them at trace time on their constant arguments and
+bakes the resulting value into the graph instead of tracing into them.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from typing import NamedTuple
+
+import numpy as np
+
+POSITIONS = "positions"  # one position per token (vLLM; FlashInfer's pos_ids)
+INDPTR = "indptr"        # a ragged batch: indptr + offsets (FlashInfer)
+
+_DEFAULT_THETA = 1e4     # FlashInfer's rope_theta default
+
+
+class RopeCall(NamedTuple):
+    """Everything a RoPE call asks for except its arrays.
+
+    inplace: rotate query and key in place (returns None) or return new arrays (a
+        separate torch op each, so not an op argument).
+    head_size: elements per head; None: the last dim of query (FlashInfer's
+        ``[nnz, num_heads, head_dim]`` layout).
+    rotary_dim: rotated elements per head; None: the cache's width with a cache, the
+        whole head on the fly.
+    is_neox: NeoX pairs (i, i + R/2); False: GPT-J pairs (2i, 2i + 1).
+    convention: POSITIONS (one per token) or INDPTR (indptr + offsets).
+    frequencies: None when cos/sin come from a cache; else the on-the-fly frequencies as
+        canonical JSON: ``{"rope_theta", "rope_scaling": HuggingFace-style dict, "names":
+        {dict key: public argument name}}`` (``rope_jit.scaling.on_the_fly_values`` reads
+        it; the names make its errors speak of ``rope_scale`` or ``old_context_len`` when
+        those were the arguments).
+    mrope_section: (t, h, w) frequency counts for multimodal RoPE (positions [3, tokens]).
+    mrope_interleaved: Qwen3-VL's interleaved sections.
+    inverse: rotate by the negative angle (the backward pass).
+    check_positions: raise ValueError for positions outside the cache (one host sync).
+    """
+
+    inplace: bool
+    head_size: int | None
+    rotary_dim: int | None
+    is_neox: bool
+    convention: str = POSITIONS
+    frequencies: str | None = None
+    mrope_section: tuple | None = None
+    mrope_interleaved: bool = False
+    inverse: bool = False
+    check_positions: bool = False
+
+    @property
+    def from_cache(self) -> bool:
+        return self.frequencies is None
+
+    def words(self) -> str:
+        cs = "cache" if self.from_cache else f"on the fly {self.frequencies}"
+        return (f"{'neox' if self.is_neox else 'gptj'} {cs} {self.convention} "
+                f"{'in place' if self.inplace else 'out of place'}"
+                f"{' inverse' if self.inverse else ''}")
+
+
+# The torch.library op arguments that carry a RopeCall: every field after ``inplace``
+# (which picks the op instead), in order, with its schema type.
+OP_FIELDS = (
+    ("head_size", "int?"), ("rotary_dim", "int?"), ("is_neox", "bool"),
+    ("convention", "str"), ("frequencies", "str?"), ("mrope_section", "int[]?"),
+    ("mrope_interleaved", "bool"), ("inverse", "bool"), ("check_positions", "bool"),
+)
+assert tuple(n for n, _ in OP_FIELDS) == RopeCall._fields[1:], "OP_FIELDS must follow RopeCall"
+OP_SCHEMA_ARGS = ", ".join(f"{t} {n}" for n, t in OP_FIELDS)
+_MROPE = RopeCall._fields.index("mrope_section")
+
+
+def to_op_args(call: RopeCall) -> tuple:
+    """The op arguments of `call` (a slice of the tuple: trivial for Dynamo to trace)."""
+    return call[1:]
+
+
+def from_op_args(inplace: bool, args) -> RopeCall:
+    """The RopeCall of an op's arguments (int[] arrives as a list)."""
+    call = RopeCall(inplace, *args)
+    section = call[_MROPE]
+    return call if section is None or isinstance(section, tuple) else \
+        call._replace(mrope_section=tuple(section))
+
+
+# ------------------------------------------------------------------ argument checks
+
+def check_int(value, name: str) -> int:
+    """An integer (bool excluded): TypeError naming the argument otherwise."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected an integer, got a bool")
+    try:
+        return int(operator.index(value))
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} "
+                        f"{value!r}") from None
+
+
+def check_bool(value, name: str) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+
+
+def _optional_int(value, name: str) -> int | None:
+    return None if value is None else check_int(value, name)
+
+
+def check_mrope_section(section) -> tuple:
+    """mrope_section as a tuple of 3 non-negative ints (their sum is checked against the
+    rotary dim by the planner)."""
+    try:
+        sec = tuple(section)
+    except TypeError:
+        raise TypeError(f"mrope_section: expected 3 integers (t, h, w), got {section!r}") from None
+    if len(sec) != 3:
+        raise ValueError(f"mrope_section: expected 3 integers (t, h, w), got {list(sec)}")
+    sec = tuple(check_int(v, "mrope_section") for v in sec)
+    if min(sec) < 0:
+        raise ValueError(f"mrope_section: expected non-negative counts, got {list(sec)}")
+    return sec
+
+
+_MEMO_SIZE = 512
+
+
+def _memoized_constant(fn):
+    """`fn` memoized on its positional arguments (a bounded dict: emptied when full), and
+    marked as ``torch.compiler.assume_constant_result`` marks a function (without
+    importing torch): under torch.compile, Dynamo calls it at trace time on its constant
+    arguments and bakes the result into the graph instead of tracing into it. Valid
+    because the result depends on the arguments only. (A plain dict rather than
+    functools.lru_cache: cheaper on the warm path, and Dynamo warns about lru_cache.)"""
+    memo = {}
+
+    def memoized(*args):
+        try:
+            return memo[args]
+        except KeyError:
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            value = memo[args] = fn(*args)
+            return value
+
+    memoized.__doc__, memoized.__name__ = fn.__doc__, fn.__name__
+    memoized.cache_clear = memo.clear
+    memoized._dynamo_marked_constant = True
+    return memoized
+
+
+# ------------------------------------------------------------------ builders
+
+@_memoized_constant
+def cache_call(head_size, is_neox, inplace: bool, check_positions=False, mrope_section=None,
+               mrope_interleaved=False, rotary_dim=None, inverse=False) -> RopeCall:
+    """A call whose cos/sin come from a cos/sin cache (vLLM's convention: positions)."""
+    head_size = check_int(head_size, "head_size")
+    if head_size <= 0:
+        raise ValueError(f"head_size: expected a positive integer, got {head_size}")
+    return RopeCall(inplace, head_size, _optional_int(rotary_dim, "rotary_dim"),
+                    check_bool(is_neox, "is_neox"), POSITIONS, None,
+                    None if mrope_section is None else check_mrope_section(mrope_section),
+                    check_bool(mrope_interleaved, "mrope_interleaved"),
+                    check_bool(inverse, "inverse"),
+                    check_bool(check_positions, "check_positions"))
+
+
+@_memoized_constant
+def on_the_fly_call(convention: str, rotary_dim, interleave, inplace: bool,
+                    frequencies: str, mrope_section=None, mrope_interleaved=False) -> RopeCall:
+    """A call whose cos/sin are computed in the kernel (FlashInfer's convention: the head
+    size is the last dim of q). `frequencies` from ``frequencies_json``."""
+    return RopeCall(inplace, None, _optional_int(rotary_dim, "rotary_dim"),
+                    not check_bool(interleave, "interleave"), convention, frequencies,
+                    None if mrope_section is None else check_mrope_section(mrope_section),
+                    check_bool(mrope_interleaved, "mrope_interleaved"))
+
+
+def _jsonable(v):
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if isinstance(v, (np.bool_,)):
+        return bool(v)
+    if isinstance(v, (tuple, np.ndarray)):
+        return list(v)
+    return repr(v)  # not a JSON value: kept visible, the variant's checks refuse it
+
+
+@_memoized_constant
+def _frequencies_from_items(rope_theta, items, names) -> str:
+    return _encode_frequencies(rope_theta, dict(items), dict(names))
+
+
+def _encode_frequencies(rope_theta, rope_scaling: dict, names: dict) -> str:
+    if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float, np.floating)):
+        raise ValueError(f"rope_theta: expected a finite number > 0 and != 1, got {rope_theta!r}")
+    theta = float(rope_theta)
+    if rope_scaling.get("rope_theta") is not None:
+        if theta != _DEFAULT_THETA and rope_scaling["rope_theta"] != theta:
+            raise ValueError(f"rope_theta: {rope_theta!r} differs from "
+                             f"rope_scaling['rope_theta'] = {rope_scaling['rope_theta']!r}; "
+                             "give one of them")
+        theta_value = rope_scaling["rope_theta"]  # the dict wins over FlashInfer's default
+    else:
+        theta_value = theta
+    rope_scaling = {k: v for k, v in rope_scaling.items() if k != "rope_theta"}
+    return json.dumps({"rope_theta": theta_value, "rope_scaling": rope_scaling, "names": names},
+                      sort_keys=True, default=_jsonable)
+
+
+def frequencies_json(rope_theta=_DEFAULT_THETA, rope_scale=1.0, rope_scaling=None,
+                     llama31=None) -> str:
+    """The ``frequencies`` of an on-the-fly call from FlashInfer's arguments.
+
+    rope_scale (FlashInfer: divides the frequencies) is the factor of linear scaling;
+    llama31 = (low_freq_factor, high_freq_factor, old_context_len) makes it the factor of
+    Llama 3.1's smoothing; rope_scaling is a HuggingFace-style dict (then rope_scale must
+    be 1: the dict's factor scales). Errors name the argument the user gave.
+    """
+    if rope_scaling is not None:
+        if not (isinstance(rope_scale, (int, float)) and rope_scale == 1.0):
+            raise ValueError(f"rope_scale: must be 1.0 when rope_scaling is given (its factor "
+                             f"scales the frequencies), got {rope_scale!r}")
+        if not hasattr(rope_scaling, "items"):
+            raise ValueError(f"rope_scaling: expected a dict, got {type(rope_scaling).__name__}")
+        try:
+            items = tuple(sorted(rope_scaling.items()))
+            hash(items)
+        except TypeError:  # lists inside (mrope_section, long_factor): not memoizable
+            return _encode_frequencies(rope_theta, dict(rope_scaling), {})
+        return _frequencies_from_items(rope_theta, items, ())
+    if llama31 is not None:
+        low, high, old_context_len = llama31
+        items = (("factor", rope_scale), ("high_freq_factor", high), ("low_freq_factor", low),
+                 ("original_max_position_embeddings", old_context_len), ("rope_type", "llama3"))
+        names = (("factor", "rope_scale"), ("high_freq_factor", "high_freq_factor"),
+                 ("low_freq_factor", "low_freq_factor"),
+                 ("original_max_position_embeddings", "old_context_len"))
+        return _frequencies_from_items(rope_theta, items, names)
+    return _frequencies_from_items(rope_theta, (("factor", rope_scale), ("rope_type", "linear")),
+                                   (("factor", "rope_scale"),))
+
+
+def clear_call_caches() -> None:
+    for builder in (cache_call, on_the_fly_call, _frequencies_from_items):
+        builder.cache_clear()
