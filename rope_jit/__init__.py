@@ -25,6 +25,7 @@ from .api import (
     positions_from_offsets,
 )
 from .arrays import ArrayDesc
+from . import tune as _tune  # noqa: F401  (registers the ROPE_JIT_AUTOTUNE measurer)
 from .cos_sin_cache import compute_cos_sin_cache
 from .jit import CompileError
 from .rotary_embedding import MRotaryEmbedding, RotaryEmbedding, get_rope, rope_from_hf_config

@@ -44,6 +44,18 @@ def driver_module():
     return driver
 
 
+def launch_packed(func: int, grid, block, smem: int, stream: int, packer, values) -> None:
+    """One launch of a kernel whose argument struct is packed on the spot (cold paths: the
+    RoPE warm path keeps packed structs per plan)."""
+    import ctypes
+
+    buf = ctypes.create_string_buffer(packer.size)
+    packer.pack_into(buf, 0, *values)
+    argv = (ctypes.c_void_p * 1)(ctypes.addressof(buf))
+    driver_module().launchKernel(func, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                                 smem, stream, ctypes.addressof(argv), 0)
+
+
 def current_device() -> int:
     return cupy_module().cuda.runtime.getDevice()
 

@@ -239,8 +239,9 @@ def _warn_unwritable(err: Exception) -> None:
                       stacklevel=6)
 
 
-def _write_entry(path: Path, blob: bytes) -> None:
-    """Atomic: readers see the old state or the whole new file, never a partial one."""
+def write_atomic(path: Path, blob: bytes) -> None:
+    """Atomic: readers see the old state or the whole new file, never a partial one (cache
+    entries, and rope_jit.tuning's tables beside them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX, suffix=_ENTRY_SUFFIX)
     try:
@@ -319,7 +320,7 @@ def _from_disk_or_compile(spec, source: str, arch: str, key: str) -> tuple[bytes
             if cubin is not None:
                 return cubin, FROM_DISK
             cubin = compile_cubin(source, arch, name=f"{spec.kernel_name}.cu")
-            _write_entry(path, _pack_entry(_entry_meta(spec, arch, key), cubin))
+            write_atomic(path, _pack_entry(_entry_meta(spec, arch, key), cubin))
             return cubin, COMPILED
     except OSError as e:
         _warn_unwritable(e)

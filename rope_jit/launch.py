@@ -25,14 +25,14 @@ from dataclasses import dataclass
 
 from . import jit
 from ._cuda import (current_device, cupy_module, device_count, driver_module, external_stream,
-                    num_sms)
+                    launch_packed, num_sms)
 from .arrays import _BY_TYPE, HOST, Framework, describe, framework_of
 from .call import RopeCall, check_int
 from .dtypes import numpy_dtype
 from .plan import RopeArrays, Tuning, plan_positions, plan_rope
 from .positions import host_positions
 from .specs import POSITIONS_PARAMS, ROPE_PARAMS, ROPE_POINTERS, PositionsSpec
-from .tuning import tuning_for
+from .tuning import DeviceTuning, autotuner
 
 _tls = threading.local()
 
@@ -108,9 +108,11 @@ def _plan_buffer(prep: _Prepared) -> tuple:
     return b
 
 
-def _prepare(fw: Framework, call: RopeCall, query, key, positions, indptr, offsets, cache,
-             tuning: Tuning | None) -> _Prepared:
-    qd = fw.describe(query)
+def plan_of(call: RopeCall, query, key, positions=None, indptr=None, offsets=None, cache=None,
+            *, tuning=None):
+    """The plan of a call on arrays of any native framework (validation included). tuning:
+    knobs, a ShapeClass -> Tuning lookup, or None for the device's (rope_jit.tuning)."""
+    qd = describe(query, "query")
     arrays = RopeArrays(
         qd, describe(key, "key") if key is not None else None,
         describe(positions, "positions") if positions is not None else None,
@@ -118,15 +120,20 @@ def _prepare(fw: Framework, call: RopeCall, query, key, positions, indptr, offse
         describe(offsets, "offsets") if offsets is not None else None,
         describe(cache, "cos_sin_cache") if cache is not None else None)
     on_gpu = qd.device >= 0
-    sms = num_sms(qd.device) if on_gpu else 132
     if tuning is None:
-        tuning = tuning_for(qd.device) if on_gpu else Tuning()
-    plan = plan_rope(call, arrays, tuning=tuning, num_sms=sms)
+        # a new lookup per plan miss: entries tuned since are seen; ROPE_JIT_AUTOTUNE=1
+        # measures missing ones on the spot
+        tuning = DeviceTuning(qd.device, autotuner()) if on_gpu else Tuning()
+    return plan_rope(call, arrays, tuning=tuning, num_sms=num_sms(qd.device) if on_gpu else 132)
+
+
+def _prepare(call: RopeCall, query, key, positions, indptr, offsets, cache, tuning) -> _Prepared:
+    plan = plan_of(call, query, key, positions, indptr, offsets, cache, tuning=tuning)
     func = jit.get_function(plan.spec, plan.device) if plan.spec is not None else 0
     launch = plan.launch
     return _Prepared(func, launch.grid if launch else (), launch.block if launch else (),
                      launch.smem if launch else 0, plan.static, plan.device, plan.q_out_shape,
-                     plan.k_out_shape, qd.dtype)
+                     plan.k_out_shape, plan.spec.dtype if plan.spec else describe(query).dtype)
 
 
 _NONE = (None, 0)  # fingerprint and pointer of an absent argument
@@ -167,7 +174,7 @@ def run_rope(call: RopeCall, query, key, positions=None, indptr=None, offsets=No
     sig = (call, fq, fk, fpos, find, foff, fc, tuning)
     prep = _plans.get(sig) or _plans.miss(sig)
     if prep is None:
-        prep = _prepare(fw, call, query, key, positions, indptr, offsets, cache, tuning)
+        prep = _prepare(call, query, key, positions, indptr, offsets, cache, tuning)
         _plans.put(sig, prep)
         global _single_device
         _single_device = device_count() == 1
@@ -203,15 +210,6 @@ def _launch_prepared(prep: _Prepared, stream: int, argv) -> None:
     g, b = prep.grid, prep.block
     _cu_launch(prep.func, g[0], g[1], g[2], b[0], b[1], b[2], prep.smem, stream,
                ctypes.addressof(argv), 0)
-
-
-def launch_kernel(func: int, grid, block, smem: int, stream: int, packer, values) -> None:
-    """One launch of a kernel whose arguments are packed on the spot (cold paths)."""
-    buf = ctypes.create_string_buffer(packer.size)
-    packer.pack_into(buf, 0, *values)
-    argv = (ctypes.c_void_p * 1)(ctypes.addressof(buf))
-    driver_module().launchKernel(func, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                                 smem, stream, ctypes.addressof(argv), 0)
 
 
 def _run_foreign(fw: Framework, call: RopeCall, query, key, positions, indptr, offsets, cache,
@@ -329,7 +327,7 @@ def run_positions(indptr, offsets, nnz):
     ind_ptr = ind.ptr if fw.native else _cupy_view(ind).data.ptr
     block = 256
     with cupy_module().cuda.Device(ind.device):
-        launch_kernel(func, (-(-nnz // block), 1, 1), (block, 1, 1), 0, fw.stream(ind.device),
+        launch_packed(func, (-(-nnz // block), 1, 1), (block, 1, 1), 0, fw.stream(ind.device),
                       POSITIONS_PARAMS.packer, (ind_ptr, off.ptr, out_ptr, nnz, batch))
     return out
 

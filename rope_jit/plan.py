@@ -50,6 +50,19 @@ class Tuning:
 DEFAULT_TUNING = Tuning()  # measured on an H100 (benchmarks/NOTES.md)
 
 
+class ShapeClass(NamedTuple):
+    """What a call's launch knobs are chosen for, besides its token count (rope_jit.tuning
+    keeps tuned knobs per shape class and token bucket)."""
+
+    dtype: str
+    cos_sin: str        # the cache's dtype, or "on-the-fly"
+    head_size: int
+    rotary_dim: int
+    num_heads: int      # q heads + k heads
+    neox: bool
+    inplace: bool
+
+
 @dataclass(frozen=True)
 class Launch:
     grid: tuple
@@ -65,6 +78,9 @@ class RopePlan:
     device: int
     q_out_shape: tuple
     k_out_shape: tuple | None
+    shape: ShapeClass | None = None
+    num_tokens: int = 0
+    tuning: Tuning | None = None  # the knobs the launch was planned with
 
 
 # ------------------------------------------------------------------ validation helpers
@@ -362,10 +378,13 @@ def _frequencies(call: RopeCall, rot: _Rotary) -> OnTheFly:
 
 # ------------------------------------------------------------------ the planner
 
-def plan_rope(call: RopeCall, arrays: RopeArrays, *, tuning: Tuning = DEFAULT_TUNING,
+def plan_rope(call: RopeCall, arrays: RopeArrays, *, tuning=DEFAULT_TUNING,
               num_sms: int = 132) -> RopePlan:
     """Validate one RoPE call and plan its launch. Raises TypeError/ValueError naming the
-    argument at fault; returns a plan whose spec is None when there is nothing to do."""
+    argument at fault; returns a plan whose spec is None when there is nothing to do.
+
+    tuning: the dispatch knobs, or a function (ShapeClass, num_tokens) -> Tuning that picks
+    them once the call's shape class is known (rope_jit.tuning.DeviceTuning)."""
     a = arrays
     _check_query_key(a)
     tokens = _token_layout(call, a)
@@ -380,6 +399,11 @@ def plan_rope(call: RopeCall, arrays: RopeArrays, *, tuning: Tuning = DEFAULT_TU
     if num_tokens == 0 or nq + nk == 0:
         return RopePlan(None, None, (), a.query.device, q_out_shape, k_out_shape)
 
+    shape = ShapeClass(a.query.dtype, "on-the-fly" if not call.from_cache else
+                       a.cos_sin_cache.dtype, head_size, rot.dim, nq + nk, call.is_neox,
+                       call.inplace)
+    if not isinstance(tuning, Tuning):
+        tuning = tuning(shape, num_tokens)
     qo, ko = _outputs(call, a, tokens, head_size, q, k)
     vec, cache_vec, chunks = _vector_widths(call, a, rot, head_size, [q, k, qo, ko])
     head_batch, per_group, launch = choose_launch(num_tokens, chunks, nq + nk, num_sms,
@@ -415,7 +439,8 @@ def plan_rope(call: RopeCall, arrays: RopeArrays, *, tuning: Tuning = DEFAULT_TU
         pos_stride_outer=tokens.pos_strides[0], pos_stride_inner=tokens.pos_strides[1],
         pos_stride_row=tokens.pos_row_stride)
     static = tuple(values[n] for n in ROPE_FREQ + ROPE_STATIC)
-    return RopePlan(spec, launch, static, a.query.device, q_out_shape, k_out_shape)
+    return RopePlan(spec, launch, static, a.query.device, q_out_shape, k_out_shape, shape,
+                    num_tokens, tuning)
 
 
 # ------------------------------------------------------------------ positions_from_offsets

@@ -1,21 +1,167 @@
-"""Which dispatch knobs (``plan.Tuning``) a device gets.
+"""Which dispatch knobs (``plan.Tuning``) a call gets on a device.
 
-Built-in rules per GPU, measured (benchmarks/NOTES.md): a GPU not listed gets the defaults
-that were measured on an H100.
+In order of preference:
+1. a tuned entry: ``rope-jit tune`` (``rope_jit.tune``) measured candidates on this GPU
+   and stored the winner per shape class and token bucket in a table beside the compiled
+   kernels (``<cache dir>/tuning/``, one JSON file per GPU model, SM count and rope_jit
+   version; written atomically; read from a read-only, pre-warmed directory too);
+2. the built-in knobs measured on this GPU model (``BUILT_IN``);
+3. the defaults (measured on an H100).
+
+Nothing here measures: a call never tunes unless ``ROPE_JIT_AUTOTUNE=1`` asks for it
+(``rope_jit.tune.autotune`` then fills missing entries on a plan miss).
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+import json
+import os
+import re
+import threading
+from dataclasses import asdict, fields
+from pathlib import Path
 
-from ._cuda import device_name
-from .plan import DEFAULT_TUNING, Tuning
+from . import jit
+from ._cuda import device_arch, device_name, num_sms
+from ._version import __version__
+from .plan import DEFAULT_TUNING, ShapeClass, Tuning
 
-# GPU name (as the driver reports it) -> the knobs measured on it.
+ENV_AUTOTUNE = "ROPE_JIT_AUTOTUNE"
+TABLE_FORMAT = 1
+
+# GPU model (as the driver names it) -> knobs measured on it, for every shape class.
 BUILT_IN: dict[str, Tuning] = {}
 
 
-@lru_cache(maxsize=None)
-def tuning_for(device: int) -> Tuning:
-    """The knobs for `device` (looked up once per device)."""
-    return BUILT_IN.get(device_name(device), DEFAULT_TUNING)
+def token_bucket(num_tokens: int) -> int:
+    """Token counts share an entry per power of two: 1, 2, 4, ..., the next one up."""
+    return 1 << max(0, num_tokens - 1).bit_length()
+
+
+def device_key(device: int) -> tuple:
+    """What a table is valid for: GPU model, arch, SM count (and this rope_jit version)."""
+    return device_name(device), f"sm_{device_arch(device)}", num_sms(device)
+
+
+def table_path(key: tuple) -> Path:
+    name, arch, sms = key
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return jit.cache_dir() / "tuning" / f"{slug}-{arch}-{sms}sm-rope_jit-{__version__}.json"
+
+
+def _entry_key(shape: ShapeClass, bucket: int) -> str:
+    return json.dumps([list(shape), bucket])
+
+
+def tuning_from_dict(d: dict) -> Tuning:
+    names = {f.name for f in fields(Tuning)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"tuning: unknown knobs {sorted(unknown)}")
+    return Tuning(**d)
+
+
+class TuningTable:
+    """The tuned entries of one device: (shape class, token bucket) -> Tuning, plus the
+    measurements behind each (for reports)."""
+
+    def __init__(self, key: tuple, entries: dict | None = None):
+        self.key = key
+        self.entries: dict = dict(entries or {})   # entry key -> {"tuning", "us", ...}
+        self._knobs: dict = {}
+
+    def get(self, shape: ShapeClass, bucket: int) -> Tuning | None:
+        k = _entry_key(shape, bucket)
+        t = self._knobs.get(k)
+        if t is None and k in self.entries:
+            t = self._knobs[k] = tuning_from_dict(self.entries[k]["tuning"])
+        return t
+
+    def put(self, shape: ShapeClass, bucket: int, tuning: Tuning, **measured) -> None:
+        k = _entry_key(shape, bucket)
+        self.entries[k] = {"tuning": asdict(tuning), **measured}
+        self._knobs[k] = tuning
+
+    def to_json(self) -> str:
+        name, arch, sms = self.key
+        return json.dumps({"format": TABLE_FORMAT, "rope_jit": __version__, "device": name,
+                           "arch": arch, "sms": sms, "entries": self.entries},
+                          indent=1, sort_keys=True)
+
+    def save(self) -> Path:
+        """Write atomically beside the kernel cache (readers see the old or the new file)."""
+        path = table_path(self.key)
+        jit.write_atomic(path, self.to_json().encode())
+        return path
+
+    @classmethod
+    def load(cls, key: tuple) -> "TuningTable":
+        """The stored table, or an empty one (missing, unreadable or of another format:
+        built-in knobs then apply; a damaged file is never trusted)."""
+        try:
+            data = json.loads(table_path(key).read_text())
+            if data.get("format") != TABLE_FORMAT or data.get("rope_jit") != __version__:
+                return cls(key)
+            entries = data["entries"]
+            for e in entries.values():
+                tuning_from_dict(e["tuning"])
+            return cls(key, entries)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return cls(key)
+
+
+_tables: dict = {}
+_lock = threading.Lock()
+
+
+def table_for(device: int) -> TuningTable:
+    """This device's table, loaded once per process."""
+    t = _tables.get(device)
+    if t is None:
+        with _lock:
+            t = _tables.get(device)
+            if t is None:
+                t = _tables[device] = TuningTable.load(device_key(device))
+    return t
+
+
+def forget_tables() -> None:
+    """Drop the loaded tables (the next plan reads them again from disk)."""
+    with _lock:
+        _tables.clear()
+
+
+_autotuner = None  # rope_jit.tune.autotune, registered by that module (it sits above launch)
+
+
+def set_autotuner(fn) -> None:
+    global _autotuner
+    _autotuner = fn
+
+
+def autotuner():
+    """The measuring fallback for missing entries, when ROPE_JIT_AUTOTUNE=1 opts in."""
+    if os.environ.get(ENV_AUTOTUNE, "") in ("", "0"):
+        return None
+    if _autotuner is None:
+        raise RuntimeError(f"{ENV_AUTOTUNE}=1 but rope_jit.tune is not imported (import "
+                           "rope_jit, which imports it)")
+    return _autotuner
+
+
+class DeviceTuning:
+    """The knob lookup the planner calls once it knows the call's shape class:
+    tuned entry, else this GPU model's built-in knobs, else the defaults."""
+
+    def __init__(self, device: int, autotune=None):
+        self.device = device
+        self.table = table_for(device)
+        self.built_in = BUILT_IN.get(device_name(device), DEFAULT_TUNING)
+        self.autotune = autotune  # fn(device, shape, bucket) -> Tuning | None, or None
+
+    def __call__(self, shape: ShapeClass, num_tokens: int) -> Tuning:
+        bucket = token_bucket(num_tokens)
+        t = self.table.get(shape, bucket)
+        if t is None and self.autotune is not None:
+            t = self.autotune(self.device, shape, bucket)
+        return t or self.built_in

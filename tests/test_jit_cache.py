@@ -303,7 +303,7 @@ def test_disk_hit_never_locks_or_writes(cache_dir, monkeypatch):
         raise AssertionError("a disk hit must not lock or write")
 
     monkeypatch.setattr(jit, "_entry_lock", forbidden)
-    monkeypatch.setattr(jit, "_write_entry", forbidden)
+    monkeypatch.setattr(jit, "write_atomic", forbidden)
     c0, h0 = _counts()
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -25,6 +25,7 @@ LAYERS = [
     ["route"],
     ["api"],
     ["rotary_embedding", "warm"],
+    ["tune"],
     ["cli"],
     ["__main__", "__init__"],
 ]

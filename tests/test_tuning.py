@@ -1,0 +1,151 @@
+"""Per-device dispatch knobs (rope_jit.tuning) on the CPU: the table's file format, where it
+lives, atomic saves, read-only and damaged files, the order of preference (tuned entry,
+built-in per GPU model, defaults), the planner's lookup by shape class and token bucket,
+and the opt-in autotuning switch. Measuring needs a GPU: tests/test_gpu_tuning.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from rope_jit import plan, tuning
+from rope_jit.plan import DEFAULT_TUNING, ShapeClass, Tuning
+
+KEY = ("NVIDIA H200", "sm_90", 132)
+SHAPE = ShapeClass("bfloat16", "float32", 128, 128, 40, True, True)
+OTHER = SHAPE._replace(cos_sin="on-the-fly")
+
+
+@pytest.mark.parametrize("tokens, bucket", [(1, 1), (2, 2), (3, 4), (16, 16), (17, 32),
+                                            (8192, 8192), (8193, 16384), (0, 1)])
+def test_token_bucket(tokens, bucket):
+    assert tuning.token_bucket(tokens) == bucket
+
+
+def test_table_round_trip(cache_dir):
+    t = tuning.TuningTable(KEY)
+    fast = dataclasses.replace(DEFAULT_TUNING, head_batch=1, block=512)
+    t.put(SHAPE, 8192, fast, us=40.1)
+    path = t.save()
+    assert path.parent == cache_dir / "tuning" and "nvidia-h200-sm_90-132sm" in path.name
+    back = tuning.TuningTable.load(KEY)
+    assert back.get(SHAPE, 8192) == fast
+    assert back.get(SHAPE, 4096) is None and back.get(OTHER, 8192) is None
+    data = json.loads(path.read_text())
+    assert data["device"] == "NVIDIA H200" and data["sms"] == 132
+    assert list(data["entries"].values())[0]["us"] == 40.1
+
+
+@pytest.mark.parametrize("damage", ["garbage", "other-version", "other-format", "bad-knob"])
+def test_damaged_or_foreign_tables_are_ignored(cache_dir, damage):
+    """A table that is not exactly this format and version is never trusted: the built-in
+    knobs apply."""
+    t = tuning.TuningTable(KEY)
+    t.put(SHAPE, 8192, dataclasses.replace(DEFAULT_TUNING, head_batch=1))
+    path = t.save()
+    data = json.loads(path.read_text())
+    if damage == "garbage":
+        path.write_text("{not json")
+    else:
+        if damage == "other-version":
+            data["rope_jit"] = "0.0.0"
+        elif damage == "other-format":
+            data["format"] = 99
+        else:
+            next(iter(data["entries"].values()))["tuning"]["warp_specialize"] = True
+        path.write_text(json.dumps(data))
+    assert tuning.TuningTable.load(KEY).get(SHAPE, 8192) is None
+
+
+def test_read_only_table_is_read(cache_dir):
+    t = tuning.TuningTable(KEY)
+    t.put(SHAPE, 1, dataclasses.replace(DEFAULT_TUNING, small_block=64))
+    path = t.save()
+    path.chmod(0o444)
+    path.parent.chmod(0o555)
+    try:
+        assert tuning.TuningTable.load(KEY).get(SHAPE, 1).small_block == 64
+    finally:
+        path.parent.chmod(0o755)
+
+
+def _device_tuning(monkeypatch, name="NVIDIA H200", built_in=None, entries=()):
+    monkeypatch.setattr(tuning, "device_name", lambda d: name)
+    monkeypatch.setattr(tuning, "device_arch", lambda d: "90")
+    monkeypatch.setattr(tuning, "num_sms", lambda d: 132)
+    monkeypatch.setattr(tuning, "BUILT_IN", dict(built_in or {}))
+    tuning.forget_tables()
+    table = tuning.table_for(0)
+    for shape, bucket, t in entries:
+        table.put(shape, bucket, t)
+    return tuning.DeviceTuning(0)
+
+
+def test_order_of_preference(cache_dir, monkeypatch):
+    """Tuned entry for the shape class and bucket, else the GPU model's built-in knobs,
+    else the defaults."""
+    tuned = dataclasses.replace(DEFAULT_TUNING, head_batch=1)
+    built = dataclasses.replace(DEFAULT_TUNING, fill_waves=8.0)
+    lookup = _device_tuning(monkeypatch, built_in={"NVIDIA H200": built},
+                            entries=[(SHAPE, 8192, tuned)])
+    assert lookup(SHAPE, 8000) is tuned          # same bucket
+    assert lookup(SHAPE, 9000) == built          # another bucket: built-in
+    assert lookup(OTHER, 8192) == built          # another shape class: built-in
+    other_gpu = _device_tuning(monkeypatch, name="NVIDIA H100 80GB HBM3",
+                               built_in={"NVIDIA H200": built})
+    assert other_gpu(SHAPE, 9000) is DEFAULT_TUNING
+    tuning.forget_tables()
+
+
+def test_planner_asks_the_lookup_with_the_shape_class():
+    from test_plan import desc, plan_call
+    from rope_jit.call import cache_call
+    from rope_jit.plan import RopeArrays
+
+    seen = []
+    picked = dataclasses.replace(DEFAULT_TUNING, head_batch=4, min_blocks=2)
+
+    def lookup(shape, tokens):
+        seen.append((shape, tokens))
+        return picked
+
+    a = RopeArrays(desc((4096, 32 * 128)), desc((4096, 8 * 128)), desc((4096,), "int64"),
+                   cos_sin_cache=desc((8192, 128), "float32"))
+    p = plan_call(cache_call(128, True, True), a, tuning=lookup)
+    assert seen == [(SHAPE, 4096)]
+    assert p.shape == SHAPE and p.tuning is picked and p.num_tokens == 4096
+    assert p.spec.head_batch == 4 and p.spec.min_blocks == 2
+
+
+def test_tuning_is_part_of_the_plan_not_a_global():
+    """Two different knob values give two different plans for the same call; nothing
+    module-level changes."""
+    from test_plan import desc, plan_call
+    from rope_jit.call import cache_call
+    from rope_jit.plan import RopeArrays
+
+    a = RopeArrays(desc((65536, 32 * 128)), desc((65536, 8 * 128)), desc((65536,), "int64"),
+                   cos_sin_cache=desc((8192, 128), "float32"))
+    c = cache_call(128, True, True)
+    one = plan_call(c, a, tuning=Tuning(head_batch=1))
+    four = plan_call(c, a, tuning=Tuning(head_batch=4))
+    assert one.spec.head_batch == 1 and four.spec.head_batch == 4
+    assert plan.DEFAULT_TUNING == Tuning()
+
+
+def test_autotuning_is_opt_in(monkeypatch):
+    """No measuring unless ROPE_JIT_AUTOTUNE says so (importing rope_jit registers the
+    measurer; the switch is read at each plan miss)."""
+    import rope_jit  # noqa: F401  (registers rope_jit.tune.autotune)
+
+    monkeypatch.delenv(tuning.ENV_AUTOTUNE, raising=False)
+    assert tuning.autotuner() is None
+    monkeypatch.setenv(tuning.ENV_AUTOTUNE, "0")
+    assert tuning.autotuner() is None
+    monkeypatch.setenv(tuning.ENV_AUTOTUNE, "1")
+    from rope_jit.tune import autotune
+
+    assert tuning.autotuner() is autotune
