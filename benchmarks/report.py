@@ -128,12 +128,14 @@ def render_header(results: dict) -> list[str]:
             + ("" if results.get("complete", True) else " · **incomplete run**"), ""]
     fams = families_of(results)
     small = min(f.get("small_tokens", 128) for f in fams.values())
+    pattern = (" and, with ᵖ, of the `pattern_ceiling` column's bandwidth on the same row (a "
+               "kernel that only loads and stores back, in place, the bytes an in-place call "
+               "must touch: what the access pattern allows)"
+               if any(r["impl"] == "pattern_ceiling" for r in results["rows"]) else "")
     out += ["Cells: median time per call (CUDA-graph replay over rotating buffer sets totalling "
             f"several times L2); at ≤ {small} tokens, time / time of the `copy` column (a "
             "device copy of the inputs: the launch floor); above, achieved bandwidth as a "
-            "percent of the copy bandwidth and, with ᵖ, of the `pattern_ceiling` column's "
-            "bandwidth on the same row (a kernel that only loads and stores back, in place, "
-            "the bytes an in-place call must touch: what the access pattern allows). "
+            f"percent of the copy bandwidth{pattern}. "
             "`WRONG`: failed its correctness check, not timed; `n/a`: outside what its API "
             "does; `refused`: the library declined the shape; `error`: see notes; "
             "`†`: eager-loop timing (CUDA-graph capture failed).", ""]
@@ -475,10 +477,11 @@ def plot_bandwidth(results: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
+    legend_cols = min(len(handles), 5 if ncols > 1 else 3)  # as many as the width holds
     fig.legend(list(handles.values()), list(handles.keys()), loc="lower center",
-               ncol=min(5, len(handles)), fontsize=8, frameon=False)
+               ncol=legend_cols, fontsize=8, frameon=False)
     fig.suptitle(f"RoPE, bf16: {results['meta'].get('device', '')}", fontsize=11)
-    legend_rows = -(-len(handles) // 5)
+    legend_rows = -(-len(handles) // legend_cols)
     fig.tight_layout(rect=(0, 0.03 + 0.025 * legend_rows, 1, 0.96))
     fig.savefig(path, dpi=120)
     plt.close(fig)

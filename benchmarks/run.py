@@ -3,7 +3,7 @@
 formula (eager and torch.compile), a device copy and the pattern ceiling; one GPU, one
 process, one run.
 
-    python benchmarks/run.py --quick     # smoke run: 3 token counts, fewer replays
+    python benchmarks/run.py --quick     # smoke run: 2 token counts, fewer replays
     python benchmarks/run.py             # the full sweep
     python benchmarks/run.py --help      # options (--tokens, --shapes, --impls, --out...)
     python benchmarks/run.py --dry-run   # no GPU: the whole pipeline on the CPU
@@ -74,7 +74,7 @@ from timing import (CpuTimer, GpuTimer, buffer_sets, copy_bandwidth, cpu_copy_ba
                     time_with_fallback)
 
 DEFAULT_TOKENS = (1, 4, 16, 128, 1024, 8192, 32768)
-QUICK_TOKENS = (1, 1024, 8192)
+QUICK_TOKENS = (16, 8192)  # the check row (16) and one bandwidth-bound row: under a minute
 DRY_RUN_TOKENS = (1, 16, 128)
 CHECK_TOKENS_MAX = 1024          # correctness is checked once per shape, at T <= this
 DEFAULT_REPLAYS, QUICK_REPLAYS = 30, 10
