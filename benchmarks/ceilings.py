@@ -64,27 +64,15 @@ class TouchPattern:
         return 2 * self.rows * self.touched_bytes
 
 
-class _StreamHandle:
-    """A raw cudaStream_t seen through the CUDA stream protocol (``__cuda_stream__``)."""
-
-    __slots__ = ("ptr",)
-
-    def __init__(self, ptr: int):
-        self.ptr = ptr
-
-    def __cuda_stream__(self):
-        return (0, self.ptr)  # (protocol version, handle)
-
-
-def _cupy_stream(ptr: int):
-    """CuPy's view of torch's current stream (inside a graph capture: the capture stream).
-    CuPy 14 deprecated ExternalStream(ptr) for Stream.from_external(obj)."""
+def _cupy_stream(torch_stream):
+    """CuPy's view of a torch stream (inside a graph capture, the capture stream). CuPy 14
+    deprecated ExternalStream(ptr) for Stream.from_external(obj), which takes torch's
+    streams as they are where torch implements the CUDA stream protocol."""
     import cupy as cp
 
-    from_external = getattr(cp.cuda.Stream, "from_external", None)
-    if from_external is not None:
-        return from_external(_StreamHandle(ptr))
-    return cp.cuda.ExternalStream(ptr)
+    if hasattr(cp.cuda.Stream, "from_external") and hasattr(torch_stream, "__cuda_stream__"):
+        return cp.cuda.Stream.from_external(torch_stream)
+    return cp.cuda.ExternalStream(torch_stream.cuda_stream)
 
 
 class PrefixTouch:
@@ -106,7 +94,7 @@ class PrefixTouch:
         grid = ((threads + BLOCK_THREADS - 1) // BLOCK_THREADS,)
         # one GPU, device 0 for torch and CuPy alike; the launch goes on torch's current
         # stream, which inside a graph capture is the capture stream
-        with _cupy_stream(torch.cuda.current_stream().cuda_stream):
+        with _cupy_stream(torch.cuda.current_stream()):
             self._kernel(grid, (BLOCK_THREADS,),
                          (cp.uint64(buf.data_ptr()), cp.int64(pattern.rows), cp.int32(vecs_per_row),
                           cp.int32(pattern.row_bytes // VECTOR_BYTES)))
