@@ -13,11 +13,12 @@
   use). Median over fresh subprocesses, with that breakdown. Target: < 20 ms.
 * in-memory look-up on the call path: a warm ``jit.get_function``. Target: < 2 us.
 
-    python benchmarks/jit_timings.py                  # writes benchmarks/results/jit_timings.json
+    python benchmarks/jit_timings.py                  # writes benchmarks/results/<gpu>/jit_timings.json
     python benchmarks/jit_timings.py --out /tmp/t.json --compiles 16 --loads 9
 
 Without a GPU only the compile part runs (for sm_90); the GPU parts are reported as
-skipped with the reason.
+skipped with the reason, and the default output folder is benchmarks/results/cpu/.
+Results are kept per GPU like the benchmark's (report.gpu_slug: 'NVIDIA H200' -> h200).
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # report.py: the per-GPU results folders
 
 from rope_jit import jit, warm  # noqa: E402
 from rope_jit._cuda import device_arch, device_count  # noqa: E402
+from report import RESULTS_ROOT, default_out_dir  # noqa: E402
 
 TARGETS = {"compile_median_s": 0.3, "disk_load_median_s": 0.020, "memory_lookup_s": 2e-6}
 CPU_ARCH = "sm_90"  # what the compile part targets on a machine without a GPU
@@ -164,7 +167,9 @@ def report(results: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/jit_timings.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output file (default: benchmarks/results/<gpu>/jit_timings.json, "
+                        "without a GPU benchmarks/results/cpu/jit_timings.json)")
     p.add_argument("--compiles", type=int, default=12, help="distinct specs compiled cold")
     p.add_argument("--loads", type=int, default=9, help="fresh processes loading from disk")
     args = p.parse_args()
@@ -176,7 +181,11 @@ def main() -> None:
     gpu = device_count() > 0
     arch = jit.arch_name(device_arch(0)) if gpu else CPU_ARCH
     specs = distinct_specs(args.compiles)
-    results = {"machine": machine(), "targets": TARGETS,
+    info = machine()
+    if args.out is None:
+        folder = default_out_dir(info["gpu"]) if "gpu" in info else RESULTS_ROOT / "cpu"
+        args.out = folder / "jit_timings.json"
+    results = {"machine": info, "targets": TARGETS,
                "compile": time_cold_compiles(specs, arch)}
     no_gpu = {"skipped": "no GPU"}
     results["disk_load"] = time_disk_loads(specs, args.loads) if gpu else no_gpu
