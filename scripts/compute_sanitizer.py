@@ -40,8 +40,9 @@ TOOLS = ("memcheck", "initcheck", "racecheck", "synccheck")
 # Tools whose findings depend on exact allocation bounds: run without torch's caching allocator.
 EXACT_ALLOCATIONS = {"memcheck", "initcheck"}
 # Optional flags ("*": every tool), passed only when `compute-sanitizer --help` lists them:
-# a generous wait for the Python program to attach, and initcheck's unused-memory report off.
-OPTIONAL_FLAGS = {"*": [("--launch-timeout", "120")],
+# a generous wait for the Python program to attach; only the program itself instrumented
+# (not helpers it may spawn, such as ldconfig); initcheck's unused-memory report off.
+OPTIONAL_FLAGS = {"*": [("--launch-timeout", "120"), ("--target-processes", "application-only")],
                   "initcheck": [("--track-unused-memory", "no")]}
 
 
@@ -146,10 +147,10 @@ def find_sanitizer(explicit: str | None) -> str | None:
 @functools.lru_cache(maxsize=None)
 def help_text(sanitizer: str) -> str:
     try:
-        return subprocess.run([sanitizer, "--help"], capture_output=True, text=True,
-                              timeout=60).stdout
+        done = subprocess.run([sanitizer, "--help"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return ""
+    return done.stdout + done.stderr
 
 
 def supported_flags(sanitizer: str, tool: str) -> list:
