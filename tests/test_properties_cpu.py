@@ -664,11 +664,7 @@ MUTATIONS = {m.name: m for m in [
 
 # Mutations the library accepts or answers with a raw Python error today (issue 12, item 4).
 # Their tests are strict xfails: once the fix lands they XPASS and fail, so delete the entry.
-CURRENTLY_FAILING = {
-    "rotary_dim_zero": "ZeroDivisionError from launch._freq_values (issue 12)",
-    "rotary_dim_str": "raw TypeError 'unsupported operand type(s) for /' (issue 12)",
-    "style_not_bool": "is_neox='yes' / interleave='yes' accepted (issue 12)",
-}
+CURRENTLY_FAILING: dict = {}  # mutation name -> why the library still gets it wrong
 
 
 def mutation_params(on_meta: bool = False) -> list:
@@ -847,12 +843,7 @@ POSITIONS_MUTATIONS = {
                        ("offsets", "indptr"), lambda i, o: True),
     "float_offsets": (lambda i, o, d: (i, o.astype(np.float32)), ("offsets",), lambda i, o: True),
 }
-POSITIONS_CURRENTLY_FAILING = {
-    "negative_offset": "host positions_from_offsets accepts negative offsets (issue 12)",
-    "decreasing_indptr": "host positions_from_offsets accepts a decreasing indptr (issue 12)",
-    "indptr_not_from_zero": "host positions_from_offsets accepts indptr[0] != 0 (issue 12)",
-    "int32_overflow": "host positions_from_offsets overflows int32 silently (issue 12)",
-}
+POSITIONS_CURRENTLY_FAILING: dict = {}  # mutation name -> why the library still gets it wrong
 
 
 @pytest.mark.parametrize("mutation", [
