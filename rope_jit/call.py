@@ -136,56 +136,77 @@ def check_mrope_section(section) -> tuple:
 _MEMO_SIZE = 512
 
 
-def _memoized_constant(fn):
-    """`fn` memoized on its positional arguments (a bounded dict: emptied when full), and
-    marked as ``torch.compiler.assume_constant_result`` marks a function (without
-    importing torch): under torch.compile, Dynamo calls it at trace time on its constant
-    arguments and bakes the result into the graph instead of tracing into it. Valid
-    because the result depends on the arguments only. (A plain dict rather than
-    functools.lru_cache: cheaper on the warm path, and Dynamo warns about lru_cache.)"""
-    memo = {}
-
-    def memoized(*args):
-        try:
-            return memo[args]
-        except KeyError:
-            if len(memo) >= _MEMO_SIZE:
-                memo.clear()
-            value = memo[args] = fn(*args)
-            return value
-
-    memoized.__doc__, memoized.__name__ = fn.__doc__, fn.__name__
-    memoized.cache_clear = memo.clear
-    memoized._dynamo_marked_constant = True
-    return memoized
+def _constant_for_dynamo(fn):
+    """What ``torch.compiler.assume_constant_result`` does (it sets this one attribute),
+    without importing torch: under torch.compile, Dynamo calls `fn` at trace time on its
+    constant arguments and bakes the result into the graph instead of tracing into it.
+    Valid because the result depends on the arguments only."""
+    fn._dynamo_marked_constant = True
+    return fn
 
 
-# ------------------------------------------------------------------ builders
+def _remember(memo: dict, key, value):
+    if len(memo) >= _MEMO_SIZE:  # bounded: emptied when full
+        memo.clear()
+    memo[key] = value
+    return value
 
-@_memoized_constant
+
+def _section_is_exact(section) -> bool:
+    return section is None or (type(section) is tuple and all(type(n) is int for n in section))
+
+
+# Builders: validated once per distinct arguments, then a dict look-up. The look-up is
+# taken only when every argument has exactly the type the call stores: Python's equality
+# makes 64.0 == 64 and 1 == True, so a float head size or an int style would otherwise
+# find the entry of a valid call and skip its TypeError.
+
+_cache_calls: dict = {}
+
+
+@_constant_for_dynamo
 def cache_call(head_size, is_neox, inplace: bool, check_positions=False, mrope_section=None,
                mrope_interleaved=False, rotary_dim=None, inverse=False) -> RopeCall:
     """A call whose cos/sin come from a cos/sin cache (vLLM's convention: positions)."""
+    key = (head_size, is_neox, inplace, check_positions, mrope_section, mrope_interleaved,
+           rotary_dim, inverse)
+    if (type(head_size) is int and type(is_neox) is bool and type(check_positions) is bool
+            and (rotary_dim is None or type(rotary_dim) is int) and type(inverse) is bool
+            and type(mrope_interleaved) is bool and _section_is_exact(mrope_section)):
+        call = _cache_calls.get(key)
+        if call is not None:
+            return call
     head_size = check_int(head_size, "head_size")
     if head_size <= 0:
         raise ValueError(f"head_size: expected a positive integer, got {head_size}")
-    return RopeCall(inplace, head_size, _optional_int(rotary_dim, "rotary_dim"),
-                    check_bool(is_neox, "is_neox"), POSITIONS, None,
-                    None if mrope_section is None else check_mrope_section(mrope_section),
-                    check_bool(mrope_interleaved, "mrope_interleaved"),
-                    check_bool(inverse, "inverse"),
-                    check_bool(check_positions, "check_positions"))
+    return _remember(_cache_calls, key, RopeCall(
+        inplace, head_size, _optional_int(rotary_dim, "rotary_dim"),
+        check_bool(is_neox, "is_neox"), POSITIONS, None,
+        None if mrope_section is None else check_mrope_section(mrope_section),
+        check_bool(mrope_interleaved, "mrope_interleaved"), check_bool(inverse, "inverse"),
+        check_bool(check_positions, "check_positions")))
 
 
-@_memoized_constant
+_fly_calls: dict = {}
+
+
+@_constant_for_dynamo
 def on_the_fly_call(convention: str, rotary_dim, interleave, inplace: bool,
                     frequencies: str, mrope_section=None, mrope_interleaved=False) -> RopeCall:
     """A call whose cos/sin are computed in the kernel (FlashInfer's convention: the head
     size is the last dim of q). `frequencies` from ``frequencies_json``."""
-    return RopeCall(inplace, None, _optional_int(rotary_dim, "rotary_dim"),
-                    not check_bool(interleave, "interleave"), convention, frequencies,
-                    None if mrope_section is None else check_mrope_section(mrope_section),
-                    check_bool(mrope_interleaved, "mrope_interleaved"))
+    key = (convention, rotary_dim, interleave, inplace, frequencies, mrope_section,
+           mrope_interleaved)
+    if ((rotary_dim is None or type(rotary_dim) is int) and type(interleave) is bool
+            and type(mrope_interleaved) is bool and _section_is_exact(mrope_section)):
+        call = _fly_calls.get(key)
+        if call is not None:
+            return call
+    return _remember(_fly_calls, key, RopeCall(
+        inplace, None, _optional_int(rotary_dim, "rotary_dim"),
+        not check_bool(interleave, "interleave"), convention, frequencies,
+        None if mrope_section is None else check_mrope_section(mrope_section),
+        check_bool(mrope_interleaved, "mrope_interleaved")))
 
 
 def _jsonable(v):
@@ -200,9 +221,17 @@ def _jsonable(v):
     return repr(v)  # not a JSON value: kept visible, the variant's checks refuse it
 
 
-@_memoized_constant
+_frequencies: dict = {}
+
+
 def _frequencies_from_items(rope_theta, items, names) -> str:
-    return _encode_frequencies(rope_theta, dict(items), dict(names))
+    key = (rope_theta, items, names)
+    # the look-up only for exact numbers (a bool theta would find the entry of theta 1)
+    exact = type(rope_theta) is float or type(rope_theta) is int
+    got = _frequencies.get(key) if exact else None
+    if got is None:
+        got = _remember(_frequencies, key, _encode_frequencies(rope_theta, dict(items), dict(names)))
+    return got
 
 
 def _encode_frequencies(rope_theta, rope_scaling: dict, names: dict) -> str:
@@ -222,6 +251,7 @@ def _encode_frequencies(rope_theta, rope_scaling: dict, names: dict) -> str:
                       sort_keys=True, default=_jsonable)
 
 
+@_constant_for_dynamo
 def frequencies_json(rope_theta=_DEFAULT_THETA, rope_scale=1.0, rope_scaling=None,
                      llama31=None) -> str:
     """The ``frequencies`` of an on-the-fly call from FlashInfer's arguments.
@@ -251,10 +281,12 @@ def frequencies_json(rope_theta=_DEFAULT_THETA, rope_scale=1.0, rope_scaling=Non
                  ("low_freq_factor", "low_freq_factor"),
                  ("original_max_position_embeddings", "old_context_len"))
         return _frequencies_from_items(rope_theta, items, names)
+    if type(rope_scale) is bool:  # True == 1 would pass as the default scale
+        raise ValueError(f"rope_scale: expected a finite number > 0, got {rope_scale!r}")
     return _frequencies_from_items(rope_theta, (("factor", rope_scale), ("rope_type", "linear")),
                                    (("factor", "rope_scale"),))
 
 
 def clear_call_caches() -> None:
-    for builder in (cache_call, on_the_fly_call, _frequencies_from_items):
-        builder.cache_clear()
+    for memo in (_cache_calls, _fly_calls, _frequencies):
+        memo.clear()

@@ -12,8 +12,8 @@ unsanitized run passed and every tool reported 0 errors with the program passing
   its own cudaMalloc, so an access past a tensor is past an allocation (torch's caching
   allocator would hide it inside a larger block). Leak checking stays off (the CUDA
   contexts of torch and CuPy keep allocations until exit).
-* initcheck: --track-unused-memory no (where this compute-sanitizer has the option):
-  allocations never fully written are not errors here.
+* initcheck reports reads of device memory nothing wrote (its unused-memory report, which
+  --track-unused-memory turns on, stays off: allocations never fully written are fine).
 * Each tool's whole output (the program's and the sanitizer's) goes to DIR/TOOL.log; the
   summary lines also to DIR/summary.txt. compute-sanitizer is taken from --sanitizer,
   $COMPUTE_SANITIZER, PATH, /usr/local/cuda/bin or /usr/local/cuda-*/bin.
@@ -41,9 +41,9 @@ TOOLS = ("memcheck", "initcheck", "racecheck", "synccheck")
 EXACT_ALLOCATIONS = {"memcheck", "initcheck"}
 # Optional flags ("*": every tool), passed only when `compute-sanitizer --help` lists them:
 # a generous wait for the Python program to attach; only the program itself instrumented
-# (not helpers it may spawn, such as ldconfig); initcheck's unused-memory report off.
-OPTIONAL_FLAGS = {"*": [("--launch-timeout", "120"), ("--target-processes", "application-only")],
-                  "initcheck": [("--track-unused-memory", "no")]}
+# (not helpers it may spawn, such as ldconfig). (initcheck's --track-unused-memory is a
+# flag that turns the unused-memory report on; it is off by default and stays off.)
+OPTIONAL_FLAGS = {"*": [("--launch-timeout", "120"), ("--target-processes", "application-only")]}
 
 
 @dataclass
@@ -99,9 +99,13 @@ _NOT_FINDINGS = ("ERROR SUMMARY", "RACECHECK SUMMARY", "COMPUTE-SANITIZER", "LEA
 
 
 def error_count(text: str) -> int | None:
-    """The last 'ERROR SUMMARY: N errors' of a compute-sanitizer output, or None."""
+    """The last 'ERROR SUMMARY: N errors' of a compute-sanitizer output (racecheck says
+    'RACECHECK SUMMARY: H hazards displayed (N errors, W warnings)' instead), or None."""
     found = _ERROR_SUMMARY.findall(text)
-    return int(found[-1]) if found else None
+    if found:
+        return int(found[-1])
+    races = _RACECHECK.findall(text)
+    return int(races[-1][1]) if races else None
 
 
 def racecheck_warnings(text: str) -> int | None:

@@ -121,6 +121,9 @@ def test_compiled_dynamic_token_counts():
 # ------------------------------------------------------------------ opcheck
 
 def _op_args(kind, *, requires_grad=False, with_key=True, seed=0):
+    """Op arguments: the arrays, then the RopeCall as rope_jit.call.to_op_args packs it."""
+    from rope_jit.call import INDPTR, POSITIONS, RopeCall, frequencies_json, to_op_args
+
     g = _gen(seed)
     T, HQ, HK, D = 19, 4, 2, 64
     q = torch.randn(T, HQ, D, generator=g, device="cuda", requires_grad=requires_grad)
@@ -130,20 +133,24 @@ def _op_args(kind, *, requires_grad=False, with_key=True, seed=0):
     cache = rope_jit.compute_cos_sin_cache(48, MAX_POS, dtype="bfloat16", like=q)
     indptr = torch.tensor([0, 7, T], dtype=torch.int32, device="cuda")
     offsets = torch.tensor([5, 900], dtype=torch.int32, device="cuda")
-    fly = [1e4, 1.0, "none", []]
-    tail = [False, False, False]  # mrope_interleaved, inverse, check_positions
+    plain = frequencies_json()
     if kind == "cache":
-        return (q, k, pos, None, None, cache, D, None, False, *fly, None, *tail)
-    if kind == "fly_llama3":
-        return (q, k, pos, None, None, None, None, 32, True, 5e5, 8.0, "llama3",
-                [1.0, 4.0, 8192.0], None, *tail)
-    if kind == "indptr_yarn_inverse":
-        return (q, k, None, indptr, offsets, None, None, D, False, 1e4, 4.0, "yarn",
-                [17.0, 30.0, 1.1], None, False, True, False)
-    if kind == "mrope":
-        pos3 = torch.stack([pos, pos.flip(0), pos // 2])
-        return (q, k, pos3, None, None, None, None, D, True, *fly, [16, 8, 8], True, False, False)
-    raise ValueError(kind)
+        arrays, call = (pos, None, None, cache), RopeCall(False, D, None, False)
+    elif kind == "fly_llama3":
+        arrays = (pos, None, None, None)
+        call = RopeCall(False, None, 32, True, POSITIONS,
+                        frequencies_json(5e5, 8.0, llama31=(1.0, 4.0, 8192)))
+    elif kind == "indptr_yarn_inverse":
+        arrays = (None, indptr, offsets, None)
+        yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}
+        call = RopeCall(False, None, D, False, INDPTR, frequencies_json(rope_scaling=yarn),
+                        inverse=True)
+    elif kind == "mrope":
+        arrays = (torch.stack([pos, pos.flip(0), pos // 2]), None, None, None)
+        call = RopeCall(False, None, D, True, POSITIONS, plain, (16, 8, 8), True)
+    else:
+        raise ValueError(kind)
+    return (q, k, *arrays, *to_op_args(call))
 
 
 @pytest.mark.parametrize("kind", ["cache", "fly_llama3", "indptr_yarn_inverse", "mrope"])
