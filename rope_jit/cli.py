@@ -5,10 +5,11 @@
     rope-jit cache clear [--stale]  remove cached kernels and stray temp/lock files
     rope-jit warm --arch sm_90 --model llama3-8b ...   compile ahead of time, no GPU needed
 
-Exit status: 0 done; 1 the command could not do its job (NVRTC missing, cache directory
-not writable, a kernel failed to compile; ``doctor``: a problem was found); 2 bad usage
-(unknown arch, dtype or model, a shape the planner refuses). Expected faults print one
-line on stderr, never a traceback.
+Exit status: 0 done (``warm`` of a read-only cache directory that holds every kernel
+asked for included); 1 the command could not do its job (NVRTC missing, cache directory
+not writable and kernels missing from it, a kernel failed to compile; ``doctor``: a
+problem was found); 2 bad usage (unknown arch, dtype or model, contradicting options, a
+shape the planner refuses). Expected faults print one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -306,7 +307,7 @@ def _arch(text: str) -> str:
 
 def _plan_arg(text: str) -> tuple:
     """NAME=VALUE with VALUE a Python literal (1, 0.5, (16, 24, 24), True, 'yarn') or, if
-    it is not one, the bare string (so --plan-arg scaling=yarn works unquoted)."""
+    it is not one, the bare string (so a word needs no quotes: --plan-arg NAME=word)."""
     name, sep, value = text.partition("=")
     if not sep or not name.isidentifier():
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
