@@ -5,10 +5,11 @@
     rope-jit cache clear [--stale]  remove cached kernels and stray temp/lock files
     rope-jit warm --arch sm_90 --model llama3-8b ...   compile ahead of time, no GPU needed
 
-Exit status: 0 done; 1 the command could not do its job (NVRTC missing, cache directory
-not writable, a kernel failed to compile; ``doctor``: a problem was found); 2 bad usage
-(unknown arch, dtype or model, a shape the planner refuses). Expected faults print one
-line on stderr, never a traceback.
+Exit status: 0 done (``warm`` of a read-only cache directory that holds every kernel
+asked for included); 1 the command could not do its job (NVRTC missing, cache directory
+not writable and kernels missing from it, a kernel failed to compile; ``doctor``: a
+problem was found); 2 bad usage (unknown arch, dtype or model, contradicting options, a
+shape the planner refuses). Expected faults print one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -52,6 +53,19 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(f"{message} (see {self.prog} --help)", prog=self.prog)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Ends each option's help with its default, '(default: bfloat16)', unless there is
+    none to show (None, False, an empty list) or the help already speaks of it."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", action.default
+        if (default is None or default is False or default == [] or default == argparse.SUPPRESS
+                or "default" in text):
+            return action.help
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
 
 
 # ------------------------------------------------------------------ formatting helpers
@@ -292,7 +306,7 @@ def _arch(text: str) -> str:
 
 def _plan_arg(text: str) -> tuple:
     """NAME=VALUE with VALUE a Python literal (1, 0.5, (16, 24, 24), True, 'yarn') or, if
-    it is not one, the bare string (so --plan-arg scaling=yarn works unquoted)."""
+    it is not one, the bare string (so a word needs no quotes: --plan-arg NAME=word)."""
     name, sep, value = text.partition("=")
     if not sep or not name.isidentifier():
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
@@ -315,6 +329,7 @@ def _positive_int(text: str) -> int:
 def _add_warm_parser(sub) -> None:
     p = sub.add_parser(
         "warm", help="compile kernels ahead of time for named archs (no GPU needed)",
+        formatter_class=_HelpFormatter,
         description="Compile the kernels a model's RoPE calls will use into the disk cache, "
                     "for named GPU archs, with no GPU present. Multi-valued options warm every "
                     "combination. The planner decides which kernels a call uses at each token "
@@ -324,36 +339,39 @@ def _add_warm_parser(sub) -> None:
     shape = p.add_argument_group("model shape (--model, or --heads and --head-size)")
     shape.add_argument("--model", choices=sorted(warm.MODELS), help="a preset model shape")
     shape.add_argument("--tp", type=_positive_int, default=1,
-                       help="tensor-parallel ranks: each GPU holds 1/tp of the heads (default 1)")
+                       help="tensor-parallel ranks: each GPU holds 1/tp of the heads")
     shape.add_argument("--heads", nargs=2, type=int, metavar=("Q", "KV"),
                        help="query and key heads of the model (KV 0: no key); --tp divides them")
-    shape.add_argument("--head-size", type=_positive_int)
-    shape.add_argument("--rotary-dim", type=_positive_int, help="default: the whole head")
+    shape.add_argument("--head-size", type=_positive_int, help="elements per head")
+    shape.add_argument("--rotary-dim", type=_positive_int,
+                       help="rotated elements per head (default: the whole head)")
     call = p.add_argument_group("how the model calls RoPE (several values: each is warmed)")
     call.add_argument("--dtype", nargs="+", type=_dtype, default=["bfloat16"],
-                      help="query/key dtype (default bfloat16)")
+                      help="query/key dtype")
     call.add_argument("--cache-dtype", nargs="+", choices=_CACHE_CHOICES, default=["float32"],
-                      help="cos/sin cache dtype, or on-the-fly (default float32)")
+                      help="cos/sin cache dtype, or on-the-fly")
     call.add_argument("--style", nargs="+", choices=sorted(_FLAG_VALUES["style"]),
                       help="rotation pairs (default: the model's, else neox)")
     call.add_argument("--index-dtype", nargs="+", choices=("int32", "int64"), default=["int64"],
-                      help="positions or indptr/offsets dtype (default int64)")
+                      help="positions or indptr/offsets dtype")
     call.add_argument("--positions", nargs="+", choices=sorted(_FLAG_VALUES["positions"]),
                       default=["positions"], help="positions per token, or indptr + offsets")
     call.add_argument("--placement", nargs="+", choices=sorted(_FLAG_VALUES["placement"]),
-                      default=["in-place"])
+                      default=["in-place"], help="q and k rotated in place, or new arrays returned")
     call.add_argument("--layout", nargs="+", choices=sorted(_FLAG_VALUES["layout"]),
                       default=["separate"], help="fused-qkv: q and k are slices of one QKV buffer")
     call.add_argument("--scaling", nargs="+", metavar="NAME",
-                      help="on-the-fly frequency variants (planner 'scaling'), e.g. linear llama3 yarn")
+                      help="on-the-fly frequency variants (planner 'scaling'), e.g. linear llama3 "
+                           "yarn; needs --cache-dtype on-the-fly (a cache holds its variant's values)")
     call.add_argument("--mrope-section", nargs=3, type=int, metavar=("T", "H", "W"),
                       help="multimodal RoPE sections (positions [3, tokens])")
-    call.add_argument("--mrope-interleaved", action="store_true")
+    call.add_argument("--mrope-interleaved", action="store_true",
+                      help="Qwen3-VL's interleaved sections (t, h, w alternating)")
     call.add_argument("--plan-arg", action="append", type=_plan_arg, default=[], metavar="NAME=VALUE",
-                      help="any further planner keyword argument (repeatable)")
+                      help="a planner keyword argument no option sets (repeatable)")
     sweep = p.add_argument_group("which kernels")
     sweep.add_argument("--max-tokens", type=_positive_int, default=warm.DEFAULT_MAX_TOKENS,
-                       help=f"largest token count of a call (default {warm.DEFAULT_MAX_TOKENS})")
+                       help="largest token count of a call")
     sweep.add_argument("--sms", nargs="+", type=_positive_int,
                        help="SM counts of the target GPUs (default: those of the arch's GPUs)")
     sweep.add_argument("--spec", action="append", default=[], metavar="JSON",
@@ -361,10 +379,53 @@ def _add_warm_parser(sub) -> None:
     sweep.add_argument("--positions-kernel", action="store_true",
                        help="also the positions_from_offsets kernel for each --index-dtype")
     run = p.add_argument_group("running")
-    run.add_argument("--jobs", type=_positive_int, help=f"parallel compiles (default {warm.default_jobs()})")
+    run.add_argument("--jobs", type=_positive_int,
+                     help=f"parallel compiles (default: {warm.default_jobs()}, this process's CPUs, "
+                          "at most 16)")
     run.add_argument("--dry-run", action="store_true", help="list the kernels, compile nothing")
     run.add_argument("--quiet", action="store_true", help="no progress bar and no kernel list")
     p.set_defaults(func=cmd_warm)
+
+
+# Planner arguments that warm derives from an option (or from the shape options), by the
+# option to name when the planner refuses one of them or --plan-arg tries to set one.
+_OPTION_OF_PLANNER_ARG = {
+    "head_size": "--head-size", "rotary_dim": "--rotary-dim", "is_neox": "--style",
+    "positions": "--positions", "indptr": "--positions", "offsets": "--positions",
+    "cos_sin_cache": "--cache-dtype", "inplace": "--placement", "num_sms": "--sms",
+    "scaling": "--scaling", "mrope_section": "--mrope-section",
+    "mrope_interleaved": "--mrope-interleaved",
+}
+
+
+def _free_planner_args() -> list[str]:
+    """Names --plan-arg may set: the call fields warming accepts (warm.PLAN_ARGS) that no
+    option sets."""
+    return sorted(n for n in warm.PLAN_ARGS if n not in _OPTION_OF_PLANNER_ARG)
+
+
+def _check_plan_args(args) -> None:
+    free = _free_planner_args()
+    for name, _ in args.plan_arg:
+        if name in _OPTION_OF_PLANNER_ARG:
+            raise UsageError(f"--plan-arg {name}: the planner argument {name!r} is set by "
+                             f"{_OPTION_OF_PLANNER_ARG[name]}, not by --plan-arg")
+        if name not in free:
+            raise UsageError(f"--plan-arg {name}: unknown planner argument {name!r}; valid "
+                             f"names: {', '.join(free) or 'none'}")
+
+
+def _check_call_options(args) -> None:
+    """Options that contradict each other, named before any planning."""
+    if args.scaling and "on-the-fly" not in args.cache_dtype:
+        raise UsageError(f"--scaling {' '.join(args.scaling)}: needs --cache-dtype on-the-fly "
+                         "(a cos/sin cache holds its variant's values: kernels reading one are "
+                         "the same for every variant)")
+    if args.mrope_section is not None and "indptr" in args.positions:
+        raise UsageError("--mrope-section: needs --positions positions (mRoPE takes positions "
+                         "[3, tokens]; indptr + offsets give one position per token)")
+    if args.mrope_interleaved and args.mrope_section is None:
+        raise UsageError("--mrope-interleaved: needs --mrope-section T H W")
 
 
 def _planner_kwargs(args) -> list[dict]:
@@ -380,9 +441,46 @@ def _planner_kwargs(args) -> list[dict]:
 def _base_shape(args) -> dict | None:
     """CallShape fields of the model or the explicit shape; None if neither is given."""
     try:
-        return _model_or_explicit_shape(args)
+        base = _model_or_explicit_shape(args)
     except ValueError as e:  # heads that do not split over --tp, an unknown model
         raise UsageError(str(e)) from None
+    if base is not None:
+        _check_rotary_dim(args, base["head_size"], base["rotary_dim"] or base["head_size"])
+    return base
+
+
+def _rotary_option(args) -> str:
+    """The option that set the rotary dim: --rotary-dim, else the head size (the whole
+    head) of --head-size or of the --model preset."""
+    if args.rotary_dim:
+        return "--rotary-dim"
+    return f"--model {args.model}" if args.model else "--head-size"
+
+
+def _check_rotary_dim(args, head_size: int, rotary_dim: int) -> None:
+    """The planner's rules on the rotary dim, in terms of the options that set it."""
+    if rotary_dim % 2:  # RoPE rotates pairs
+        if args.rotary_dim:
+            raise UsageError(f"--rotary-dim {rotary_dim}: expected an even number (RoPE rotates "
+                             "pairs)")
+        raise UsageError(f"--head-size {head_size}: the rotary dim (the whole head unless "
+                         "--rotary-dim says otherwise) must be even, as RoPE rotates pairs; give "
+                         "an even --head-size or an even --rotary-dim")
+    if rotary_dim > head_size:
+        head = f"--head-size {head_size}" if args.head_size else \
+            f"the head size {head_size} of --model {args.model}"
+        raise UsageError(f"--rotary-dim {rotary_dim}: exceeds {head}")
+
+
+def _planner_refusal(args, call: warm.CallShape, error: Exception) -> UsageError:
+    """The planner's error for `call`, its leading argument name ('rotary_dim: ...')
+    replaced by the option that set it, and the call in words."""
+    name, sep, rest = str(error).partition(": ")
+    if sep and name.endswith("(rotary_dim)"):  # a cache's width: the rotary dim
+        name = "rotary_dim"
+    option = _rotary_option(args) if name == "rotary_dim" else _OPTION_OF_PLANNER_ARG.get(name)
+    message = f"{option}: {rest}" if sep and option else str(error)
+    return UsageError(f"{message} (warming {call.words()})")
 
 
 def _model_or_explicit_shape(args) -> dict | None:
@@ -441,6 +539,8 @@ def _direct_specs(args) -> list:
 
 
 def _specs_to_warm(args, archs: list[str]) -> list:
+    _check_plan_args(args)
+    _check_call_options(args)
     calls = _call_shapes(args)
     specs = _direct_specs(args)
     if not calls and not specs:
@@ -451,7 +551,7 @@ def _specs_to_warm(args, archs: list[str]) -> list:
         try:
             specs += warm.specs_for_call(call, max_tokens=args.max_tokens, sm_counts=sm_counts)
         except (ValueError, TypeError) as e:  # the planner refuses this call: say which
-            raise UsageError(f"{call.words()}: {e}") from None
+            raise _planner_refusal(args, call, e) from None
     return list(dict.fromkeys(specs))
 
 
@@ -500,20 +600,10 @@ def _run_warm(specs, archs, args) -> warm.WarmReport:
         bar.close()
 
 
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
 def _progress_bar(total: int, quiet: bool):
     """tqdm on stderr; off with --quiet and when stderr is not a terminal (disable=None)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:  # an install that predates the dependency: no bar, same work
-        return _NoBar()
+    from tqdm import tqdm  # here, not at the top: only warm shows a bar
+
     return tqdm(total=total, unit="kernel", desc="compiling", file=sys.stderr,
                 disable=True if quiet else None)
 

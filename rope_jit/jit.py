@@ -12,6 +12,9 @@
   serialize on a per-entry file lock, so one compiles and the others read its entry;
   threads of one process serialize on a per-key lock first. The lock file is removed
   by its holder once the entry is on disk, so a settled cache holds only entries.
+* Modes: entries and directories are created as any new file and directory are (0644
+  and 0755 under the usual umask), so a cache warmed by one user (root, building an
+  image) serves others.
 * An unusable directory (read-only, or not creatable) degrades to memory-only with one
   warning per process; entries already there are still read.
 * Memory: cubins per binary key, and loaded functions per (device, spec); a warm
@@ -25,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import struct
 import tempfile
 import threading
@@ -239,11 +243,29 @@ def _warn_unwritable(err: Exception) -> None:
                       stacklevel=6)
 
 
+def _create_temp_file(directory: Path) -> tuple[int, Path]:
+    """A new temp file of a unique name in `directory`, open for writing. Its mode is an
+    ordinary new file's, 0o666 less the umask (0644 under the usual 022), where mkstemp
+    would give 0600: the entry renamed from it must be readable by other users (a cache
+    warmed by root in an image build, read by the user who runs the image)."""
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+             | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+    for _ in range(tempfile.TMP_MAX):
+        path = directory / f"{_TEMP_PREFIX}{secrets.token_hex(8)}{_ENTRY_SUFFIX}"
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:  # another writer's temp file: draw another name
+            continue
+    raise FileExistsError(f"no unused temp file name in {directory}")
+
+
 def write_atomic(path: Path, blob: bytes) -> None:
     """Atomic: readers see the old state or the whole new file, never a partial one (cache
-    entries, and rope_jit.tuning's tables beside them)."""
+    entries, and rope_jit.tuning's tables beside them). Directories get mkdir's mode
+    (0o777 less the umask: 0755 usually) and the file an ordinary new file's (0644
+    usually): other users can read the cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX, suffix=_ENTRY_SUFFIX)
+    fd, tmp = _create_temp_file(path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(blob)

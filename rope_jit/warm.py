@@ -166,10 +166,7 @@ def rope_call(call: CallShape) -> RopeCall:
     if call.cache_dtype is None:
         rc = on_the_fly_call(convention, call.rotary_dim or call.head_size, not call.is_neox,
                              call.inplace, frequencies_json(rope_scaling=SCALING_EXAMPLES[scaling]))
-    else:
-        if scaling != "linear":
-            raise ValueError(f"scaling: {scaling!r} is an on-the-fly variant; a cache holds "
-                             "whatever variant built it (use cache_dtype None)")
+    else:  # a cache holds whatever variant built it: its kernels are the same for every one
         rc = cache_call(call.head_size, call.is_neox, call.inplace)._replace(convention=convention)
     if extra.get("mrope_section") is not None:
         extra["mrope_section"] = tuple(extra["mrope_section"])
@@ -311,15 +308,13 @@ def default_jobs() -> int:
 def warm(specs, archs, *, jobs: int | None = None, on_done=None) -> WarmReport:
     """Compile every spec for every arch into the disk cache (entries already there are
     verified and kept). on_done(WarmedItem) is called as each finishes (progress bars).
-    Raises WarmError if the cache directory cannot be written, ValueError for an arch
+    Raises WarmError if the cache directory cannot be written and an entry is missing
+    from it (all there: they are verified, nothing is written), ValueError for an arch
     NVRTC does not support, CompileError if a kernel does not compile (the first failure
     stops the run)."""
     archs = check_archs(archs)
-    reason = jit.unwritable_reason()
-    if reason is not None:
-        raise WarmError(f"cache directory {jit.cache_dir()} is not writable ({reason}); set "
-                        f"{jit.ENV_CACHE_DIR} to a writable directory")
     work = [(spec, arch) for arch in archs for spec in dict.fromkeys(specs)]
+    _require_writable_or_cached(work)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=jobs or default_jobs()) as pool:
         futures = [pool.submit(_warm_one, spec, arch, on_done) for spec, arch in work]
@@ -330,6 +325,21 @@ def warm(specs, archs, *, jobs: int | None = None, on_done=None) -> WarmReport:
     if failed:
         raise failed[0].exception()
     return WarmReport([f.result() for f in futures], time.perf_counter() - t0)
+
+
+def _require_writable_or_cached(work) -> None:
+    """WarmError if the cache directory cannot be written and some (spec, arch) of `work`
+    has no intact entry there. A read-only directory that holds them all (a pre-warmed
+    cache) is fine: there is nothing to write."""
+    reason = jit.unwritable_reason()
+    if reason is None:
+        return
+    cached = {e.key for e in jit.cache_entries() if e.intact}
+    missing = sum(jit.binary_key(spec.render(), arch) not in cached for spec, arch in work)
+    if missing:
+        raise WarmError(f"cache directory {jit.cache_dir()} is not writable ({reason}) and "
+                        f"{missing} of {len(work)} kernels are not cached there; set "
+                        f"{jit.ENV_CACHE_DIR} to a writable directory")
 
 
 def _warm_one(spec, arch: str, on_done) -> WarmedItem:

@@ -35,6 +35,30 @@ if os.environ.get("ROPE_JIT_REQUIRE_NVRTC") and not HAS_NVRTC:
                        "compile tests would be skipped")
 
 
+# CI sets ROPE_JIT_REQUIRE_TEST_EXTRAS: every package the CPU suite imports comes with the
+# README's install (extras cuda12 and test), so an import that fails there is a broken
+# install, reported as a failure instead of passing as skipped tests.
+REQUIRE_TEST_EXTRAS = bool(os.environ.get("ROPE_JIT_REQUIRE_TEST_EXTRAS"))
+_IMPORT_SKIP = "could not import"  # pytest.importorskip's reason
+
+
+def _fail_an_import_skip(report) -> None:
+    if REQUIRE_TEST_EXTRAS and report.skipped and _IMPORT_SKIP in str(report.longrepr):
+        report.outcome = "failed"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_an_import_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):  # importorskip at a module's top
+    outcome = yield
+    _fail_an_import_skip(outcome.get_result())
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU (run the GPU suite on a GPU machine)")
     skip_nvrtc = pytest.mark.skip(reason="needs CuPy with NVRTC (pip install -e '.[cuda12]')")

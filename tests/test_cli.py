@@ -5,9 +5,11 @@ exit status, never a traceback."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -265,9 +267,27 @@ def test_warm_named_spec(capsys, cache_dir):
     (["warm", "--arch", "sm_90", "--heads", "0", "2", "--head-size", "64"], 2, ["Q >= 1"]),
     (["warm", "--arch", "sm_90", "--model", "phi-2", "--heads", "8", "2"], 2, ["not both"]),
     (["warm", "--arch", "sm_90", "--heads", "8", "2", "--head-size", "64", "--rotary-dim", "128"],
-     2, ["exceeds head_size 64"]),
+     2, ["--rotary-dim 128: exceeds --head-size 64"]),
+    (["warm", "--arch", "sm_90", "--model", "phi-2", "--rotary-dim", "96"],
+     2, ["--rotary-dim 96: exceeds the head size 80 of --model phi-2"]),
     (["warm", "--arch", "sm_90", "--model", "phi-2", "--plan-arg", "no_such_knob=1"], 2,
-     ["no_such_knob"]),
+     ["--plan-arg no_such_knob: unknown planner argument 'no_such_knob'", "valid names: "]),
+    (["warm", "--arch", "sm_90", "--model", "phi-2", "--plan-arg", "head_size=64"], 2,
+     ["--plan-arg head_size", "set by --head-size"]),
+    (["warm", "--arch", "sm_90", "--model", "phi-2", "--plan-arg", "scaling=yarn"], 2,
+     ["--plan-arg scaling", "set by --scaling"]),
+    (["warm", "--arch", "sm_90", "--model", "phi-2", "--scaling", "yarn"], 2,
+     ["--scaling yarn: needs --cache-dtype on-the-fly"]),
+    (["warm", "--arch", "sm_90", "--model", "phi-2", "--scaling", "linear", "yarn",
+      "--cache-dtype", "float32", "bfloat16"], 2, ["--scaling linear yarn: needs --cache-dtype on-the-fly"]),
+    (["warm", "--arch", "sm_90", "--model", "phi-2", "--cache-dtype", "on-the-fly",
+      "--scaling", "ntk"], 2, ["--scaling: expected one of", "'ntk'", "(warming 32/32 heads"]),
+    (["warm", "--arch", "sm_90", "--model", "phi-2", "--mrope-section", "4", "4", "4"], 2,
+     ["--mrope-section: expected", "rotary_dim/2 = 16", "(warming 32/32 heads"]),
+    (["warm", "--arch", "sm_90", "--model", "phi-2", "--mrope-section", "4", "4", "8",
+      "--positions", "indptr"], 2, ["--mrope-section: needs --positions positions"]),
+    (["warm", "--arch", "sm_90", "--model", "phi-2", "--mrope-interleaved"], 2,
+     ["--mrope-interleaved: needs --mrope-section"]),
     (["warm", "--arch", "sm_90", "--model", "phi-2", "--plan-arg", "=1"], 2, ["NAME=VALUE"]),
     (["warm", "--arch", "sm_90", "--spec", '{"head_size": 64}'], 2, ["--spec", "missing"]),
     (["warm", "--arch", "sm_90", "--spec", "not json"], 2, ["--spec"]),
@@ -281,6 +301,92 @@ def test_usage_errors_are_one_line(capsys, argv, status, fragments):
     code, out, err = run_cli(capsys, *argv)
     assert code == status
     _assert_one_line_error(err, *fragments)
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--heads", "8", "2", "--head-size", "127"], ["--head-size 127: the rotary dim", "even"]),
+    (["--heads", "8", "2", "--head-size", "127", "--cache-dtype", "on-the-fly"],
+     ["--head-size 127: the rotary dim", "even"]),
+    (["--heads", "8", "2", "--head-size", "128", "--rotary-dim", "63"],
+     ["--rotary-dim 63: expected an even number"]),
+    (["--model", "phi-2", "--rotary-dim", "33"], ["--rotary-dim 33: expected an even number"]),
+    # past the planner's limit of 512 threads per head row: its refusal, with the option named
+    (["--heads", "8", "2", "--head-size", "2050"], ["--head-size: 2050 needs 1025 threads",
+                                                    "(warming 8/2 heads x 2050"]),
+])
+def test_shape_errors_name_the_option_not_the_planner_argument(capsys, argv, fragments):
+    """A rotary dim the planner refuses is reported against the option that set it (the
+    head size when --rotary-dim is absent), never as the planner's 'cos_sin_cache width
+    (rotary_dim)' or 'rotary_dim' argument."""
+    code, _, err = run_cli(capsys, "warm", "--arch", "sm_90", *argv, "--dry-run")
+    assert code == cli.EXIT_USAGE
+    _assert_one_line_error(err, *fragments)
+    assert "cos_sin_cache" not in err and "rotary_dim" not in err, err
+
+
+def test_plan_arg_names_are_the_planners_free_arguments(capsys):
+    """An unknown --plan-arg lists the valid names, never Python's 'unexpected keyword
+    argument': each listed name is a call field warming accepts (warm.PLAN_ARGS) that no
+    option sets, and each is accepted."""
+    code, _, err = run_cli(capsys, "warm", "--arch", "sm_90", "--model", "phi-2",
+                           "--plan-arg", "foo=1", "--dry-run")
+    assert code == cli.EXIT_USAGE and "unexpected keyword" not in err
+    _assert_one_line_error(err, "--plan-arg foo: unknown planner argument 'foo'; valid names: ")
+    listed = err.strip().split("valid names: ")[1].split(", ")
+    assert "inverse" in listed  # the backward pass's kernels, warmed with inverse=True
+    for name in listed:
+        assert name in warm.PLAN_ARGS and name not in cli._OPTION_OF_PLANNER_ARG, name
+    code, out, err = run_cli(capsys, "warm", "--arch", "sm_90", "--model", "phi-2",
+                             "--plan-arg", "inverse=True", "--dry-run")
+    assert code == 0, err
+    assert all(line.endswith(" inverse") for line in out.strip().splitlines()[:-1]), out
+
+
+def test_scaling_with_a_cache_and_on_the_fly(capsys):
+    """--scaling with both a cache and on the fly is no usage error: each variant is
+    warmed on the fly, and the cache's kernels once (the same for every variant)."""
+    code, out, err = run_cli(capsys, "warm", "--arch", "sm_90", "--model", "phi-2",
+                             "--cache-dtype", "float32", "on-the-fly", "--scaling", "linear", "yarn",
+                             "--max-tokens", "4096", "--dry-run")
+    assert code == 0, err
+    sms = warm.sm_counts_for("sm_90")
+    phi = warm.model_call("phi-2")
+    expected = warm.specs_for_call(phi, max_tokens=4096, sm_counts=sms)
+    for scaling in ("linear", "yarn"):
+        fly = dataclasses.replace(phi, cache_dtype=None, plan_kwargs={"scaling": scaling})
+        expected += warm.specs_for_call(fly, max_tokens=4096, sm_counts=sms)
+    assert out.strip().splitlines()[:-1] == [s.words() for s in dict.fromkeys(expected)]
+    assert any(" on the fly yarn " in line for line in out.splitlines())
+
+
+def _warm_parser() -> argparse.ArgumentParser:
+    (subparsers,) = [a for a in cli.build_parser()._actions
+                     if isinstance(a, argparse._SubParsersAction)]
+    return subparsers.choices["warm"]
+
+
+def test_warm_help_shows_every_default(capsys):
+    """`warm --help` gives the default of every option that has one (--positions,
+    --placement, --layout among them), each in its own option's help."""
+    code, out, _ = run_cli(capsys, "warm", "--help")
+    assert code == 0
+    body = " ".join(out.split("\noptions:\n", 1)[1].split())  # the options' help, unwrapped
+    options = [a for a in _warm_parser()._actions if a.option_strings]
+    starts = {}
+    for action in options:
+        name = action.option_strings[-1]
+        match = re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", body)
+        assert match, name
+        starts[name] = match.start()
+    ordered = sorted(starts.items(), key=lambda item: item[1])
+    segment = {name: body[start:(ordered[i + 1][1] if i + 1 < len(ordered) else len(body))]
+               for i, (name, start) in enumerate(ordered)}
+    with_default = [a for a in options if a.default not in (None, False, [], argparse.SUPPRESS)]
+    assert {a.option_strings[-1] for a in with_default} >= {"--positions", "--placement", "--layout",
+                                                            "--dtype", "--cache-dtype", "--tp"}
+    for action in with_default:
+        shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
+        assert f"(default: {shown})" in segment[action.option_strings[-1]], (action.option_strings, segment)
 
 
 @pytest.mark.nvrtc
@@ -298,6 +404,44 @@ def test_warm_unwritable_directory(capsys, tmp_path, monkeypatch):
     code, _, err = run_cli(capsys, "warm", "--arch", "sm_90", "--model", "phi-2", "--quiet")
     assert code == cli.EXIT_FAILED and jit.stats.compiles == c0
     _assert_one_line_error(err, "not writable", jit.ENV_CACHE_DIR)
+
+
+def _make_read_only(directory: Path, monkeypatch) -> None:
+    """chmod a-w `directory` and its files. Root writes there all the same: then rope_jit
+    is shown the directory as unwritable and any write fails, as they would for another
+    user (tests/test_jit_cache.py runs that case for real, as user nobody)."""
+    for path in [directory, *directory.iterdir()]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    if os.access(directory, os.W_OK):
+        def refused(*args, **kwargs):
+            raise PermissionError(13, "Permission denied (read-only for this test)")
+
+        monkeypatch.setattr(jit, "unwritable_reason", lambda directory=None: "PermissionError: read-only")
+        monkeypatch.setattr(jit, "write_atomic", refused)
+        monkeypatch.setattr(jit, "_entry_lock", refused)
+
+
+@pytest.mark.nvrtc
+def test_warm_of_a_read_only_directory(capsys, cache_dir, monkeypatch):
+    """All cached there: nothing to write, exit 0, every entry verified. Something missing:
+    exit 1, one line saying the directory is not writable and how many kernels are missing."""
+    argv = ["warm", "--arch", "sm_90", "--model", "phi-2", "--max-tokens", "1", "--quiet"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    n = int(out.split("compiled ")[1].split(",")[0])
+    _make_read_only(cache_dir, monkeypatch)
+    try:
+        jit.clear_memory()
+        hits = jit.stats.disk_hits
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 0 and err == "", err
+        assert f"compiled 0, already cached {n}," in out and jit.stats.disk_hits == hits + n
+        code, out, err = run_cli(capsys, *argv, "--positions-kernel")
+        assert code == cli.EXIT_FAILED and out == ""
+        _assert_one_line_error(err, f"cache directory {cache_dir} is not writable",
+                               f"1 of {n + 1} kernels are not cached there", jit.ENV_CACHE_DIR)
+    finally:
+        cache_dir.chmod(0o755)
 
 
 def test_warm_without_nvrtc(capsys, monkeypatch):

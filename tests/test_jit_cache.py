@@ -9,15 +9,26 @@ tables (jit.clear_memory()).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import json
 import multiprocessing
 import os
+import shutil
+import site
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
 import threading
 import warnings
 from pathlib import Path
 
 import pytest
 
+import rope_jit
 from rope_jit import jit
 from rope_jit.specs import PositionsSpec, RopeSpec
 
@@ -485,3 +496,187 @@ def test_unwritable_reason(tmp_path):
     assert d.is_dir() and _files(d) == []
     reason = jit.unwritable_reason(_under_a_file(tmp_path))
     assert reason and "NotADirectoryError" in reason
+
+
+# ------------------------------------------------------------------ file modes, other users
+
+@contextlib.contextmanager
+def _umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.nvrtc
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_entry_and_directory_modes_follow_the_umask(tmp_path, monkeypatch, umask):
+    """An entry gets an ordinary new file's mode, 0o666 less the umask (0644 under the
+    usual 022: readable by every user; mkstemp would give 0600), and each directory the
+    cache creates 0o777 less the umask (0755)."""
+    d = tmp_path / "shared" / "rope_jit"
+    monkeypatch.setenv(jit.ENV_CACHE_DIR, str(d))
+    with _umask(umask):
+        jit.build(SPEC, ARCH)
+    (entry,) = _entries(d)
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o666 & ~umask
+    for directory in (d, d.parent):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o777 & ~umask
+
+
+def _other_user():
+    """The 'nobody' user, or a skip: warming as one user and reading as another needs
+    root, to switch users."""
+    import pwd
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the cache is warmed as root and read as user 'nobody'")
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("needs a user 'nobody' to read the cache as")
+
+
+def _run_as(user, argv, env) -> subprocess.CompletedProcess:
+    def become_user():
+        os.setgroups([])
+        os.setgid(user.pw_gid)
+        os.setuid(user.pw_uid)
+
+    return subprocess.run(argv, env=env, preexec_fn=become_user, cwd="/", capture_output=True,
+                          text=True, timeout=300)
+
+
+def _python_for(user, home: Path) -> tuple[str, dict]:
+    """An interpreter `user` can run with this environment's packages and this rope_jit,
+    and the environment to run it in (HOME `home`: CuPy makes its own cache directory there
+    on import); or a skip. This process's interpreter first; a venv made from an
+    interpreter under root's private home (pyenv in /root) is out of another user's reach,
+    so then the system's interpreter of the same Python version, given this environment's
+    site-packages on PYTHONPATH and their NVIDIA wheels' libraries (libnvrtc) on
+    LD_LIBRARY_PATH, where CuPy finds them only for this environment's own interpreter."""
+    repo = Path(rope_jit.__file__).resolve().parent.parent
+    site_dirs = site.getsitepackages()
+    nvidia_libs = [str(p) for d in site_dirs for p in sorted(Path(d).glob("nvidia/*/lib"))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), *site_dirs]),
+               PYTHONDONTWRITEBYTECODE="1", HOME=str(home),
+               LD_LIBRARY_PATH=os.pathsep.join([*nvidia_libs, os.environ.get("LD_LIBRARY_PATH", "")]))
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    tried = []
+    for python in (sys.executable, shutil.which(version, path="/usr/local/bin:/usr/bin")):
+        if python is None:
+            continue
+        try:
+            r = _run_as(user, [python, "-c", "from rope_jit import jit; jit.nvrtc_version()"], env)
+        except PermissionError as e:  # the interpreter itself is out of reach
+            tried.append(f"{python}: {e.strerror}")
+            continue
+        if r.returncode == 0:
+            return python, env
+        tried.append(f"{python}: {(r.stderr.strip().splitlines() or [f'exit {r.returncode}'])[-1]}")
+    pytest.skip(f"no Python that user {user.pw_name} can run with these packages "
+                f"({'; '.join(tried)})")
+
+
+def _make_read_only(root: Path) -> None:
+    for path in [root, *root.rglob("*")]:
+        path.chmod(stat.S_IMODE(path.stat().st_mode) & ~0o222)
+
+
+@contextlib.contextmanager
+def _read_only_cache_warmed_by_root(monkeypatch, arch: str):
+    """A cache directory in a shared place (as /opt in an image), warmed with SPEC for
+    `arch` by this root process under the usual umask, then made read-only; yields it and
+    a function running a command as user nobody against it."""
+    user = _other_user()
+    shared = Path(tempfile.mkdtemp(prefix="rope_jit_shared_"))
+    try:
+        shared.chmod(0o755)  # mkdtemp's 0700 would hide everything below it
+        home = shared / "home"
+        home.mkdir(mode=0o700)
+        os.chown(home, user.pw_uid, user.pw_gid)
+        python, env = _python_for(user, home)
+        cache = shared / "opt" / "rope_jit"
+        monkeypatch.setenv(jit.ENV_CACHE_DIR, str(cache))
+        with _umask(0o022):
+            jit.build(SPEC, arch)
+        (entry,) = _entries(cache)
+        assert stat.S_IMODE(entry.stat().st_mode) == 0o644
+        assert stat.S_IMODE(cache.stat().st_mode) == stat.S_IMODE(cache.parent.stat().st_mode) == 0o755
+        _make_read_only(cache)
+        env[jit.ENV_CACHE_DIR] = str(cache)
+
+        def run(*args: str) -> subprocess.CompletedProcess:
+            return _run_as(user, [python, *args], env)
+
+        yield cache, run
+    finally:
+        for path in [shared, *shared.rglob("*")]:
+            path.chmod(stat.S_IMODE(path.stat().st_mode) | 0o200)
+        shutil.rmtree(shared)
+
+
+# Run by user nobody: read SPEC's entry (argv: spec fields as JSON, arch) or, given a
+# device too, load it there; any compile is an error, and so is any warning (a damaged or
+# unreadable entry, an unwritable directory: both warn). Prints origin and counters.
+_READER = textwrap.dedent("""
+    import json, sys, warnings
+    warnings.simplefilter("error")
+    from rope_jit import jit
+    from rope_jit.specs import RopeSpec
+
+    def compile_forbidden(*args, **kwargs):
+        raise AssertionError("compiled: the cached entry was not used")
+
+    jit.compile_cubin = compile_forbidden
+    spec = RopeSpec(**json.loads(sys.argv[1]))
+    if len(sys.argv) > 3:
+        jit.get_function(spec, int(sys.argv[3]))
+        origin = "loaded"
+    else:
+        origin = jit.build_entry(spec, sys.argv[2])[1]
+    print(origin, jit.stats.compiles, jit.stats.disk_hits, jit.stats.module_loads)
+""")
+
+
+@pytest.mark.nvrtc
+def test_prewarmed_read_only_cache_serves_another_user(monkeypatch):
+    """A cache warmed by root and made read-only serves user nobody: `cache list` shows
+    its entry intact, a build reads and verifies the entry with no compile and no warning,
+    `warm` of what is cached exits 0, and `warm` of something missing exits 1 saying that
+    the directory is not writable and how many kernels are missing."""
+    spec_json = json.dumps(dataclasses.asdict(SPEC))
+    with _read_only_cache_warmed_by_root(monkeypatch, ARCH) as (cache, run):
+        (entry,) = _entries(cache)
+        r = run("-m", "rope_jit", "cache", "list")
+        assert r.returncode == 0, r.stderr
+        assert f"{entry.stem[:12]}  {ARCH}" in r.stdout and r.stdout.count(SPEC.words()) == 1
+        assert "[" not in r.stdout.split(SPEC.words())[1].splitlines()[0]  # no damaged/stale mark
+        assert "1 entry, " in r.stdout
+
+        r = run("-c", _READER, spec_json, ARCH)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == [jit.FROM_DISK, "0", "1", "0"]
+
+        r = run("-m", "rope_jit", "warm", "--arch", ARCH, "--spec", spec_json, "--quiet")
+        assert r.returncode == 0, r.stderr
+        assert "compiled 0, already cached 1" in r.stdout
+        r = run("-m", "rope_jit", "warm", "--arch", ARCH, "--spec", spec_json, "--positions-kernel",
+                "--index-dtype", "int32", "--quiet")
+        assert r.returncode == 1 and r.stdout == ""
+        assert "not writable" in r.stderr and "1 of 2 kernels are not cached" in r.stderr, r.stderr
+        assert _files(cache) == [entry.name]  # nothing written
+
+
+@pytest.mark.gpu
+def test_prewarmed_read_only_cache_loads_on_the_gpu_as_another_user(monkeypatch):
+    """On a GPU: user nobody loads the kernel root warmed for this GPU's arch into a
+    module, reading it from the read-only cache, with no compile."""
+    from rope_jit._cuda import device_arch
+
+    arch = jit.arch_name(device_arch(0))
+    with _read_only_cache_warmed_by_root(monkeypatch, arch) as (_, run):
+        r = run("-c", _READER, json.dumps(dataclasses.asdict(SPEC)), arch, "0")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == ["loaded", "0", "1", "1"]
