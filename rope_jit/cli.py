@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy
 
-from . import jit, warm
+from . import jit, tuning, warm
 from ._version import __version__
 
 PROG = "rope-jit"
@@ -326,16 +326,8 @@ def _positive_int(text: str) -> int:
     return n
 
 
-def _add_warm_parser(sub) -> None:
-    p = sub.add_parser(
-        "warm", help="compile kernels ahead of time for named archs (no GPU needed)",
-        formatter_class=_HelpFormatter,
-        description="Compile the kernels a model's RoPE calls will use into the disk cache, "
-                    "for named GPU archs, with no GPU present. Multi-valued options warm every "
-                    "combination. The planner decides which kernels a call uses at each token "
-                    "count; warming runs it over 1..--max-tokens tokens and --sms SM counts.")
-    p.add_argument("--arch", nargs="+", action="extend", type=_arch, required=True,
-                   help="target archs, e.g. sm_80 sm_90 (or 90, 9.0); 'native': this machine's GPUs")
+def _add_call_options(p, verb: str) -> None:
+    """The model shape and the ways it calls RoPE (warm and tune describe calls alike)."""
     shape = p.add_argument_group("model shape (--model, or --heads and --head-size)")
     shape.add_argument("--model", choices=sorted(warm.MODELS), help="a preset model shape")
     shape.add_argument("--tp", type=_positive_int, default=1,
@@ -345,7 +337,7 @@ def _add_warm_parser(sub) -> None:
     shape.add_argument("--head-size", type=_positive_int, help="elements per head")
     shape.add_argument("--rotary-dim", type=_positive_int,
                        help="rotated elements per head (default: the whole head)")
-    call = p.add_argument_group("how the model calls RoPE (several values: each is warmed)")
+    call = p.add_argument_group(f"how the model calls RoPE (several values: each is {verb})")
     call.add_argument("--dtype", nargs="+", type=_dtype, default=["bfloat16"],
                       help="query/key dtype")
     call.add_argument("--cache-dtype", nargs="+", choices=_CACHE_CHOICES, default=["float32"],
@@ -369,6 +361,19 @@ def _add_warm_parser(sub) -> None:
                       help="Qwen3-VL's interleaved sections (t, h, w alternating)")
     call.add_argument("--plan-arg", action="append", type=_plan_arg, default=[], metavar="NAME=VALUE",
                       help="a planner keyword argument no option sets (repeatable)")
+
+
+def _add_warm_parser(sub) -> None:
+    p = sub.add_parser(
+        "warm", help="compile kernels ahead of time for named archs (no GPU needed)",
+        formatter_class=_HelpFormatter,
+        description="Compile the kernels a model's RoPE calls will use into the disk cache, "
+                    "for named GPU archs, with no GPU present. Multi-valued options warm every "
+                    "combination. The planner decides which kernels a call uses at each token "
+                    "count; warming runs it over 1..--max-tokens tokens and --sms SM counts.")
+    p.add_argument("--arch", nargs="+", action="extend", type=_arch, required=True,
+                   help="target archs, e.g. sm_80 sm_90 (or 90, 9.0); 'native': this machine's GPUs")
+    _add_call_options(p, "warmed")
     sweep = p.add_argument_group("which kernels")
     sweep.add_argument("--max-tokens", type=_positive_int, default=warm.DEFAULT_MAX_TOKENS,
                        help="largest token count of a call")
@@ -547,9 +552,11 @@ def _specs_to_warm(args, archs: list[str]) -> list:
         raise UsageError("nothing to warm: give --model, --heads and --head-size, --spec or "
                          "--positions-kernel")
     sm_counts = args.sms or sorted({n for a in archs for n in warm.sm_counts_for(a)})
+    knobs = tuning.knob_choices(archs)
     for call in calls:
         try:
-            specs += warm.specs_for_call(call, max_tokens=args.max_tokens, sm_counts=sm_counts)
+            specs += warm.specs_for_call(call, max_tokens=args.max_tokens, sm_counts=sm_counts,
+                                         knobs=knobs)
         except (ValueError, TypeError) as e:  # the planner refuses this call: say which
             raise _planner_refusal(args, call, e) from None
     return list(dict.fromkeys(specs))
@@ -608,6 +615,76 @@ def _progress_bar(total: int, quiet: bool):
                 disable=True if quiet else None)
 
 
+# ------------------------------------------------------------------ tune
+
+_TUNE_TOKENS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+def _add_tune_parser(sub) -> None:
+    p = sub.add_parser(
+        "tune", help="measure launch knobs on this GPU and keep the fastest (needs a GPU)",
+        formatter_class=_HelpFormatter,
+        description="Time candidate launch knobs (heads per batch, waves, block shape, "
+                    "prefetch, register cap) for each call shape at each token bucket on this "
+                    "GPU, and store the fastest beside the compiled kernels. Later calls of that "
+                    "shape class and bucket use them; warming covers them. Nothing is measured "
+                    "during calls unless ROPE_JIT_AUTOTUNE=1.")
+    _add_call_options(p, "tuned")
+    p.add_argument("--tokens", nargs="+", type=_positive_int, default=list(_TUNE_TOKENS),
+                   help="token counts to tune (each stands for its power-of-two bucket)")
+    p.add_argument("--device", type=int, default=0, help="CUDA device ordinal")
+    p.add_argument("--max-seconds", type=float, default=600.0,
+                   help="no new measurement starts after this long; what was measured is kept")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args) -> int:
+    from . import tune
+
+    _check_plan_args(args)
+    _check_call_options(args)
+    calls = _call_shapes(args)
+    if not calls:
+        raise UsageError("nothing to tune: give --model, or --heads and --head-size")
+    for call in calls:  # refused calls named before anything is measured
+        try:
+            warm.plan_call(call, 1, 132)
+        except (ValueError, TypeError) as e:
+            raise _planner_refusal(args, call, e) from None
+    from ._cuda import device_count
+
+    if device_count() <= args.device:
+        raise CliError(f"--device {args.device}: no such GPU here ({device_count()} visible); "
+                       "tuning measures on a GPU")
+    buckets = sorted({tuning.token_bucket(t) for t in args.tokens})
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(calls) * len(buckets), unit="shape", desc="tuning", file=sys.stderr,
+               disable=True if args.quiet else None)
+    rows = []
+
+    def done(m):
+        bar.update(1)
+        rows.append(m)
+
+    try:
+        table = tune.tune(calls, buckets, device=args.device, max_seconds=args.max_seconds,
+                          on_done=done)
+    finally:
+        bar.close()
+    if not args.quiet:
+        print(f"{'shape':<44} {'tokens':>6} {'before us':>10} {'tuned us':>9}  knobs")
+        for m in rows:
+            shape = (f"{m.shape.num_heads} heads x {m.shape.head_size} rotary "
+                     f"{m.shape.rotary_dim} {m.shape.dtype} {m.shape.cos_sin}")
+            print(f"{shape:<44} {m.bucket:>6} {m.start_us:>10.2f} {m.us:>9.2f}  "
+                  f"{tune.changed_knobs(m.tuning) or 'defaults'}")
+    print(f"tuned {len(rows)} of {len(calls) * len(buckets)} (shape, bucket) pairs -> "
+          f"{tuning.table_path(table.key)}")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------ main
 
 def build_parser() -> _Parser:
@@ -625,6 +702,7 @@ def build_parser() -> _Parser:
                        help="only entries this install would never load (other versions, damaged)")
     clear.set_defaults(func=cmd_cache_clear)
     _add_warm_parser(sub)
+    _add_tune_parser(sub)
     return parser
 
 

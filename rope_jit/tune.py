@@ -164,6 +164,13 @@ def tune_call(call: warm.CallShape, num_tokens: int, *, device: int = 0,
     return Measured(today.shape, token_bucket(num_tokens), best, best_us, start_us, len(tried))
 
 
+def changed_knobs(t: Tuning) -> str:
+    """The knobs of `t` that differ from the defaults, in words ('head_batch=1 block=512')."""
+    base = Tuning()
+    return " ".join(f"{f.name}={getattr(t, f.name)}" for f in dataclasses.fields(t)
+                    if getattr(t, f.name) != getattr(base, f.name))
+
+
 def tune(calls, token_counts, *, device: int = 0, max_seconds: float | None = None,
          on_done=None) -> TuningTable:
     """Tune every call shape at every token count on `device` (token counts are rounded up

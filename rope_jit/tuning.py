@@ -149,6 +149,44 @@ def autotuner():
     return _autotuner
 
 
+def stored_tables(arch: str | None = None) -> list:
+    """Every readable table in the cache directory (of one arch when given): what warming
+    must cover besides the built-in knobs."""
+    tables = []
+    for path in sorted((jit.cache_dir() / "tuning").glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+            key = (data["device"], data["arch"], int(data["sms"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if arch is None or key[1] == arch:
+            table = TuningTable.load(key)
+            if table.entries:
+                tables.append(table)
+    return tables
+
+
+def knob_choices(archs=None) -> list:
+    """The knobs (Tuning values, or ShapeClass/token lookups for tuned tables) calls on GPUs
+    of `archs` may be planned with: the defaults, every built-in set, every stored table.
+    Warming plans with each, so a pre-warmed cache holds what any of them picks."""
+    choices = [DEFAULT_TUNING, *dict.fromkeys(BUILT_IN.values())]
+    for arch in archs or [None]:
+        for table in stored_tables(arch):
+            choices.append(_TableLookup(table, BUILT_IN.get(table.key[0], DEFAULT_TUNING)))
+    return choices
+
+
+class _TableLookup:
+    """A stored table's knobs for a shape class and token count, else `fallback`."""
+
+    def __init__(self, table: TuningTable, fallback: Tuning):
+        self.table, self.fallback = table, fallback
+
+    def __call__(self, shape: ShapeClass, num_tokens: int) -> Tuning:
+        return self.table.get(shape, token_bucket(num_tokens)) or self.fallback
+
+
 class DeviceTuning:
     """The knob lookup the planner calls once it knows the call's shape class:
     tuned entry, else this GPU model's built-in knobs, else the defaults."""

@@ -26,7 +26,7 @@ from . import plan as planner  # looked up at call time: tests and new planner v
 from .arrays import ArrayDesc, contiguous_strides
 from .call import INDPTR, POSITIONS, RopeCall, cache_call, frequencies_json, on_the_fly_call
 from .dtypes import FLOAT_DTYPES, INDEX_DTYPES, ITEMSIZE
-from .plan import RopeArrays, Tuning
+from .plan import RopeArrays
 
 DEFAULT_MAX_TOKENS = 131072
 
@@ -173,7 +173,7 @@ def rope_call(call: CallShape) -> RopeCall:
     return rc._replace(**extra)
 
 
-def plan_call(call: CallShape, num_tokens: int, num_sms: int, tuning: Tuning | None = None):
+def plan_call(call: CallShape, num_tokens: int, num_sms: int, tuning=None):
     """The planner's plan for `call` at `num_tokens` tokens on a GPU of `num_sms` SMs.
     Raises the planner's TypeError/ValueError for a call it refuses."""
     rot = call.rotary_dim or call.head_size
@@ -209,18 +209,20 @@ def sm_counts_for(arch: str) -> tuple:
 
 
 def specs_for_call(call: CallShape, *, max_tokens: int = DEFAULT_MAX_TOKENS,
-                   sm_counts=ANY_SM_COUNTS) -> list:
-    """The distinct specs the planner picks for `call` over 1..max_tokens tokens and the
-    given SM counts, in the order first met."""
+                   sm_counts=ANY_SM_COUNTS, knobs=None) -> list:
+    """The distinct specs the planner picks for `call` over 1..max_tokens tokens, the given
+    SM counts and dispatch knobs (``tuning.knob_choices()``: defaults, built-in sets and
+    stored tuned tables), in the order first met."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens: expected a positive token count, got {max_tokens}")
     _check_call_dtypes(call)
     found: dict = {}
-    for sms in sm_counts:
-        for n in token_counts(max_tokens):
-            spec = plan_call(call, n, sms).spec
-            if spec is not None:  # None: no heads, nothing to launch
-                found.setdefault(spec, None)
+    for tuning in knobs or [planner.DEFAULT_TUNING]:
+        for sms in sm_counts:
+            for n in token_counts(max_tokens):
+                spec = plan_call(call, n, sms, tuning).spec
+                if spec is not None:  # None: no heads, nothing to launch
+                    found.setdefault(spec, None)
     return list(found)
 
 

@@ -532,3 +532,15 @@ def test_cache_clear_and_list_of_a_missing_directory(capsys, cache_dir):
     assert code == 0 and out.strip() == (f"removed 0 entries (0 B) and 0 stray temp/lock files "
                                          f"from {cache_dir}")
     assert not cache_dir.exists()
+
+
+def test_tune_needs_a_gpu_and_names_bad_options(capsys):
+    """tune measures on a GPU: without one it says so (exit 1); shape errors are usage
+    errors named by option, before anything is measured."""
+    code, _, err = run_cli(capsys, "tune", "--model", "llama3-8b", "--head-size", "64")
+    assert code == cli.EXIT_USAGE and "--model or --heads/--head-size" in err
+    code, _, err = run_cli(capsys, "tune", "--heads", "8", "2", "--head-size", "127")
+    assert code == cli.EXIT_USAGE and err.startswith("rope-jit tune: error: --head-size 127")
+    if not HAS_GPU:
+        code, _, err = run_cli(capsys, "tune", "--model", "llama3-8b", "--tokens", "16")
+        assert code == cli.EXIT_FAILED and "tuning measures on a GPU" in err

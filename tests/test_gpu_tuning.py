@@ -61,3 +61,33 @@ def test_two_runs_agree_within_two_percent(fresh_tables):
     bench = tune._Bench(call, 8192, 0, seed=1)
     a, b = bench.time_us(first.tuning), bench.time_us(second.tuning)
     assert abs(a - b) <= 0.02 * min(a, b), (first.tuning, a, second.tuning, b)
+
+
+def test_cli_tune_then_warm_covers_the_tuned_kernels(fresh_tables, capsys):
+    """`rope-jit tune` stores its table; `rope-jit warm` then plans with the tuned knobs
+    too, so a call that uses them compiles nothing."""
+    from rope_jit import cli, jit, tuning
+
+    code = cli.main(["tune", "--model", "llama3-8b", "--tokens", "16", "8192",
+                     "--max-seconds", "60", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and "tuned 2 of 2" in out, out
+    tuning.forget_tables()
+    assert len(tuning.stored_tables("sm_90")) == 1
+    jit.clear_memory()
+    assert cli.main(["warm", "--arch", "native", "--model", "llama3-8b", "--quiet",
+                     "--max-tokens", "16384"]) == 0
+    capsys.readouterr()
+    import torch
+
+    import rope_jit
+
+    before = jit.stats.compiles
+    for T in (16, 8192):
+        q = torch.randn(T, 32 * 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(T, 8 * 128, device="cuda", dtype=torch.bfloat16)
+        pos = torch.randint(0, 4096, (T,), device="cuda")
+        cache = rope_jit.compute_cos_sin_cache(128, 4096, like=q)
+        rope_jit.apply_rope_inplace_with_cache(pos, q, k, 128, cache, True)
+    torch.cuda.synchronize()
+    assert jit.stats.compiles == before, "a tuned launch compiled a kernel warming missed"
