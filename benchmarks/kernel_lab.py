@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Kernel lab: the RoPE kernel's code paths and launch shapes, checked and timed in one GPU run.
 
-    PYTHONPATH=. python benchmarks/kernel_lab.py --out $OUT/lab     # full run, ~3-4 min
-    PYTHONPATH=. python benchmarks/kernel_lab.py --quick             # a few rows, < 30 s
-    PYTHONPATH=. python benchmarks/kernel_lab.py --dry-run           # CPU: render, compile, registers
+    PYTHONPATH=. python3 benchmarks/kernel_lab.py --out $OUT/lab    # full run, ~2 min (<= 4)
+    PYTHONPATH=. python3 benchmarks/kernel_lab.py --quick            # a few rows, ~30 s
+    PYTHONPATH=. python3 benchmarks/kernel_lab.py --dry-run          # CPU: compile, registers
+    PYTHONPATH=. python3 benchmarks/kernel_lab.py --dry-run --emulate  # + every check on the
+                                                                     # CPU emulator (minutes)
 
 Self-contained: it does not import rope_jit (whose host code is being refactored). It
 renders the kernel itself, exactly as rope_jit/specs.py does (kernels/common.cuh + a
@@ -37,7 +39,13 @@ What one run does
   total is several times the L2 (512 MB at least), median of the replays' per-call time.
 * PDL experiment (decode): back-to-back calls in a graph, launched with and without the
   programmatic-serialization attribute.
-* Prints a compact table and writes lab.json (everything) to --out.
+* Prints a compact table and writes lab.json (everything), smoke.json and smoke.log to
+  --out (default $OUT/lab). Rows run most important first; after --budget seconds (200) no
+  new row starts, so the JSON is written well inside a 5-minute call.
+
+Without a GPU, --dry-run compiles every variant with NVRTC for sm_90 and prints nvcc's
+register counts; --emulate adds the smoke test's checks run on a CPU emulator of the
+kernels (kernels/common.cuh ROPE_HOST_EMULATION; fp16 excluded: its conversions are PTX).
 
 Percentages are of the device-copy bandwidth measured at the start, with SPEC section 8's
 bytes (rotated part of q and k read + written, positions, cache rows), like
