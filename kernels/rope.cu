@@ -19,6 +19,54 @@
 // first store. Block = (CHUNKS, head groups, tokens); grid = (token tiles, head-group
 // tiles). In place, the pass-through part of a partially rotated head is never touched;
 // out of place, the same threads copy it.
+//
+// Tuning knobs (compile-time constants of the prelude, picked per device and shape by the
+// planner or the tuner; the first value of each is the original kernel):
+//
+//   INDEX_BITS = 64 | 32. Width of the element-offset arithmetic (token x stride, head x
+//     stride, position x cache stride). 64-bit multiplies and divisions take twice the
+//     registers and several instructions each; 32 is correct only when the host has
+//     checked that every element offset the kernel forms fits in an int: for q, k, q_out,
+//     k_out, sum over dims of (extent - 1) * |stride| + HEAD_SIZE < 2^31, the same for the
+//     positions (or indptr/offsets) array, max_position * cache_stride < 2^31, and
+//     num_tokens < 2^31. Pointers stay 64-bit. Meant for every shape that passes the check
+//     (all but tensors of more than 2^31 elements): fewer registers per byte in flight.
+//
+//   STAGING = 0 | 1 | 2. Where a thread's q/k bytes wait while in flight.
+//     0: in registers (the original kernel; HEAD_BATCH and PREFETCH apply). Bytes in
+//        flight cost registers, registers cost occupancy: 95 registers/thread and 25%
+//        occupancy at Llama-3-8B shapes on the H200, 63% DRAM throughput.
+//     1: in shared memory, through cp.async (16-byte LDGSTS per thread; 4 and 8 bytes for
+//        narrower vectors). A block walks over tiles of STAGE_TOKENS tokens x all heads,
+//        STAGES tiles deep: the copies of tile i+STAGES-1 are in flight while tile i is
+//        rotated and stored, and they hold no registers. The tile's positions are read one
+//        pass ahead, and its cos/sin rows travel with its q/k rows (cache: cp.async of the
+//        cache rows; on the fly: computed into shared memory while the copies fly), so
+//        neither the position -> cache-row chain nor the sincos math stalls the stores.
+//     2: as 1, but each head row (or a token's run of heads, when they are contiguous) is
+//        one Hopper bulk copy (cp.async.bulk, the TMA engine without a tensor map)
+//        completing on an mbarrier: one instruction per row instead of one per 16 bytes.
+//        Needs sm_90 and 16-byte vectors (VEC * sizeof(scalar_t) == 16); otherwise it
+//        compiles as 1.
+//     Block for STAGING 1 and 2: (CHUNKS, lanes, 1), any number of lanes (a lane walks the
+//     tile's head rows); grid: (blocks, 1, 1), each block takes tiles blockIdx.x,
+//     blockIdx.x + gridDim.x, ... (grid = tile count: one tile per block; fewer blocks: a
+//     persistent pipeline). Dynamic shared memory: staged_smem_bytes() below.
+//     Meant for large token counts (>= ~1024), where bytes in flight decide.
+//
+//   STAGE_TOKENS >= 1: tokens per tile (STAGING 1, 2). Larger tiles: more bytes per
+//     barrier and fewer position/cache-row loads per byte, more shared memory per stage.
+//
+//   STAGES >= 1: tiles in flight per block (STAGING 1, 2). 1: no pipeline inside the
+//     block (the blocks resident on an SM overlap each other); 2-3: double/triple buffer.
+//
+//   PDL = false | true. Programmatic dependent launch: the position and cos/sin work
+//     (which reads nothing the previous kernel writes: positions and the cache are made
+//     before the step's attention layers) runs before griddepcontrol.wait, q/k loads
+//     after it. Only with a host that launches with the programmatic-serialization
+//     attribute (FlashInfer's enable_pdl); the caller promises that the previous kernel
+//     does not write the positions or the cache. Meant for decode, where the prologue
+//     (position -> cache row, or the sincos) is most of the kernel's latency.
 
 constexpr int HALF = ROT_DIM / 2;
 constexpr int CHUNKS = HALF / VEC;
@@ -32,6 +80,14 @@ static_assert(ROT_DIM % 2 == 0 && ROT_DIM <= HEAD_SIZE, "rotary dim");
 static_assert(HALF % VEC == 0, "VEC must divide ROT_DIM/2");
 static_assert(VEC % CACHE_VEC == 0, "CACHE_VEC must divide VEC");
 static_assert(!MROPE || MROPE_T + MROPE_H + MROPE_W == HALF, "mrope sections must sum to R/2");
+static_assert(INDEX_BITS == 32 || INDEX_BITS == 64, "INDEX_BITS is 32 or 64");
+static_assert(STAGING >= 0 && STAGING <= 2, "STAGING is 0, 1 or 2");
+static_assert(STAGE_TOKENS >= 1 && STAGES >= 1 && STAGES <= 4, "STAGE_TOKENS, STAGES");
+
+// Element offsets: 64-bit, or 32-bit where the host has checked the extents (INDEX_BITS).
+template <int BITS> struct OffsetType { typedef long long type; };
+template <> struct OffsetType<32> { typedef int type; };
+typedef OffsetType<INDEX_BITS>::type idx_t;
 
 // Positions per token: 3 (temporal, height, width) for mRoPE, else 1.
 constexpr int NPOS = MROPE ? 3 : 1;
@@ -63,7 +119,7 @@ __device__ __forceinline__ void cos_sin(const RopeParams& p, i64 pos, bool valid
     for (int v = 0; v < VEC; ++v) { c[v] = 1.f; s[v] = 0.f; }
     return;
   }
-  const cache_t* row = (const cache_t*)p.cache + pos * p.cache_stride + chunk * VEC;
+  const cache_t* row = (const cache_t*)p.cache + (idx_t)pos * (idx_t)p.cache_stride + chunk * VEC;
 #pragma unroll
   for (int i = 0; i < VEC; i += CACHE_VEC) {
     const Vec<cache_t, CACHE_VEC> cv = load_vec<cache_t, CACHE_VEC>(row + i);
@@ -133,23 +189,24 @@ __device__ __forceinline__ void rotate_chunk(vec_t& va, vec_t& vb, const float (
 
 // Position of token t in position row `row` (mRoPE: 0, 1, 2; else 0). valid false: no
 // request owns the token, or t is past the end.
-__device__ __forceinline__ i64 token_position(const RopeParams& p, i64 t, bool& valid,
+__device__ __forceinline__ i64 token_position(const RopeParams& p, idx_t t, bool& valid,
                                               int row = 0) {
   valid = t < p.num_tokens;
   if (!valid) return 0;
   if constexpr (INDPTR) {
     const index_t* indptr = (const index_t*)p.positions;
-    const int b = find_request<index_t>(indptr, (int)p.batch_size, t);
+    const int b = find_request<index_t>(indptr, (int)p.batch_size, (i64)t);
     valid = b >= 0;
-    return valid ? (i64)((const index_t*)p.offsets)[b] + (t - (i64)indptr[b]) : 0;
+    return valid ? (i64)((const index_t*)p.offsets)[b] + ((i64)t - (i64)indptr[b]) : 0;
   } else {
-    i64 outer = 0, inner = t;
+    idx_t outer = 0, inner = t;
     if (p.inner_tokens != p.num_tokens) {
-      outer = t / p.inner_tokens;
-      inner = t - outer * p.inner_tokens;
+      outer = t / (idx_t)p.inner_tokens;
+      inner = t - outer * (idx_t)p.inner_tokens;
     }
-    return (i64)((const index_t*)p.positions)[row * p.pos_stride_row + outer * p.pos_stride_outer +
-                                              inner * p.pos_stride_inner];
+    return (i64)((const index_t*)p.positions)[row * (idx_t)p.pos_stride_row +
+                                              outer * (idx_t)p.pos_stride_outer +
+                                              inner * (idx_t)p.pos_stride_inner];
   }
 }
 
@@ -157,7 +214,7 @@ __device__ __forceinline__ i64 token_position(const RopeParams& p, i64 t, bool& 
 // position row mrope_row(j). Each position row the chunk uses costs one vector read of the
 // cache (Qwen2-VL sections aligned to VEC: one; interleaved: up to three); positions past
 // the cache give the identity for the frequencies that use them.
-__device__ __forceinline__ void mrope_cos_sin(const RopeParams& p, i64 t, int chunk,
+__device__ __forceinline__ void mrope_cos_sin(const RopeParams& p, idx_t t, int chunk,
                                               float (&c)[VEC], float (&s)[VEC]) {
 #pragma unroll
   for (int v = 0; v < VEC; ++v) { c[v] = 1.f; s[v] = 0.f; }
@@ -183,7 +240,8 @@ __device__ __forceinline__ void mrope_cos_sin(const RopeParams& p, i64 t, int ch
 // thread then reads its chunk. Without this, the double-precision sincos would be repeated
 // by every head group (40 times at 1024 tokens on Llama-3-8B shapes). Dynamic shared
 // memory: blockDim.z * (HALF float2 + 2 * NPOS i64) bytes, sized by the planner.
-extern __shared__ float2 fly_tile[];
+// (One dynamic shared array for every path; 16-byte aligned for the staged copies.)
+extern __shared__ uint4 dynamic_smem[];
 
 // The loads of one batch of HEAD_BATCH heads of one token (and where they go).
 struct Batch {
@@ -194,20 +252,27 @@ struct Batch {
 
 // Element offsets of one token's q, k, q_out and k_out rows.
 struct TokenRows {
-  i64 q, k, qo, ko;
+  idx_t q, k, qo, ko;
 };
 
-__device__ __forceinline__ TokenRows token_rows(const RopeParams& p, i64 t) {
-  // Token dims are [tokens] or [batch, seq] with independent strides.
-  i64 outer = 0, inner = t;
+// Token dims are [tokens] or [batch, seq] with independent strides.
+__device__ __forceinline__ void split_token(const RopeParams& p, idx_t t, idx_t& outer,
+                                            idx_t& inner) {
+  outer = 0;
+  inner = t;
   if (p.inner_tokens != p.num_tokens) {
-    outer = t / p.inner_tokens;
-    inner = t - outer * p.inner_tokens;
+    outer = t / (idx_t)p.inner_tokens;
+    inner = t - outer * (idx_t)p.inner_tokens;
   }
-  return {outer * p.q_stride_outer + inner * p.q_stride_inner,
-          outer * p.k_stride_outer + inner * p.k_stride_inner,
-          outer * p.qo_stride_outer + inner * p.qo_stride_inner,
-          outer * p.ko_stride_outer + inner * p.ko_stride_inner};
+}
+
+__device__ __forceinline__ TokenRows token_rows(const RopeParams& p, idx_t t) {
+  idx_t outer, inner;
+  split_token(p, t, outer, inner);
+  return {outer * (idx_t)p.q_stride_outer + inner * (idx_t)p.q_stride_inner,
+          outer * (idx_t)p.k_stride_outer + inner * (idx_t)p.k_stride_inner,
+          outer * (idx_t)p.qo_stride_outer + inner * (idx_t)p.qo_stride_inner,
+          outer * (idx_t)p.ko_stride_outer + inner * (idx_t)p.ko_stride_inner};
 }
 
 __device__ __forceinline__ void load_batch(const RopeParams& p, const TokenRows& r, int h0,
@@ -219,12 +284,12 @@ __device__ __forceinline__ void load_batch(const RopeParams& p, const TokenRows&
     if (h < num_heads) {
       const scalar_t* src;
       if (h < p.num_q_heads) {
-        src = (const scalar_t*)p.q + r.q + h * p.q_stride_head;
-        b.dst[i] = (scalar_t*)p.q_out + r.qo + h * p.qo_stride_head;
+        src = (const scalar_t*)p.q + r.q + h * (idx_t)p.q_stride_head;
+        b.dst[i] = (scalar_t*)p.q_out + r.qo + h * (idx_t)p.qo_stride_head;
       } else {
-        const i64 hk = h - p.num_q_heads;
-        src = (const scalar_t*)p.k + r.k + hk * p.k_stride_head;
-        b.dst[i] = (scalar_t*)p.k_out + r.ko + hk * p.ko_stride_head;
+        const idx_t hk = h - (idx_t)p.num_q_heads;
+        src = (const scalar_t*)p.k + r.k + hk * (idx_t)p.k_stride_head;
+        b.dst[i] = (scalar_t*)p.k_out + r.ko + hk * (idx_t)p.ko_stride_head;
       }
       b.va[i] = load_vec<scalar_t, VEC>(src + off + OFF_A);
       b.vb[i] = load_vec<scalar_t, VEC>(src + off + OFF_B);
@@ -255,11 +320,10 @@ __device__ __forceinline__ void rotate_store_batch(int h0, int num_heads, int ch
   }
 }
 
-// Block size is at most 512 threads (rope_jit/plan.py). MIN_BLOCKS (blocks of 512 per SM)
-// caps the registers per thread: 1 allows 128, 2 caps at 64, 3 at 40; fewer registers mean
-// more threads resident per SM, which decides whether a mid-sized grid fits in one wave.
-extern "C" __global__ void __launch_bounds__(512, MIN_BLOCKS) rope_kernel(const RopeParams p) {
-  const i64 t = (i64)blockIdx.x * blockDim.z + threadIdx.z;
+// ===================================================================== STAGING 0
+// The original kernel: each thread's q/k vectors wait in registers.
+__device__ __forceinline__ void register_rope(const RopeParams& p) {
+  const idx_t t = (idx_t)blockIdx.x * blockDim.z + threadIdx.z;
   const int chunk = threadIdx.x;
   const int group = blockIdx.y * blockDim.y + threadIdx.y;
   const int step = gridDim.y * blockDim.y * HEAD_BATCH;
@@ -268,12 +332,13 @@ extern "C" __global__ void __launch_bounds__(512, MIN_BLOCKS) rope_kernel(const 
 
   // The first batch's q/k loads go out before cos/sin are fetched (position -> cache row,
   // two dependent loads) or computed (double-precision math): their latencies overlap.
+  // With PDL they must wait for the previous kernel, so they go out after cos/sin instead.
   int h0 = group * HEAD_BATCH;
   TokenRows rows;
   Batch cur;
   if (active) {
     rows = token_rows(p, t);
-    load_batch(p, rows, h0, num_heads, chunk, cur);
+    if constexpr (!PDL) load_batch(p, rows, h0, num_heads, chunk, cur);
   }
 
   float c[VEC], s[VEC];
@@ -287,6 +352,7 @@ extern "C" __global__ void __launch_bounds__(512, MIN_BLOCKS) rope_kernel(const 
       cos_sin(p, pos, valid, chunk, c, s);
     }
   } else {
+    float2* fly_tile = (float2*)dynamic_smem;
     const int tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
     const int nthreads = blockDim.x * blockDim.y * blockDim.z;
     const int ntok = blockDim.z;
@@ -295,7 +361,7 @@ extern "C" __global__ void __launch_bounds__(512, MIN_BLOCKS) rope_kernel(const 
     for (int i = tid; i < ntok * NPOS; i += nthreads) {
       const int tz = i / NPOS, r = i - tz * NPOS;
       bool valid;
-      tile_pos[i] = token_position(p, (i64)blockIdx.x * ntok + tz, valid, r);
+      tile_pos[i] = token_position(p, (idx_t)blockIdx.x * ntok + tz, valid, r);
       tile_valid[i] = valid;
     }
     __syncthreads();
@@ -324,6 +390,12 @@ extern "C" __global__ void __launch_bounds__(512, MIN_BLOCKS) rope_kernel(const 
     for (int v = 0; v < VEC; ++v) s[v] = -s[v];
   }
 
+  if constexpr (PDL) {
+    pdl_wait();
+    pdl_launch_dependents();
+    load_batch(p, rows, h0, num_heads, chunk, cur);
+  }
+
   // Software pipeline over the thread's head batches: the next batch's loads are in flight
   // while the current one is rotated and stored.
   for (;;) {
@@ -339,5 +411,367 @@ extern "C" __global__ void __launch_bounds__(512, MIN_BLOCKS) rope_kernel(const 
       load_batch(p, rows, h1, num_heads, chunk, cur);
     }
     h0 = h1;
+  }
+}
+
+// ===================================================================== STAGING 1 and 2
+// A block walks over tiles of STAGE_TOKENS tokens x all heads. Per tile, each thread copies
+// its own vectors of the tile's head rows into shared memory (STAGING 1: cp.async; 2: bulk
+// copies of whole rows, one barrier per stage), and later rotates exactly the vectors it
+// copied and stores them to global memory. So the q/k data never crosses threads: the
+// only shared things are cos/sin (and the positions they come from), which is what the
+// __syncthreads of each tile are for.
+//
+// Shared memory, STAGES slots of each:
+//   cos/sin:   cache: the raw cache rows of the tile, [STAGE_TOKENS][NPOS][ROT_DIM] cache_t
+//              (cos then sin, as in the cache; identity rows for invalid positions);
+//              on the fly: [STAGE_TOKENS][HALF] float2 (cos, sin);
+//   positions: [STAGE_TOKENS][NPOS] i64: the cache row to read (-1: identity), or on the
+//              fly the position (0 where no request owns the token: the identity angle);
+//   barriers:  one mbarrier per slot (STAGING 2);
+//   rows:      [STAGE_TOKENS][num_heads][STAGE_ROW] scalar_t, q heads then k heads.
+//
+// Within a staged row, thread `chunk` owns vectors A = staged_a(chunk) and B =
+// staged_b(chunk) (and out of place, the pass-through vectors chunk, chunk + CHUNKS, ...
+// after ROT_DIM). NeoX: A = the chunk's VEC first-half elements, B their partners in the
+// second half. GPT-J with VEC >= 2: A and B are the chunk-th vectors of each half, with
+// whole pairs inside each vector; so the 8 threads of a quarter warp read 128 contiguous
+// bytes of shared memory (no bank conflicts) in both styles.
+
+constexpr int STAGE_ROW = OUT_OF_PLACE ? HEAD_SIZE : ROT_DIM;  // elements staged per head
+constexpr bool PAIRS_IN_VEC = !NEOX && VEC >= 2;
+constexpr int VEC_BYTES = VEC * (int)sizeof(scalar_t);
+constexpr bool USE_BULK = STAGING == 2 && ROPE_HAS_BULK_COPY && VEC_BYTES == 16;
+constexpr int STAGE_POS = STAGE_TOKENS * NPOS;  // position entries per slot
+
+__host__ __device__ constexpr int round_up16(int bytes) { return (bytes + 15) / 16 * 16; }
+constexpr int CS_SLOT_BYTES = round_up16(
+    COS_SIN_FROM_CACHE ? STAGE_POS * ROT_DIM * (int)sizeof(cache_t) : STAGE_TOKENS * HALF * 8);
+constexpr int POS_SLOT_BYTES = round_up16(STAGE_POS * 8);
+constexpr int BARRIER_BYTES = USE_BULK ? round_up16(STAGES * 8) : 0;
+// Shared memory before the q/k rows; the host adds STAGES * STAGE_TOKENS * num_heads *
+// STAGE_ROW * sizeof(scalar_t) for the rows (see staged_smem_bytes).
+constexpr int STAGED_FIXED_BYTES = STAGES * (CS_SLOT_BYTES + POS_SLOT_BYTES) + BARRIER_BYTES;
+
+__device__ __forceinline__ unsigned staged_smem_bytes(int num_heads) {
+  return STAGED_FIXED_BYTES +
+         (unsigned)STAGES * STAGE_TOKENS * num_heads * STAGE_ROW * (unsigned)sizeof(scalar_t);
+}
+
+__device__ __forceinline__ int staged_a(int chunk) {
+  return PAIRS_IN_VEC ? chunk * VEC : chunk * CHUNK_STRIDE + OFF_A;
+}
+__device__ __forceinline__ int staged_b(int chunk) {
+  return PAIRS_IN_VEC ? HALF + chunk * VEC : chunk * CHUNK_STRIDE + OFF_B;
+}
+// The frequency of cos/sin slot v of a chunk, in rotate_chunk's order (GPT-J: slots
+// 0 .. VEC/2-1 rotate A's pairs, VEC/2 .. VEC-1 B's).
+__device__ __forceinline__ int staged_freq(int chunk, int v) {
+  if constexpr (PAIRS_IN_VEC) {
+    return v < VEC / 2 ? chunk * (VEC / 2) + v : HALF / 2 + chunk * (VEC / 2) + (v - VEC / 2);
+  } else {
+    return chunk * VEC + v;
+  }
+}
+// cos/sin slots come in runs of consecutive frequencies this long: read a run at a time.
+constexpr int FREQ_RUN = PAIRS_IN_VEC ? VEC / 2 : VEC;
+constexpr int CS_READ = MROPE ? 1 : (CACHE_VEC < FREQ_RUN ? CACHE_VEC : FREQ_RUN);
+
+struct Slot {
+  unsigned char* cs;
+  i64* pos;
+  mbarrier_t* bar;
+  scalar_t* rows;
+};
+
+__device__ __forceinline__ Slot stage_slot(int s, int num_heads) {
+  unsigned char* base = (unsigned char*)dynamic_smem;
+  Slot slot;
+  slot.cs = base + s * CS_SLOT_BYTES;
+  slot.pos = (i64*)(base + STAGES * CS_SLOT_BYTES + s * POS_SLOT_BYTES);
+  slot.bar = (mbarrier_t*)(base + STAGES * (CS_SLOT_BYTES + POS_SLOT_BYTES)) + s;
+  slot.rows = (scalar_t*)(base + STAGED_FIXED_BYTES) + s * STAGE_TOKENS * num_heads * STAGE_ROW;
+  return slot;
+}
+
+// The value a position slot keeps for token t, position row `row` (see above).
+__device__ __forceinline__ i64 staged_position(const RopeParams& p, idx_t t, int row) {
+  bool valid;
+  const i64 pos = token_position(p, t, valid, row);
+  if constexpr (COS_SIN_FROM_CACHE) {
+    return valid && pos >= 0 && pos < p.max_position ? pos : -1;
+  } else {
+    return valid ? pos : 0;
+  }
+}
+
+// Head h (q heads first, then k heads) of token t, in the inputs and in the outputs.
+__device__ __forceinline__ const scalar_t* head_in(const RopeParams& p, idx_t t, int h) {
+  idx_t outer, inner;
+  split_token(p, t, outer, inner);
+  if (h < p.num_q_heads) {
+    return (const scalar_t*)p.q + outer * (idx_t)p.q_stride_outer +
+           inner * (idx_t)p.q_stride_inner + h * (idx_t)p.q_stride_head;
+  }
+  return (const scalar_t*)p.k + outer * (idx_t)p.k_stride_outer +
+         inner * (idx_t)p.k_stride_inner + (h - (int)p.num_q_heads) * (idx_t)p.k_stride_head;
+}
+__device__ __forceinline__ scalar_t* head_out(const RopeParams& p, idx_t t, int h) {
+  idx_t outer, inner;
+  split_token(p, t, outer, inner);
+  if (h < p.num_q_heads) {
+    return (scalar_t*)p.q_out + outer * (idx_t)p.qo_stride_outer +
+           inner * (idx_t)p.qo_stride_inner + h * (idx_t)p.qo_stride_head;
+  }
+  return (scalar_t*)p.k_out + outer * (idx_t)p.ko_stride_outer +
+         inner * (idx_t)p.ko_stride_inner + (h - (int)p.num_q_heads) * (idx_t)p.ko_stride_head;
+}
+
+// Walks a lane's head rows of a tile: rows lane, lane + lanes, ... of the token-major
+// [STAGE_TOKENS][num_heads] rows, as (token in tile, head), with no division per step.
+struct RowWalk {
+  int row, tt, h, dtt, dh;
+  __device__ __forceinline__ RowWalk(int lane, int lanes, int num_heads)
+      : row(lane), tt(lane / num_heads), h(lane % num_heads), dtt(lanes / num_heads),
+        dh(lanes % num_heads) {}
+  __device__ __forceinline__ void next(int lanes, int num_heads) {
+    row += lanes;
+    tt += dtt;
+    h += dh;
+    if (h >= num_heads) {
+      h -= num_heads;
+      ++tt;
+    }
+  }
+};
+
+// Starts the copies of tile `tile` into `slot`: its q/k rows and, with a cache, its cos/sin
+// cache rows (positions already in the slot).
+__device__ __forceinline__ void issue_tile(const RopeParams& p, idx_t tile, const Slot& slot,
+                                           int num_heads, int chunk, int lane, int lanes,
+                                           int tid, int nthreads) {
+  const idx_t t0 = tile * STAGE_TOKENS;
+  const int ntok = (int)min((i64)STAGE_TOKENS, (i64)p.num_tokens - (i64)t0);
+  if constexpr (USE_BULK) {
+    // Rows of the same token and tensor are one copy when they are adjacent in memory.
+    const int nq = (int)p.num_q_heads, nk = (int)p.num_k_heads;
+    const bool q_run = p.q_stride_head == STAGE_ROW, k_run = p.k_stride_head == STAGE_ROW;
+    const int q_copies = nq == 0 ? 0 : (q_run ? 1 : nq);
+    const int k_copies = nk == 0 ? 0 : (k_run ? 1 : nk);
+    const int per_token = q_copies + k_copies;
+    if (tid == 0) {
+      mbarrier_arrive_expect(slot.bar, (unsigned)(ntok * num_heads * STAGE_ROW) *
+                                           (unsigned)sizeof(scalar_t));
+    }
+    for (int i = tid; i < ntok * per_token; i += nthreads) {
+      const int tt = i / per_token, c = i - tt * per_token;
+      int h, heads;
+      if (c < q_copies) {
+        h = q_run ? 0 : c;
+        heads = q_run ? nq : 1;
+      } else {
+        h = nq + (k_run ? 0 : c - q_copies);
+        heads = k_run ? nk : 1;
+      }
+      bulk_copy_to_smem(slot.rows + (tt * num_heads + h) * STAGE_ROW, head_in(p, t0 + tt, h),
+                        (unsigned)(heads * STAGE_ROW) * (unsigned)sizeof(scalar_t), slot.bar);
+    }
+  } else {
+    for (RowWalk w(lane, lanes, num_heads); w.row < STAGE_TOKENS * num_heads;
+         w.next(lanes, num_heads)) {
+      if (w.tt >= ntok) break;
+      const scalar_t* src = head_in(p, t0 + w.tt, w.h);
+      scalar_t* dst = slot.rows + w.row * STAGE_ROW;
+      copy_async<VEC_BYTES>(dst + staged_a(chunk), src + staged_a(chunk));
+      copy_async<VEC_BYTES>(dst + staged_b(chunk), src + staged_b(chunk));
+#pragma unroll
+      for (int m = 0; m < PASS_PER_THREAD; ++m) {
+        const int pv = chunk + m * CHUNKS;
+        if (pv < PASS_VECS) copy_async<VEC_BYTES>(dst + ROT_DIM + pv * VEC, src + ROT_DIM + pv * VEC);
+      }
+    }
+  }
+  if constexpr (COS_SIN_FROM_CACHE) {
+    constexpr int PIECES = ROT_DIM / CACHE_VEC;  // cache vectors per row (cos, then sin)
+    constexpr int PIECE_BYTES = CACHE_VEC * (int)sizeof(cache_t);
+    cache_t* cs = (cache_t*)slot.cs;
+    for (int i = tid; i < ntok * NPOS * PIECES; i += nthreads) {
+      const int e = i / PIECES, piece = i - e * PIECES;
+      const i64 row = slot.pos[e];
+      cache_t* dst = cs + e * ROT_DIM + piece * CACHE_VEC;
+      if (row >= 0) {
+        copy_async<PIECE_BYTES>(dst, (const cache_t*)p.cache + (idx_t)row * (idx_t)p.cache_stride +
+                                         piece * CACHE_VEC);
+      } else {  // identity: cos 1, sin 0
+        Vec<cache_t, CACHE_VEC> v;
+        const cache_t value = from_float<cache_t>(piece * CACHE_VEC < HALF ? 1.f : 0.f);
+#pragma unroll
+        for (int u = 0; u < CACHE_VEC; ++u) v.e[u] = value;
+        store_vec<cache_t, CACHE_VEC>(dst, v);
+      }
+    }
+  }
+}
+
+// On the fly: cos/sin of the tile's tokens x HALF frequencies into the slot, once each.
+__device__ __forceinline__ void fly_tile_cos_sin(const RopeParams& p, idx_t tile,
+                                                 const Slot& slot, int tid, int nthreads) {
+  const int ntok = (int)min((i64)STAGE_TOKENS, (i64)p.num_tokens - (i64)tile * STAGE_TOKENS);
+  float2* cs = (float2*)slot.cs;
+  for (int i = tid; i < ntok * HALF; i += nthreads) {
+    const int tt = i / HALF, j = i - tt * HALF;
+    float c, s;
+    fly_cos_sin(p, slot.pos[tt * NPOS + mrope_row(j)], true, j, c, s);
+    cs[i] = make_float2(c, s);
+  }
+}
+
+// This thread's cos/sin slots for token tt of the slot, in rotate_chunk's order.
+__device__ __forceinline__ void staged_cos_sin(const Slot& slot, int tt, int chunk,
+                                               float (&c)[VEC], float (&s)[VEC]) {
+  if constexpr (COS_SIN_FROM_CACHE) {
+    const cache_t* rows = (const cache_t*)slot.cs + tt * NPOS * ROT_DIM;
+#pragma unroll
+    for (int v = 0; v < VEC; v += CS_READ) {
+      const int j = staged_freq(chunk, v);
+      const cache_t* row = rows + mrope_row(j) * ROT_DIM;
+      const Vec<cache_t, CS_READ> cv = load_vec<cache_t, CS_READ>(row + j);
+      const Vec<cache_t, CS_READ> sv = load_vec<cache_t, CS_READ>(row + HALF + j);
+#pragma unroll
+      for (int u = 0; u < CS_READ; ++u) {
+        c[v + u] = to_float(cv.e[u]);
+        s[v + u] = to_float(sv.e[u]);
+      }
+    }
+  } else {
+    const float2* tile = (const float2*)slot.cs + tt * HALF;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const float2 cs = tile[staged_freq(chunk, v)];
+      c[v] = cs.x;
+      s[v] = cs.y;
+    }
+  }
+  if constexpr (INVERSE) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) s[v] = -s[v];
+  }
+}
+
+// Rotates and stores this thread's vectors of tile `tile` (its copies have landed).
+__device__ __forceinline__ void finish_tile(const RopeParams& p, idx_t tile, const Slot& slot,
+                                            int num_heads, int chunk, int lane, int lanes) {
+  const idx_t t0 = tile * STAGE_TOKENS;
+  const int ntok = (int)min((i64)STAGE_TOKENS, (i64)p.num_tokens - (i64)t0);
+  for (RowWalk w(lane, lanes, num_heads); w.row < STAGE_TOKENS * num_heads;
+       w.next(lanes, num_heads)) {
+    if (w.tt >= ntok) break;
+    float c[VEC], s[VEC];
+    staged_cos_sin(slot, w.tt, chunk, c, s);
+    const scalar_t* row = slot.rows + w.row * STAGE_ROW;
+    vec_t va = load_vec<scalar_t, VEC>(row + staged_a(chunk));
+    vec_t vb = load_vec<scalar_t, VEC>(row + staged_b(chunk));
+    rotate_chunk(va, vb, c, s);
+    scalar_t* dst = head_out(p, t0 + w.tt, w.h);
+    store_vec<scalar_t, VEC>(dst + staged_a(chunk), va);
+    store_vec<scalar_t, VEC>(dst + staged_b(chunk), vb);
+#pragma unroll
+    for (int m = 0; m < PASS_PER_THREAD; ++m) {
+      const int pv = chunk + m * CHUNKS;
+      if (pv < PASS_VECS) {
+        store_vec<scalar_t, VEC>(dst + ROT_DIM + pv * VEC,
+                                 load_vec<scalar_t, VEC>(row + ROT_DIM + pv * VEC));
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ void staged_rope(const RopeParams& p) {
+  const int chunk = threadIdx.x, lane = threadIdx.y, lanes = blockDim.y;
+  const int tid = threadIdx.x + blockDim.x * threadIdx.y;
+  const int nthreads = blockDim.x * blockDim.y;
+  const int num_heads = (int)(p.num_q_heads + p.num_k_heads);
+  // A launch this path cannot serve (block not CHUNKS wide, too little shared memory for
+  // its slots) does nothing rather than write out of bounds; tests catch it at once.
+  if (blockDim.x != CHUNKS || blockDim.z != 1 || dynamic_smem_bytes() < staged_smem_bytes(num_heads))
+    return;
+  const idx_t num_tiles = (idx_t)((p.num_tokens + STAGE_TOKENS - 1) / STAGE_TOKENS);
+  const idx_t first = blockIdx.x, stride = gridDim.x;
+  if (first >= num_tiles) return;
+
+  if constexpr (USE_BULK) {
+    if (tid == 0) {
+#pragma unroll
+      for (int s = 0; s < STAGES; ++s) mbarrier_init(stage_slot(s, num_heads).bar, 1);
+    }
+  }
+  // Prologue: positions of the first STAGES tiles, then the copies of the first STAGES-1.
+#pragma unroll
+  for (int s = 0; s < STAGES; ++s) {
+    const idx_t tile = first + s * stride;
+    const Slot slot = stage_slot(s, num_heads);
+    for (int i = tid; i < STAGE_POS; i += nthreads) {
+      slot.pos[i] = tile < num_tiles ? staged_position(p, tile * STAGE_TOKENS + i / NPOS, i % NPOS)
+                                     : (i64)-1;
+    }
+  }
+  __syncthreads();
+  if constexpr (PDL) {
+    pdl_wait();
+    pdl_launch_dependents();
+  }
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    const idx_t tile = first + s * stride;
+    if (tile < num_tiles) {
+      const Slot slot = stage_slot(s, num_heads);
+      issue_tile(p, tile, slot, num_heads, chunk, lane, lanes, tid, nthreads);
+      if constexpr (!COS_SIN_FROM_CACHE) fly_tile_cos_sin(p, tile, slot, tid, nthreads);
+    }
+    copy_async_commit();
+  }
+
+  for (int k = 0;; ++k) {
+    const idx_t tile = first + k * stride;
+    if (tile >= num_tiles) break;
+    const int s = k % STAGES;
+    const Slot slot = stage_slot(s, num_heads);
+    // Copies of the tile STAGES-1 ahead, into the slot the previous tile has left.
+    const idx_t ahead = tile + (STAGES - 1) * stride;
+    if (ahead < num_tiles) {
+      const Slot next = stage_slot((k + STAGES - 1) % STAGES, num_heads);
+      issue_tile(p, ahead, next, num_heads, chunk, lane, lanes, tid, nthreads);
+      if constexpr (!COS_SIN_FROM_CACHE) fly_tile_cos_sin(p, ahead, next, tid, nthreads);
+    }
+    copy_async_commit();
+    // Positions of the tile STAGES ahead: loaded now, stored into this slot once it is
+    // done, so their latency hides behind this tile's wait and work.
+    const idx_t later = tile + STAGES * stride;
+    i64 later_pos = -1;
+    if (tid < STAGE_POS && later < num_tiles) {
+      later_pos = staged_position(p, later * STAGE_TOKENS + tid / NPOS, tid % NPOS);
+    }
+    copy_async_wait<STAGES - 1>();  // this thread's copies of `tile` have landed
+    if constexpr (USE_BULK) mbarrier_wait(slot.bar, (unsigned)(k / STAGES) & 1u);
+    __syncthreads();                // everyone's: the cos/sin rows of `tile`
+    finish_tile(p, tile, slot, num_heads, chunk, lane, lanes);
+    if (later < num_tiles) {
+      for (int i = tid; i < STAGE_POS; i += nthreads) {
+        slot.pos[i] = i == tid ? later_pos
+                               : staged_position(p, later * STAGE_TOKENS + i / NPOS, i % NPOS);
+      }
+    }
+    __syncthreads();                // the slot is free for the copies of tile + STAGES
+  }
+}
+
+// Block size is at most 512 threads (rope_jit/plan.py). MIN_BLOCKS (blocks of 512 per SM)
+// caps the registers per thread: 1 allows 128, 2 caps at 64, 3 at 40; fewer registers mean
+// more threads resident per SM, which decides whether a mid-sized grid fits in one wave.
+extern "C" __global__ void __launch_bounds__(512, MIN_BLOCKS) rope_kernel(const RopeParams p) {
+  if constexpr (STAGING == 0) {
+    register_rope(p);
+  } else {
+    staged_rope(p);
   }
 }
