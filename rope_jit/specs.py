@@ -105,6 +105,11 @@ class RopeSpec:
     mrope_interleaved: bool = False     # Qwen3-VL's interleaved sections
     inverse: bool = False      # rotate by the negative angle (the backward of RoPE)
     min_blocks: int = 1        # __launch_bounds__(512, min_blocks): the register cap
+    index_bits: int = 64       # offset arithmetic width: 32 when the planner proved it fits
+    staging: int = 0           # q/k bytes in flight: 0 registers, 1 cp.async, 2 bulk copies
+    stage_tokens: int = 1      # staged paths: tokens per tile
+    stages: int = 1            # staged paths: pipeline depth
+    pdl: bool = False          # programmatic dependent launch: prologue before griddepcontrol.wait
 
     kernel_name = "rope_kernel"
     params = ROPE_PARAMS
@@ -122,7 +127,10 @@ class RopeSpec:
                 f"{'out-of-place' if self.out_of_place else 'in-place'} "
                 f"vec {self.vec}/{self.cache_vec} heads/batch {self.head_batch}"
                 f"{' prefetch' if self.prefetch else ''}{' inverse' if self.inverse else ''}"
-                f"{f' min-blocks {self.min_blocks}' if self.min_blocks != 1 else ''}")
+                f"{f' min-blocks {self.min_blocks}' if self.min_blocks != 1 else ''}"
+                f"{' index32' if self.index_bits == 32 else ''}"
+                f"{f' staged {self.staging}x{self.stage_tokens}x{self.stages}' if self.staging else ''}"
+                f"{' pdl' if self.pdl else ''}")
 
     def prelude(self) -> str:
         cache_t = C_TYPE[self.cache_dtype] if self.cache_dtype else "float"
@@ -150,6 +158,11 @@ class RopeSpec:
         ]
         t, h, w = self.mrope_section or (0, 0, 0)
         lines.append(f"constexpr int MROPE_T = {t}, MROPE_H = {h}, MROPE_W = {w};")
+        lines += [f"constexpr int INDEX_BITS = {self.index_bits};",
+                  f"constexpr int STAGING = {self.staging};",
+                  f"constexpr int STAGE_TOKENS = {self.stage_tokens};",
+                  f"constexpr int STAGES = {self.stages};",
+                  f"constexpr bool PDL = {_c_bool(self.pdl)};"]
         return "\n".join(lines) + "\n" + self.params.c_decl
 
     def render(self) -> str:
