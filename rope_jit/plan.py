@@ -318,6 +318,24 @@ def _vector_widths(call: RopeCall, a: RopeArrays, rot: _Rotary, head_size: int,
     return vec, cache_vec, chunks
 
 
+def _span(d: ArrayDesc | None) -> int:
+    """Elements between the lowest and highest an array's strides can reach, plus one."""
+    if d is None:
+        return 0
+    return 1 + sum((n - 1) * abs(s) for n, s in zip(d.shape, d.strides) if n > 0)
+
+
+_INT32_LIMIT = 2 ** 31 - 2 ** 16  # headroom for a block's last token and a head's last vector
+
+
+def index_bits(a: RopeArrays, rot: _Rotary, num_tokens: int) -> int:
+    """32 when every element offset the kernel forms fits an int (kernels/rope.cu,
+    INDEX_BITS): 32-bit offset arithmetic takes fewer registers; 64 otherwise."""
+    spans = [_span(d) for d in a] + [rot.max_position * max(rot.cache_stride, 1) + rot.dim,
+                                      num_tokens]
+    return 32 if max(spans) < _INT32_LIMIT else 64
+
+
 # ------------------------------------------------------------------ step 6: dispatch rules
 
 def choose_launch(num_tokens: int, chunks: int, num_heads: int, num_sms: int,
@@ -422,7 +440,8 @@ def plan_rope(call: RopeCall, arrays: RopeArrays, *, tuning=DEFAULT_TUNING,
         out_of_place=not call.inplace, vec=vec, cache_vec=cache_vec, head_batch=head_batch,
         prefetch=prefetch, scaling=fly.variant, mrope_section=call.mrope_section,
         mrope_interleaved=call.mrope_interleaved and call.mrope_section is not None,
-        inverse=call.inverse, min_blocks=tuning.min_blocks)
+        inverse=call.inverse, min_blocks=tuning.min_blocks,
+        index_bits=index_bits(a, rot, num_tokens))
 
     k, ko = k or _NO_HEADS, ko or _NO_HEADS
     values = dict(

@@ -702,3 +702,16 @@ def test_mrope_on_the_fly_shared_memory_holds_three_positions():
 def test_mrope_errors(overrides, exc, match):
     with pytest.raises(exc, match=match):
         _mrope(**overrides)
+
+
+def test_index_width_is_32_bits_only_when_every_offset_fits():
+    """32-bit offset arithmetic (fewer registers) exactly when q, k, positions, the cache and
+    the token count stay below 2^31 elements of reach; 64-bit beyond."""
+    assert call().spec.index_bits == 32
+    assert call_fly().spec.index_bits == 32
+    big_stride = desc((T, HQ * D), strides=(2 ** 31 // T + 1, 1))     # reach past 2^31
+    assert call(query=big_stride).spec.index_bits == 64
+    big_cache = desc((2 ** 24, D), "float32")                          # 2^24 rows x 128
+    assert call(cos_sin_cache=big_cache).spec.index_bits == 64
+    k_far = desc((T, HK * D), strides=(2 ** 28, 1))                    # 8 x 2^28 = 2^31
+    assert call(key=k_far).spec.index_bits == 64
