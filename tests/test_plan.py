@@ -709,9 +709,9 @@ def test_index_width_is_32_bits_only_when_every_offset_fits():
     the token count stay below 2^31 elements of reach; 64-bit beyond."""
     assert call().spec.index_bits == 32
     assert call_fly().spec.index_bits == 32
-    big_stride = desc((T, HQ * D), strides=(2 ** 31 // T + 1, 1))     # reach past 2^31
+    big_stride = desc((T, HQ * D), strides=(2 ** 31 // (T - 1) + 1, 1))  # reach past 2^31
     assert call(query=big_stride).spec.index_bits == 64
     big_cache = desc((2 ** 24, D), "float32")                          # 2^24 rows x 128
     assert call(cos_sin_cache=big_cache).spec.index_bits == 64
-    k_far = desc((T, HK * D), strides=(2 ** 28, 1))                    # 8 x 2^28 = 2^31
+    k_far = desc((T, HK * D), strides=(2 ** 29, 1))                    # 7 x 2^29 > 2^31
     assert call(key=k_far).spec.index_bits == 64
