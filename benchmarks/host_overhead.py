@@ -69,16 +69,13 @@ def steps(q, k, pos, cache) -> list:
     rows.append(("plan look-up (hash of the key + dict get)",
                  per_call(lambda: launch._plans.get(sig_parts))))
     prep = launch._plans.get(sig_parts)
-    buf, argv = launch._plan_buffer(prep)
+    buf, addr, _keep = launch._plan_buffer(prep)
     ptrs = (q.data_ptr(), k.data_ptr(), q.data_ptr(), k.data_ptr(), pos.data_ptr(), 0,
             cache.data_ptr())
     rows.append(("pack the pointers", per_call(lambda: launch._POINTERS.pack_into(buf, 0, *ptrs))))
     drv = driver_module()
     stream = fw.stream(0)
     g, b = prep.grid, prep.block
-    import ctypes
-
-    addr = ctypes.addressof(argv)
     rows.append(("driver.launchKernel alone", per_call(
         lambda: drv.launchKernel(prep.func, g[0], g[1], g[2], b[0], b[1], b[2], 0, stream, addr, 0))))
     return rows

@@ -99,6 +99,7 @@ ROPE_STATIC = (
     "qo_stride_outer", "qo_stride_inner", "qo_stride_head",
     "ko_stride_outer", "ko_stride_inner", "ko_stride_head",
     "pos_stride_outer", "pos_stride_inner", "pos_stride_row",
+    "rot_offset",
 )
 PARAM_FIELDS = ([(n, "q") for n in ROPE_POINTERS] + [(n, "d") for n in ROPE_FREQ]
                 + [(n, "q") for n in ROPE_STATIC])
@@ -814,7 +815,7 @@ def plan_layout(case: Case, t: Tensors) -> Layout:
         k_stride_outer=k[0], k_stride_inner=k[1], k_stride_head=k[2],
         qo_stride_outer=qo[0], qo_stride_inner=qo[1], qo_stride_head=qo[2],
         ko_stride_outer=ko[0], ko_stride_inner=ko[1], ko_stride_head=ko[2],
-        pos_stride_outer=pos_strides[0], pos_stride_inner=pos_strides[1], pos_stride_row=pos_row)
+        pos_stride_outer=pos_strides[0], pos_stride_inner=pos_strides[1], pos_stride_row=pos_row, rot_offset=0)
     return Layout(vec, cache_vec, R // 2 // vec, tuple(values[n] for n in ROPE_STATIC))
 
 

@@ -269,10 +269,13 @@ __device__ __forceinline__ void split_token(const RopeParams& p, idx_t t, idx_t&
 __device__ __forceinline__ TokenRows token_rows(const RopeParams& p, idx_t t) {
   idx_t outer, inner;
   split_token(p, t, outer, inner);
-  return {outer * (idx_t)p.q_stride_outer + inner * (idx_t)p.q_stride_inner,
-          outer * (idx_t)p.k_stride_outer + inner * (idx_t)p.k_stride_inner,
-          outer * (idx_t)p.qo_stride_outer + inner * (idx_t)p.qo_stride_inner,
-          outer * (idx_t)p.ko_stride_outer + inner * (idx_t)p.ko_stride_inner};
+  // rot_offset: the rotated dims start that far into each head (vLLM's rope_dim_offset;
+  // in place only, so the outputs are the inputs)
+  const idx_t off = (idx_t)p.rot_offset;
+  return {outer * (idx_t)p.q_stride_outer + inner * (idx_t)p.q_stride_inner + off,
+          outer * (idx_t)p.k_stride_outer + inner * (idx_t)p.k_stride_inner + off,
+          outer * (idx_t)p.qo_stride_outer + inner * (idx_t)p.qo_stride_inner + off,
+          outer * (idx_t)p.ko_stride_outer + inner * (idx_t)p.ko_stride_inner + off};
 }
 
 __device__ __forceinline__ void load_batch(const RopeParams& p, const TokenRows& r, int h0,

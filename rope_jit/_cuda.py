@@ -56,6 +56,60 @@ def launch_packed(func: int, grid, block, smem: int, stream: int, packer, values
                                  smem, stream, ctypes.addressof(argv), 0)
 
 
+class PdlLaunch:
+    """cuLaunchKernelEx of one kernel with the programmatic-stream-serialization attribute
+    (programmatic dependent launch): the kernel may begin while the previous kernel on the
+    stream finishes, and waits for it inside (griddepcontrol.wait). CuPy exposes no
+    cuLaunchKernelEx, so the driver entry point is called through ctypes; the config
+    struct is built once per plan and only its stream changes per call."""
+
+    _fn = None
+    _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
+
+    def __init__(self, func: int, grid, block, smem: int):
+        import ctypes
+
+        cls = type(self)
+        if cls._fn is None:
+            cls._define_structs()
+        self.func = func
+        self.attr = cls._Attribute()
+        self.attr.id = cls._PROGRAMMATIC_STREAM_SERIALIZATION
+        self.attr.value.i = 1
+        self.config = cls._Config(grid[0], grid[1], grid[2], block[0], block[1], block[2], smem,
+                                  None, ctypes.pointer(self.attr), 1)
+        self.config_ref = ctypes.byref(self.config)
+
+    @classmethod
+    def _define_structs(cls) -> None:
+        import ctypes
+
+        class Value(ctypes.Union):  # CUlaunchAttributeValue: 64 bytes
+            _fields_ = [("pad", ctypes.c_char * 64), ("i", ctypes.c_int)]
+
+        class Attribute(ctypes.Structure):  # CUlaunchAttribute
+            _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", Value)]
+
+        class Config(ctypes.Structure):  # CUlaunchConfig
+            _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint),
+                        ("gridDimZ", ctypes.c_uint), ("blockDimX", ctypes.c_uint),
+                        ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                        ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                        ("attrs", ctypes.POINTER(Attribute)), ("numAttrs", ctypes.c_uint)]
+
+        assert ctypes.sizeof(Attribute) == 72 and ctypes.sizeof(Config) == 56
+        fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.POINTER(Config), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        cls._Attribute, cls._Config, cls._fn = Attribute, Config, fn
+
+    def __call__(self, stream: int, argv_address: int) -> None:
+        self.config.hStream = stream
+        rc = self._fn(self.config_ref, self.func, argv_address, None)
+        if rc:
+            raise RuntimeError(f"cuLaunchKernelEx failed with CUDA error {rc}")
+
+
 def current_device() -> int:
     return cupy_module().cuda.runtime.getDevice()
 

@@ -10,12 +10,14 @@ functions return None.
 from __future__ import annotations
 
 from . import route
-from .call import INDPTR, POSITIONS, cache_call, frequencies_json, on_the_fly_call
+from .call import (INDPTR, POSITIONS, cache_call, frequencies_json, on_the_fly_call,
+                   with_rope_dim_offset)
 
 # ------------------------------------------------------------------ from a cos/sin cache
 
 def apply_rope_inplace_with_cache(positions, query, key, head_size, cos_sin_cache, is_neox,
-                                  *, check_positions=False) -> None:
+                                  rope_dim_offset=0, inverse=False, *, check_positions=False,
+                                  enable_pdl=False) -> None:
     """vLLM's ``rotary_embedding`` op: rotate query and key (may be None) in place.
 
     positions: int32/int64 ``[num_tokens]`` or ``[batch, seq]``; query/key
@@ -23,23 +25,32 @@ def apply_rope_inplace_with_cache(positions, query, key, head_size, cos_sin_cach
     cos_sin_cache ``[max_position, rotary_dim]`` (fp16, bf16 or fp32, any query dtype).
     Positions outside the cache leave their token unrotated and are never read past the
     cache; ``check_positions=True`` raises ValueError for them instead (one host sync).
+    ``rope_dim_offset``: the rotated dims of each head are [offset, offset + rotary_dim)
+    (vLLM's argument); ``inverse``: rotate by the negative angle (undo a rotation).
+    ``enable_pdl``: programmatic dependent launch (sm_90+; FlashInfer's name): the kernel
+    may start while the previous one on the stream finishes, reading positions and the
+    cache first, so that kernel must not write them.
     """
-    route.rope(cache_call(head_size, is_neox, True, check_positions), query, key,
-               positions, cache=cos_sin_cache)
+    call = cache_call(head_size, is_neox, True, check_positions, None, False, None, inverse,
+                      enable_pdl)
+    if rope_dim_offset:
+        call = with_rope_dim_offset(call, rope_dim_offset)
+    route.rope(call, query, key, positions, cache=cos_sin_cache)
 
 
 def apply_rope_with_cos_sin_cache(positions, query, key, head_size, cos_sin_cache, is_neox=True,
-                                  *, check_positions=False):
+                                  *, check_positions=False, enable_pdl=False):
     """FlashInfer's ``apply_rope_with_cos_sin_cache``: returns ``(query_out, key_out)``."""
-    return route.rope(cache_call(head_size, is_neox, False, check_positions), query, key,
-                      positions, cache=cos_sin_cache)
+    return route.rope(cache_call(head_size, is_neox, False, check_positions, None, False, None,
+                                 False, enable_pdl), query, key, positions, cache=cos_sin_cache)
 
 
 def apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size, cos_sin_cache,
-                                          is_neox=True, *, check_positions=False) -> None:
+                                          is_neox=True, *, check_positions=False,
+                                          enable_pdl=False) -> None:
     """FlashInfer's ``apply_rope_with_cos_sin_cache_inplace``: returns None."""
-    route.rope(cache_call(head_size, is_neox, True, check_positions), query, key, positions,
-               cache=cos_sin_cache)
+    route.rope(cache_call(head_size, is_neox, True, check_positions, None, False, None, False,
+                          enable_pdl), query, key, positions, cache=cos_sin_cache)
 
 
 # ------------------------------------------------------------------ on the fly
@@ -47,18 +58,19 @@ def apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size, cos_
 _NO_ARRAY = object()
 
 
-def _fly(q, k, inplace, rotary_dim, interleave, frequencies, *, pos_ids=_NO_ARRAY, indptr=None,
-         offsets=None, mrope_section=None, mrope_interleaved=False):
+def _fly(q, k, inplace, rotary_dim, interleave, frequencies, enable_pdl, *, pos_ids=_NO_ARRAY,
+         indptr=None, offsets=None, mrope_section=None, mrope_interleaved=False):
     if pos_ids is not _NO_ARRAY:
         call = on_the_fly_call(POSITIONS, rotary_dim, interleave, inplace, frequencies,
-                               mrope_section, mrope_interleaved)
+                               mrope_section, mrope_interleaved, enable_pdl)
         return route.rope(call, q, k, pos_ids)
-    call = on_the_fly_call(INDPTR, rotary_dim, interleave, inplace, frequencies)
+    call = on_the_fly_call(INDPTR, rotary_dim, interleave, inplace, frequencies, None, False,
+                           enable_pdl)
     return route.rope(call, q, k, indptr=indptr, offsets=offsets)
 
 
 def apply_rope(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1.0,
-               rope_theta=1e4, *, rope_scaling=None):
+               rope_theta=1e4, *, rope_scaling=None, enable_pdl=False):
     """FlashInfer's ``apply_rope``: ragged batch (indptr + offsets), cos/sin on the fly.
     q ``[nnz, num_q_heads, head_dim]``, k ``[nnz, num_k_heads, head_dim]``; ``rope_scale``
     divides the frequencies. Returns ``(q_rope, k_rope)``.
@@ -66,28 +78,28 @@ def apply_rope(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_sc
     ``rope_scaling``: a HuggingFace-style dict (``rope_type`` default, linear, llama3 or
     yarn) computed on the fly instead of ``rope_scale``; see README "Scaling variants"."""
     return _fly(q, k, False, rotary_dim, interleave,
-                frequencies_json(rope_theta, rope_scale, rope_scaling), indptr=indptr,
+                frequencies_json(rope_theta, rope_scale, rope_scaling), enable_pdl, indptr=indptr,
                 offsets=offsets)
 
 
 def apply_rope_inplace(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1.0,
-                       rope_theta=1e4, *, rope_scaling=None) -> None:
+                       rope_theta=1e4, *, rope_scaling=None, enable_pdl=False) -> None:
     """FlashInfer's ``apply_rope_inplace``."""
-    _fly(q, k, True, rotary_dim, interleave, frequencies_json(rope_theta, rope_scale, rope_scaling),
+    _fly(q, k, True, rotary_dim, interleave, frequencies_json(rope_theta, rope_scale, rope_scaling), enable_pdl,
          indptr=indptr, offsets=offsets)
 
 
 def apply_rope_pos_ids(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1.0,
-                       rope_theta=1e4, *, rope_scaling=None):
+                       rope_theta=1e4, *, rope_scaling=None, enable_pdl=False):
     """FlashInfer's ``apply_rope_pos_ids``: one position per token, cos/sin on the fly."""
     return _fly(q, k, False, rotary_dim, interleave,
-                frequencies_json(rope_theta, rope_scale, rope_scaling), pos_ids=pos_ids)
+                frequencies_json(rope_theta, rope_scale, rope_scaling), enable_pdl, pos_ids=pos_ids)
 
 
 def apply_rope_pos_ids_inplace(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1.0,
-                               rope_theta=1e4, *, rope_scaling=None) -> None:
+                               rope_theta=1e4, *, rope_scaling=None, enable_pdl=False) -> None:
     """FlashInfer's ``apply_rope_pos_ids_inplace``."""
-    _fly(q, k, True, rotary_dim, interleave, frequencies_json(rope_theta, rope_scale, rope_scaling),
+    _fly(q, k, True, rotary_dim, interleave, frequencies_json(rope_theta, rope_scale, rope_scaling), enable_pdl,
          pos_ids=pos_ids)
 
 
@@ -98,36 +110,36 @@ def _llama(rope_theta, rope_scale, low_freq_factor, high_freq_factor, old_contex
 
 def apply_llama31_rope(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=8.0,
                        rope_theta=5e5, low_freq_factor=1.0, high_freq_factor=4.0,
-                       old_context_len=8192):
+                       old_context_len=8192, *, enable_pdl=False):
     """FlashInfer's ``apply_llama31_rope``: Llama 3.1 frequency smoothing, on the fly."""
     return _fly(q, k, False, rotary_dim, interleave,
-                _llama(rope_theta, rope_scale, low_freq_factor, high_freq_factor, old_context_len),
+                _llama(rope_theta, rope_scale, low_freq_factor, high_freq_factor, old_context_len), enable_pdl,
                 indptr=indptr, offsets=offsets)
 
 
 def apply_llama31_rope_inplace(q, k, indptr, offsets, rotary_dim=None, interleave=False,
                                rope_scale=8.0, rope_theta=5e5, low_freq_factor=1.0,
-                               high_freq_factor=4.0, old_context_len=8192) -> None:
+                               high_freq_factor=4.0, old_context_len=8192, *, enable_pdl=False) -> None:
     """FlashInfer's ``apply_llama31_rope_inplace``."""
     _fly(q, k, True, rotary_dim, interleave,
-         _llama(rope_theta, rope_scale, low_freq_factor, high_freq_factor, old_context_len),
+         _llama(rope_theta, rope_scale, low_freq_factor, high_freq_factor, old_context_len), enable_pdl,
          indptr=indptr, offsets=offsets)
 
 
 def apply_llama31_rope_pos_ids(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=8.0,
                                rope_theta=5e5, low_freq_factor=1.0, high_freq_factor=4.0,
-                               old_context_len=8192):
+                               old_context_len=8192, *, enable_pdl=False):
     """FlashInfer's ``apply_llama31_rope_pos_ids``."""
     return _fly(q, k, False, rotary_dim, interleave,
-                _llama(rope_theta, rope_scale, low_freq_factor, high_freq_factor, old_context_len), pos_ids=pos_ids)
+                _llama(rope_theta, rope_scale, low_freq_factor, high_freq_factor, old_context_len), enable_pdl, pos_ids=pos_ids)
 
 
 def apply_llama31_rope_pos_ids_inplace(q, k, pos_ids, rotary_dim=None, interleave=False,
                                        rope_scale=8.0, rope_theta=5e5, low_freq_factor=1.0,
-                                       high_freq_factor=4.0, old_context_len=8192) -> None:
+                                       high_freq_factor=4.0, old_context_len=8192, *, enable_pdl=False) -> None:
     """FlashInfer's ``apply_llama31_rope_pos_ids_inplace``."""
     _fly(q, k, True, rotary_dim, interleave,
-         _llama(rope_theta, rope_scale, low_freq_factor, high_freq_factor, old_context_len), pos_ids=pos_ids)
+         _llama(rope_theta, rope_scale, low_freq_factor, high_freq_factor, old_context_len), enable_pdl, pos_ids=pos_ids)
 
 
 # ------------------------------------------------------------------ multimodal RoPE
@@ -142,7 +154,7 @@ def _section(mrope_section):
 
 def apply_mrope_inplace_with_cache(positions, query, key, head_size, cos_sin_cache, is_neox,
                                    mrope_section, mrope_interleaved=False, *,
-                                   check_positions=False) -> None:
+                                   check_positions=False, enable_pdl=False) -> None:
     """Multimodal RoPE (Qwen2-VL, Qwen3-VL) from a cos/sin cache, in place.
 
     positions ``[3, num_tokens]``: temporal, height and width positions. Frequency j of the
@@ -153,34 +165,36 @@ def apply_mrope_inplace_with_cache(positions, query, key, head_size, cos_sin_cac
     materialized. Text tokens (three equal rows) get exactly the plain RoPE result.
     """
     route.rope(cache_call(head_size, is_neox, True, check_positions, _section(mrope_section),
-                          mrope_interleaved), query, key, positions, cache=cos_sin_cache)
+                          mrope_interleaved, None, False, enable_pdl),
+               query, key, positions, cache=cos_sin_cache)
 
 
 def apply_mrope_with_cos_sin_cache(positions, query, key, head_size, cos_sin_cache, is_neox,
                                    mrope_section, mrope_interleaved=False, *,
-                                   check_positions=False):
+                                   check_positions=False, enable_pdl=False):
     """Out-of-place ``apply_mrope_inplace_with_cache``: returns ``(query_out, key_out)``."""
     return route.rope(cache_call(head_size, is_neox, False, check_positions,
-                                 _section(mrope_section), mrope_interleaved),
+                                 _section(mrope_section), mrope_interleaved, None, False,
+                                 enable_pdl),
                       query, key, positions, cache=cos_sin_cache)
 
 
 def apply_mrope_pos_ids(q, k, pos_ids, mrope_section, rotary_dim=None, interleave=False,
                         rope_scale=1.0, rope_theta=1e4, *, mrope_interleaved=False,
-                        rope_scaling=None):
+                        rope_scaling=None, enable_pdl=False):
     """Multimodal RoPE with cos/sin on the fly: pos_ids ``[3, nnz]``, q/k
     ``[nnz, heads, head_dim]``; sections as ``apply_mrope_inplace_with_cache``. Returns
     ``(q_rope, k_rope)``."""
     return _fly(q, k, False, rotary_dim, interleave,
-                frequencies_json(rope_theta, rope_scale, rope_scaling), pos_ids=pos_ids,
+                frequencies_json(rope_theta, rope_scale, rope_scaling), enable_pdl, pos_ids=pos_ids,
                 mrope_section=_section(mrope_section), mrope_interleaved=mrope_interleaved)
 
 
 def apply_mrope_pos_ids_inplace(q, k, pos_ids, mrope_section, rotary_dim=None, interleave=False,
                                 rope_scale=1.0, rope_theta=1e4, *, mrope_interleaved=False,
-                                rope_scaling=None) -> None:
+                                rope_scaling=None, enable_pdl=False) -> None:
     """In-place ``apply_mrope_pos_ids``."""
-    _fly(q, k, True, rotary_dim, interleave, frequencies_json(rope_theta, rope_scale, rope_scaling),
+    _fly(q, k, True, rotary_dim, interleave, frequencies_json(rope_theta, rope_scale, rope_scaling), enable_pdl,
          pos_ids=pos_ids, mrope_section=_section(mrope_section),
          mrope_interleaved=mrope_interleaved)
 

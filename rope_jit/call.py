@@ -46,6 +46,12 @@ class RopeCall(NamedTuple):
     mrope_interleaved: Qwen3-VL's interleaved sections.
     inverse: rotate by the negative angle (the backward pass).
     check_positions: raise ValueError for positions outside the cache (one host sync).
+    pdl: programmatic dependent launch (FlashInfer's enable_pdl): the kernel may start
+        while the previous kernel on the stream finishes; it reads positions and the cache
+        (or computes cos/sin) first and waits for that kernel before touching q and k, so
+        the previous kernel must not write the positions or the cache. sm_90 and newer.
+    rope_dim_offset: the rotated dims of each head are [offset, offset + rotary_dim)
+        (vLLM's rope_dim_offset); in place only.
     """
 
     inplace: bool
@@ -58,6 +64,8 @@ class RopeCall(NamedTuple):
     mrope_interleaved: bool = False
     inverse: bool = False
     check_positions: bool = False
+    pdl: bool = False
+    rope_dim_offset: int = 0
 
     @property
     def from_cache(self) -> bool:
@@ -76,6 +84,7 @@ OP_FIELDS = (
     ("head_size", "int?"), ("rotary_dim", "int?"), ("is_neox", "bool"),
     ("convention", "str"), ("frequencies", "str?"), ("mrope_section", "int[]?"),
     ("mrope_interleaved", "bool"), ("inverse", "bool"), ("check_positions", "bool"),
+    ("pdl", "bool"), ("rope_dim_offset", "int"),
 )
 assert tuple(n for n, _ in OP_FIELDS) == RopeCall._fields[1:], "OP_FIELDS must follow RopeCall"
 OP_SCHEMA_ARGS = ", ".join(f"{t} {n}" for n, t in OP_FIELDS)
@@ -166,13 +175,15 @@ _cache_calls: dict = {}
 
 @_constant_for_dynamo
 def cache_call(head_size, is_neox, inplace: bool, check_positions=False, mrope_section=None,
-               mrope_interleaved=False, rotary_dim=None, inverse=False) -> RopeCall:
+               mrope_interleaved=False, rotary_dim=None, inverse=False,
+               pdl=False) -> RopeCall:
     """A call whose cos/sin come from a cos/sin cache (vLLM's convention: positions)."""
     key = (head_size, is_neox, inplace, check_positions, mrope_section, mrope_interleaved,
-           rotary_dim, inverse)
+           rotary_dim, inverse, pdl)
     if (type(head_size) is int and type(is_neox) is bool and type(check_positions) is bool
             and (rotary_dim is None or type(rotary_dim) is int) and type(inverse) is bool
-            and type(mrope_interleaved) is bool and _section_is_exact(mrope_section)):
+            and type(mrope_interleaved) is bool and _section_is_exact(mrope_section)
+            and type(pdl) is bool):
         call = _cache_calls.get(key)
         if call is not None:
             return call
@@ -184,7 +195,7 @@ def cache_call(head_size, is_neox, inplace: bool, check_positions=False, mrope_s
         check_bool(is_neox, "is_neox"), POSITIONS, None,
         None if mrope_section is None else check_mrope_section(mrope_section),
         check_bool(mrope_interleaved, "mrope_interleaved"), check_bool(inverse, "inverse"),
-        check_bool(check_positions, "check_positions")))
+        check_bool(check_positions, "check_positions"), check_bool(pdl, "enable_pdl")))
 
 
 _fly_calls: dict = {}
@@ -192,13 +203,15 @@ _fly_calls: dict = {}
 
 @_constant_for_dynamo
 def on_the_fly_call(convention: str, rotary_dim, interleave, inplace: bool,
-                    frequencies: str, mrope_section=None, mrope_interleaved=False) -> RopeCall:
+                    frequencies: str, mrope_section=None, mrope_interleaved=False,
+                    pdl=False) -> RopeCall:
     """A call whose cos/sin are computed in the kernel (FlashInfer's convention: the head
     size is the last dim of q). `frequencies` from ``frequencies_json``."""
     key = (convention, rotary_dim, interleave, inplace, frequencies, mrope_section,
-           mrope_interleaved)
+           mrope_interleaved, pdl)
     if ((rotary_dim is None or type(rotary_dim) is int) and type(interleave) is bool
-            and type(mrope_interleaved) is bool and _section_is_exact(mrope_section)):
+            and type(mrope_interleaved) is bool and _section_is_exact(mrope_section)
+            and type(pdl) is bool):
         call = _fly_calls.get(key)
         if call is not None:
             return call
@@ -206,7 +219,19 @@ def on_the_fly_call(convention: str, rotary_dim, interleave, inplace: bool,
         inplace, None, _optional_int(rotary_dim, "rotary_dim"),
         not check_bool(interleave, "interleave"), convention, frequencies,
         None if mrope_section is None else check_mrope_section(mrope_section),
-        check_bool(mrope_interleaved, "mrope_interleaved")))
+        check_bool(mrope_interleaved, "mrope_interleaved"), pdl=check_bool(pdl, "enable_pdl")))
+
+
+@_constant_for_dynamo
+def with_rope_dim_offset(call: RopeCall, rope_dim_offset) -> RopeCall:
+    """`call` rotating the dims after `rope_dim_offset` of each head (vLLM's argument)."""
+    offset = check_int(rope_dim_offset, "rope_dim_offset")
+    if offset < 0:
+        raise ValueError(f"rope_dim_offset: expected a non-negative integer, got {offset}")
+    if not call.inplace:
+        raise ValueError("rope_dim_offset: supported in place only (vLLM's rotary_embedding); "
+                         "use a view of the heads for an out-of-place call")
+    return call._replace(rope_dim_offset=offset)
 
 
 def _jsonable(v):

@@ -24,8 +24,8 @@ import threading
 from dataclasses import dataclass
 
 from . import jit
-from ._cuda import (current_device, cupy_module, device_count, driver_module, external_stream,
-                    launch_packed, num_sms)
+from ._cuda import (PdlLaunch, current_device, cupy_module, device_arch, device_count,
+                    driver_module, external_stream, launch_packed, num_sms)
 from .arrays import _BY_TYPE, HOST, Framework, describe, framework_of
 from .call import RopeCall, check_int
 from .dtypes import numpy_dtype
@@ -90,10 +90,12 @@ class _Prepared:
     q_out_shape: tuple
     k_out_shape: tuple | None
     dtype: str
+    pdl: object = None     # a _cuda.PdlLaunch when the call asked for enable_pdl
 
 
 def _plan_buffer(prep: _Prepared) -> tuple:
-    """This thread's argument buffer of `prep`, static part packed: (buffer, void** argv)."""
+    """This thread's argument buffer of `prep`, static part packed: (buffer, address of the
+    void* array that points at it, that array)."""
     bufs = getattr(_tls, "plans", None)
     if bufs is None:
         bufs = _tls.plans = {}
@@ -104,7 +106,7 @@ def _plan_buffer(prep: _Prepared) -> tuple:
         buf = ctypes.create_string_buffer(ROPE_PARAMS.size)
         ROPE_PARAMS.packer.pack_into(buf, 0, *((0,) * len(ROPE_POINTERS)), *prep.static)
         argv = (ctypes.c_void_p * 1)(ctypes.addressof(buf))
-        b = bufs[prep] = (buf, argv)
+        b = bufs[prep] = (buf, ctypes.addressof(argv), argv)
     return b
 
 
@@ -129,11 +131,16 @@ def plan_of(call: RopeCall, query, key, positions=None, indptr=None, offsets=Non
 
 def _prepare(call: RopeCall, query, key, positions, indptr, offsets, cache, tuning) -> _Prepared:
     plan = plan_of(call, query, key, positions, indptr, offsets, cache, tuning=tuning)
+    if call.pdl and plan.device >= 0 and int(device_arch(plan.device)) < 90:
+        raise ValueError(f"enable_pdl: programmatic dependent launch needs sm_90 or newer, "
+                         f"cuda:{plan.device} is sm_{device_arch(plan.device)}")
     func = jit.get_function(plan.spec, plan.device) if plan.spec is not None else 0
     launch = plan.launch
+    pdl = PdlLaunch(func, launch.grid, launch.block, launch.smem) if call.pdl and func else None
     return _Prepared(func, launch.grid if launch else (), launch.block if launch else (),
                      launch.smem if launch else 0, plan.static, plan.device, plan.q_out_shape,
-                     plan.k_out_shape, plan.spec.dtype if plan.spec else describe(query).dtype)
+                     plan.k_out_shape, plan.spec.dtype if plan.spec else describe(query).dtype,
+                     pdl)
 
 
 _NONE = (None, 0)  # fingerprint and pointer of an absent argument
@@ -189,7 +196,7 @@ def run_rope(call: RopeCall, query, key, positions=None, indptr=None, offsets=No
         ko_ptr = fw.fingerprint(k_out)[1] if k_out is not None else 0
         outs = (q_out, k_out)
     if prep.func:
-        buf, argv = _plan_buffer(prep)
+        buf, argv, _keep = _plan_buffer(prep)
         _POINTERS.pack_into(buf, 0, q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr or ind_ptr, off_ptr, c_ptr)
         dev = prep.device
         if _single_device or dev == current_device():
@@ -203,13 +210,15 @@ def run_rope(call: RopeCall, query, key, positions=None, indptr=None, offsets=No
 _cu_launch = None  # cupy_backends' cuLaunchKernel, looked up once
 
 
-def _launch_prepared(prep: _Prepared, stream: int, argv) -> None:
+def _launch_prepared(prep: _Prepared, stream: int, argv: int) -> None:
     global _cu_launch
+    if prep.pdl is not None:
+        prep.pdl(stream, argv)
+        return
     if _cu_launch is None:
         _cu_launch = driver_module().launchKernel
     g, b = prep.grid, prep.block
-    _cu_launch(prep.func, g[0], g[1], g[2], b[0], b[1], b[2], prep.smem, stream,
-               ctypes.addressof(argv), 0)
+    _cu_launch(prep.func, g[0], g[1], g[2], b[0], b[1], b[2], prep.smem, stream, argv, 0)
 
 
 def _run_foreign(fw: Framework, call: RopeCall, query, key, positions, indptr, offsets, cache,

@@ -261,6 +261,9 @@ def _rotary(call: RopeCall, a: RopeArrays, head_size: int) -> _Rotary:
         raise ValueError(f"{rot.name}: expected a positive even number, got {rot.dim}")
     if rot.dim > head_size:
         raise ValueError(f"{rot.name}: {rot.dim} exceeds head_size {head_size}")
+    if call.rope_dim_offset + rot.dim > head_size:
+        raise ValueError(f"rope_dim_offset: {call.rope_dim_offset} + {rot.name} {rot.dim} "
+                         f"exceeds head_size {head_size}")
     if call.mrope_section is not None and sum(call.mrope_section) != rot.dim // 2:
         raise ValueError(f"mrope_section: expected non-negative counts summing to rotary_dim/2 "
                          f"= {rot.dim // 2}, got {list(call.mrope_section)}")
@@ -299,7 +302,7 @@ def _vector_widths(call: RopeCall, a: RopeArrays, rot: _Rotary, head_size: int,
                    heads: list) -> tuple:
     """(vec, cache_vec, chunks): elements per q/k access, per cache access, and threads per
     head row (a thread owns `vec` frequencies)."""
-    must_divide = [rot.dim // 2]
+    must_divide = [rot.dim // 2, call.rope_dim_offset]
     for h in heads:
         if h is not None:
             must_divide += [h.tok_strides[0], h.tok_strides[1], h.head_stride]
@@ -441,7 +444,7 @@ def plan_rope(call: RopeCall, arrays: RopeArrays, *, tuning=DEFAULT_TUNING,
         prefetch=prefetch, scaling=fly.variant, mrope_section=call.mrope_section,
         mrope_interleaved=call.mrope_interleaved and call.mrope_section is not None,
         inverse=call.inverse, min_blocks=tuning.min_blocks,
-        index_bits=index_bits(a, rot, num_tokens))
+        index_bits=index_bits(a, rot, num_tokens), pdl=call.pdl)
 
     k, ko = k or _NO_HEADS, ko or _NO_HEADS
     values = dict(
@@ -456,7 +459,7 @@ def plan_rope(call: RopeCall, arrays: RopeArrays, *, tuning=DEFAULT_TUNING,
         ko_stride_outer=ko.tok_strides[0], ko_stride_inner=ko.tok_strides[1],
         ko_stride_head=ko.head_stride,
         pos_stride_outer=tokens.pos_strides[0], pos_stride_inner=tokens.pos_strides[1],
-        pos_stride_row=tokens.pos_row_stride)
+        pos_stride_row=tokens.pos_row_stride, rot_offset=call.rope_dim_offset)
     static = tuple(values[n] for n in ROPE_FREQ + ROPE_STATIC)
     return RopePlan(spec, launch, static, a.query.device, q_out_shape, k_out_shape, shape,
                     num_tokens, tuning)

@@ -185,22 +185,25 @@ class RotaryEmbedding:
         return short if self._longrope else whole
 
     def forward(self, positions, query, key=None, offsets=None, *, seq_len: int | None = None,
-                check_positions: bool = False):
+                check_positions: bool = False, rope_dim_offset: int = 0,
+                inverse: bool = False, enable_pdl: bool = False):
         """Rotate query and key (may be None) in place and return ``(query, key)``, as
         vLLM's ``forward_cuda``. positions ``[num_tokens]`` (or ``[batch, seq]``); query /
         key ``[tokens..., heads * head_size]`` or ``[tokens..., heads, head_size]``.
         ``offsets`` (vLLM's batched LoRA offsets) are added to positions (one allocation).
         ``seq_len``: largest position + 1, for dynamic and longrope (read from positions
-        otherwise: a host sync). ``check_positions`` as ``apply_rope_inplace_with_cache``.
-        Under torch.compile, call it once eagerly first: building the device cache from the
-        host is not traceable (README "Frameworks")."""
+        otherwise: a host sync). ``check_positions``, ``rope_dim_offset`` (rotate the dims
+        after it), ``inverse`` (rotate by the negative angle) and ``enable_pdl`` as
+        ``apply_rope_inplace_with_cache``. Under torch.compile, call it once eagerly first:
+        building the device cache from the host is not traceable (README "Frameworks")."""
         from .api import apply_rope_inplace_with_cache
 
         if offsets is not None:
             positions = positions + offsets
         cache = self._prepare(positions, query, seq_len)
         apply_rope_inplace_with_cache(positions, query, key, self.head_size, cache,
-                                      self.is_neox_style, check_positions=check_positions)
+                                      self.is_neox_style, rope_dim_offset, inverse,
+                                      check_positions=check_positions, enable_pdl=enable_pdl)
         return query, key
 
     __call__ = forward

@@ -65,6 +65,7 @@ ROPE_STATIC = (
     "qo_stride_outer", "qo_stride_inner", "qo_stride_head",
     "ko_stride_outer", "ko_stride_inner", "ko_stride_head",
     "pos_stride_outer", "pos_stride_inner", "pos_stride_row",
+    "rot_offset",
 )
 ROPE_PARAMS = ParamStruct(
     "RopeParams",

@@ -715,3 +715,35 @@ def test_index_width_is_32_bits_only_when_every_offset_fits():
     assert call(cos_sin_cache=big_cache).spec.index_bits == 64
     k_far = desc((T, HK * D), strides=(2 ** 29, 1))                    # 7 x 2^29 > 2^31
     assert call(key=k_far).spec.index_bits == 64
+
+
+def test_rope_dim_offset_moves_the_rotated_dims():
+    """vLLM's rope_dim_offset: the kernel's token offsets start that far into each head; the
+    rotary dim must fit after it; the offset joins the vector-width constraints."""
+    from rope_jit.call import with_rope_dim_offset
+
+    base = RopeCall(True, D, None, True)
+    a = RopeArrays(desc((T, HQ * D)), desc((T, HK * D)), desc((T,), "int64"),
+                   cos_sin_cache=desc((4096, 64), "float32"))
+    p = plan_call(with_rope_dim_offset(base, 64), a)
+    assert static(p)["rot_offset"] == 64 and p.spec.vec == 8
+    assert plan_call(with_rope_dim_offset(base, 4), a).spec.vec == 4  # 4 elements: 8 bytes
+    with pytest.raises(ValueError, match=r"^rope_dim_offset: 65 \+ cos_sin_cache width "):
+        plan_call(with_rope_dim_offset(base, 65), a)
+    with pytest.raises(ValueError, match=r"^rope_dim_offset: supported in place only"):
+        with_rope_dim_offset(base._replace(inplace=False), 8)
+    with pytest.raises(ValueError, match=r"^rope_dim_offset: expected a non-negative"):
+        with_rope_dim_offset(base, -2)
+    with pytest.raises(TypeError, match=r"^rope_dim_offset: expected an integer"):
+        with_rope_dim_offset(base, 2.0)
+
+
+def test_enable_pdl_reaches_the_spec():
+    from rope_jit.call import cache_call
+
+    a = RopeArrays(desc((T, HQ * D)), desc((T, HK * D)), desc((T,), "int64"),
+                   cos_sin_cache=desc((4096, D), "float32"))
+    assert plan_call(cache_call(D, True, True, False, None, False, None, False, True), a).spec.pdl
+    assert not plan_call(cache_call(D, True, True), a).spec.pdl
+    with pytest.raises(TypeError, match=r"^enable_pdl: expected a bool"):
+        cache_call(D, True, True, False, None, False, None, False, "yes")

@@ -318,7 +318,9 @@ class Recorder:
         heads = x.reshape(*cos.shape[:-1], -1, head_size)
         x[...] = reference.apply_rotary(heads, cos, sin, is_neox).reshape(x.shape)
 
-    def rope(self, positions, query, key, head_size, cos_sin_cache, is_neox, *, check_positions=False):
+    def rope(self, positions, query, key, head_size, cos_sin_cache, is_neox, rope_dim_offset=0,
+             inverse=False, *, check_positions=False, enable_pdl=False):
+        assert rope_dim_offset == 0 and not inverse and not enable_pdl  # not used by these tests
         self.calls.append(("rope", positions, cos_sin_cache, is_neox, check_positions))
         cos, sin = reference.cos_sin_from_cache(cos_sin_cache, positions)
         self._rotate(query, head_size, cos, sin, is_neox)

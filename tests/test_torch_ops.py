@@ -126,7 +126,7 @@ def test_ops_are_registered_with_their_mutations():
     assert len(rope_._schema.returns) == 0
     assert [str(r.type) for r in rope._schema.returns] == ["Tensor", "Tensor"]
     # op arguments are tensors, numbers, bools, strings and lists only
-    allowed = {"Tensor", "Optional[Tensor]", "Optional[int]", "bool", "float", "str",
+    allowed = {"Tensor", "Optional[Tensor]", "Optional[int]", "int", "bool", "float", "str",
                "Optional[str]", "List[float]", "Optional[List[int]]", "Optional[SymInt]"}
     for op in (rope, rope_, pos):
         assert {str(a.type) for a in op._schema.arguments} <= allowed, op._schema
