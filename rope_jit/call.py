@@ -136,7 +136,7 @@ def check_mrope_section(section) -> tuple:
 _MEMO_SIZE = 512
 
 
-def _memoized_constant(fn):
+def memoized_constant(fn):
     """`fn` memoized on its positional arguments (a bounded dict: emptied when full), and
     marked as ``torch.compiler.assume_constant_result`` marks a function (without
     importing torch): under torch.compile, Dynamo calls it at trace time on its constant
@@ -162,7 +162,7 @@ def _memoized_constant(fn):
 
 # ------------------------------------------------------------------ builders
 
-@_memoized_constant
+@memoized_constant
 def cache_call(head_size, is_neox, inplace: bool, check_positions=False, mrope_section=None,
                mrope_interleaved=False, rotary_dim=None, inverse=False) -> RopeCall:
     """A call whose cos/sin come from a cos/sin cache (vLLM's convention: positions)."""
@@ -177,7 +177,7 @@ def cache_call(head_size, is_neox, inplace: bool, check_positions=False, mrope_s
                     check_bool(check_positions, "check_positions"))
 
 
-@_memoized_constant
+@memoized_constant
 def on_the_fly_call(convention: str, rotary_dim, interleave, inplace: bool,
                     frequencies: str, mrope_section=None, mrope_interleaved=False) -> RopeCall:
     """A call whose cos/sin are computed in the kernel (FlashInfer's convention: the head
@@ -200,7 +200,7 @@ def _jsonable(v):
     return repr(v)  # not a JSON value: kept visible, the variant's checks refuse it
 
 
-@_memoized_constant
+@memoized_constant
 def _frequencies_from_items(rope_theta, items, names) -> str:
     return _encode_frequencies(rope_theta, dict(items), dict(names))
 
