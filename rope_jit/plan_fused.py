@@ -622,11 +622,11 @@ def _fused_vec(a: FusedRopeArrays, x: _Inputs, o: _Outputs, c: _Caches) -> int:
             must += [dest.page, dest.entry, dest.head, dest.offset]
     in_size = ITEMSIZE[x.dtype]
     aligned = [(d.ptr, in_size) for d in (a.q_rope, a.k_rope, a.q_nope, a.k_nope, a.v) if d is not None]
-    aligned += [(d.ptr, ITEMSIZE[o.dtype]) for d in (a.q_rope_out, a.k_rope_out, a.q_nope_out,
-                                                     a.k_nope_out) if d is not None]
-    for d in (a.cache0, a.cache1):
-        if d is not None and c.dtype is not None:
-            aligned.append((d.ptr, ITEMSIZE[c.dtype]))
+    # Outputs allocated later (pointer 0 here) still cap the width at 16 bytes of their type.
+    aligned += [(0 if d is None else d.ptr, ITEMSIZE[o.dtype])
+                for d in (a.q_rope_out, a.k_rope_out, a.q_nope_out, a.k_nope_out)]
+    if c.dtype is not None:
+        aligned += [(d.ptr, ITEMSIZE[c.dtype]) for d in (a.cache0, a.cache1) if d is not None]
     return widest_vec(in_size, must, aligned)
 
 
