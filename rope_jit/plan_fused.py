@@ -90,8 +90,9 @@ MUTATES = {
 
 def arg_name(call, field: str) -> str:
     """What the public function behind `call` calls the array of `field`."""
-    op = getattr(call, "op", None)
-    return ARG_NAMES[op].get(field, field) if op is not None else field
+    if isinstance(call, FusedRopeCall):
+        return ARG_NAMES[call.op].get(field, field)
+    return field
 
 
 ITEM_BATCH = 4          # items whose loads a thread issues together (kernels/rope_fused.cu)
