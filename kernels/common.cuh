@@ -49,16 +49,24 @@ template <> __device__ __forceinline__ bf16_t from_float<bf16_t>(float x) {
 // OCP FP8 storage (float8_e4m3fn: 4 exponent bits, bias 7, no infinity, largest 448;
 // float8_e5m2: 5 exponent bits, bias 15, largest finite 57344). Outputs only: rounded to
 // nearest even and saturated to the largest finite value (PTX cvt.rn.satfinite, as
-// FlashInfer's and vLLM's FP8 stores), NaN stays NaN.
-struct fp8_e4m3_t { unsigned char bits; };
-struct fp8_e5m2_t { unsigned char bits; };
+// FlashInfer's and vLLM's FP8 stores), NaN stays NaN. M mantissa bits, the exponent BIAS,
+// MAX_BITS the encoding of the largest finite value.
+struct fp8_e4m3_t {
+  unsigned char bits;
+  static constexpr bool E4M3 = true;
+  static constexpr int M = 3, BIAS = 7, MAX_BITS = 0x7e;
+};
+struct fp8_e5m2_t {
+  unsigned char bits;
+  static constexpr bool E4M3 = false;
+  static constexpr int M = 2, BIAS = 15, MAX_BITS = 0x7b;
+};
 
 // The same rounding in integer and float arithmetic, for GPUs without the FP8 conversion
-// instructions (before sm_89). M mantissa bits, exponent BIAS, MAX_BITS the encoding of the
-// largest finite value. a = n * 2^(e - M) with e the binade of |x| (clamped to the smallest
-// normal one, below which the grid is uniform) and n = rint(|x| / 2^(e - M)); the encoding
-// is then ((e + BIAS - 1) << M) + n, which also gives subnormals (n < 2^M) and the carry
-// into the next binade (n == 2^(M+1)) right.
+// instructions (before sm_89). a = n * 2^(e - M) with e the binade of |x| (clamped to the
+// smallest normal one, below which the grid is uniform) and n = rint(|x| / 2^(e - M)); the
+// encoding is then ((e + BIAS - 1) << M) + n, which also gives subnormals (n < 2^M) and the
+// carry into the next binade (n == 2^(M+1)) right.
 template <int M, int BIAS, int MAX_BITS>
 __device__ __forceinline__ unsigned char fp8_from_float_sw(float x) {
   const unsigned int u = __float_as_uint(x);
@@ -72,23 +80,36 @@ __device__ __forceinline__ unsigned char fp8_from_float_sw(float x) {
   return sign | (unsigned char)(bits > MAX_BITS ? MAX_BITS : bits);
 }
 
-template <> __device__ __forceinline__ fp8_e4m3_t from_float<fp8_e4m3_t>(float x) {
-#if __CUDA_ARCH__ >= 890
-  unsigned short r;  // the x2 conversion packs its first operand into the high byte
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.f), "f"(x));
-  return {(unsigned char)(r & 0xffu)};
-#else
-  return {fp8_from_float_sw<3, 7, 0x7e>(x)};
-#endif
-}
-template <> __device__ __forceinline__ fp8_e5m2_t from_float<fp8_e5m2_t>(float x) {
+// Two values as FP8 format F: hi in the upper byte, lo in the lower one.
+template <typename F>
+__device__ __forceinline__ unsigned short fp8x2_bits(float hi, float lo) {
 #if __CUDA_ARCH__ >= 890
   unsigned short r;
-  asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.f), "f"(x));
-  return {(unsigned char)(r & 0xffu)};
+  if constexpr (F::E4M3) {
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  } else {
+    asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  }
+  return r;
 #else
-  return {fp8_from_float_sw<2, 15, 0x7b>(x)};
+  return (unsigned short)((fp8_from_float_sw<F::M, F::BIAS, F::MAX_BITS>(hi) << 8) |
+                          fp8_from_float_sw<F::M, F::BIAS, F::MAX_BITS>(lo));
 #endif
+}
+
+template <typename F>
+__device__ __forceinline__ F fp8_from_float(float x) {
+#if __CUDA_ARCH__ >= 890
+  return {(unsigned char)(fp8x2_bits<F>(0.f, x) & 0xffu)};
+#else
+  return {fp8_from_float_sw<F::M, F::BIAS, F::MAX_BITS>(x)};
+#endif
+}
+template <> __device__ __forceinline__ fp8_e4m3_t from_float<fp8_e4m3_t>(float x) {
+  return fp8_from_float<fp8_e4m3_t>(x);
+}
+template <> __device__ __forceinline__ fp8_e5m2_t from_float<fp8_e5m2_t>(float x) {
+  return fp8_from_float<fp8_e5m2_t>(x);
 }
 
 // Two values at once (one instruction for FP8 on sm_89+).
@@ -97,24 +118,22 @@ __device__ __forceinline__ void from_float2(float lo, float hi, T& a, T& b) {
   a = from_float<T>(lo);
   b = from_float<T>(hi);
 }
-#if __CUDA_ARCH__ >= 890
+template <typename F>
+__device__ __forceinline__ void fp8_from_float2(float lo, float hi, F& a, F& b) {
+  const unsigned short r = fp8x2_bits<F>(hi, lo);
+  a.bits = (unsigned char)(r & 0xffu);
+  b.bits = (unsigned char)(r >> 8);
+}
 template <>
 __device__ __forceinline__ void from_float2<fp8_e4m3_t>(float lo, float hi, fp8_e4m3_t& a,
                                                         fp8_e4m3_t& b) {
-  unsigned short r;
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
-  a.bits = (unsigned char)(r & 0xffu);
-  b.bits = (unsigned char)(r >> 8);
+  fp8_from_float2(lo, hi, a, b);
 }
 template <>
 __device__ __forceinline__ void from_float2<fp8_e5m2_t>(float lo, float hi, fp8_e5m2_t& a,
                                                         fp8_e5m2_t& b) {
-  unsigned short r;
-  asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
-  a.bits = (unsigned char)(r & 0xffu);
-  b.bits = (unsigned char)(r >> 8);
+  fp8_from_float2(lo, hi, a, b);
 }
-#endif
 
 // The widest plain word of a given byte size: one of these is one memory instruction.
 template <int BYTES> struct Word;

@@ -81,13 +81,20 @@ _THREAD_BUFFERS_MAX = 256
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: keys the per-thread arg buffers
-class _Prepared:
+class PreparedLaunch:
+    """What a warm call of a plan needs: the loaded function, the launch shape, the
+    struct's values after its pointers (packed once per thread), the device."""
+
     func: int              # CUfunction, 0 when there is nothing to launch
     grid: tuple
     block: tuple
     smem: int
     static: tuple
     device: int
+
+
+@dataclass(frozen=True, eq=False)
+class _Prepared(PreparedLaunch):
     q_out_shape: tuple
     k_out_shape: tuple | None
     dtype: str

@@ -20,8 +20,8 @@ from . import jit
 from ._cuda import num_sms
 from .arrays import _BY_TYPE, Framework, describe, framework_of
 from .call_fused import FusedRopeCall, QKNormRopeCall
-from .launch import (ABSENT, PLAN_CACHE_SIZE, BoundedCache, fingerprint_of, foreign_views,
-                     launch_plan, note_devices, plan_buffer)
+from .launch import (ABSENT, PLAN_CACHE_SIZE, BoundedCache, PreparedLaunch, fingerprint_of,
+                     foreign_views, launch_plan, note_devices, plan_buffer)
 from .plan_fused import (MUTATES, RETURNS, FusedRopeArrays, QKNormRopeArrays, arg_name,
                          plan_qk_norm_rope, plan_rope_fused)
 from .specs import ParamStruct
@@ -48,14 +48,8 @@ _KINDS = {
 }
 
 
-@dataclass(frozen=True, eq=False)  # hashed by identity: keys the per-thread arg buffers
-class _Prepared:
-    func: int           # CUfunction, 0 when there is nothing to launch
-    grid: tuple
-    block: tuple
-    smem: int
-    static: tuple
-    device: int
+@dataclass(frozen=True, eq=False)
+class _Prepared(PreparedLaunch):
     allocate: tuple     # (array index, shape, dtype) of each output to allocate
     returns: tuple      # array indices of the outputs the call returns
 

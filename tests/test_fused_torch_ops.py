@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 
 import rope_jit  # noqa: E402
 from rope_jit import route  # noqa: E402
+from torch_trace import _op_nodes, _trace  # noqa: E402
 from rope_jit.call_fused import OP_FIELDS, FusedRopeCall, QKNormRopeCall  # noqa: E402
 from rope_jit.plan_fused import MUTATES, FusedRopeArrays, QKNormRopeArrays  # noqa: E402
 
@@ -84,33 +85,6 @@ CALLS = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
 }
-
-
-class _Traced(Exception):
-    pass
-
-
-def _trace(fn, *args):
-    """torch.compile(fullgraph=True) with a backend that records the graph and never runs
-    it: any graph break is an error."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-
-        def run(*a):
-            raise _Traced
-        return run
-
-    torch._dynamo.reset()
-    with pytest.raises(_Traced):
-        torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    assert len(graphs) == 1
-    return graphs[0]
-
-
-def _op_nodes(gm):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and "rope_jit" in str(n.target)]
 
 
 def test_ops_declare_exactly_what_they_write():
