@@ -650,15 +650,17 @@ _SMEM_LIMIT = 48 * 1024  # dynamic shared memory without an opt-in
 def choose_fused_launch(num_tokens: int, items: int, half: int, num_sms: int) -> tuple:
     """(launch, split_items) of the fused kernel for num_tokens tokens of `items` items.
 
-    A thread does up to 8 items of one token (ITEM_BATCH at a time, all loads in flight);
-    fewer when the whole problem at 8 items a thread would not fill the GPU once (2048
-    threads per SM), so few tokens still spread over every SM. The item lanes of a block
-    (a power of two, 32 to 256) cover a token's items in `splits` blocks; the rest of the
-    256 threads take more tokens, sharing nothing but the launch. Shared memory: the
-    tokens' cos/sin tile.
+    A thread does up to ITEM_BATCH items of one token, all their loads in flight before
+    its first store (one batch: no registers spent on a second); fewer when the whole
+    problem at ITEM_BATCH items a thread would not fill the GPU once (2048 threads per SM),
+    so few tokens still spread over every SM. Many tokens then give many waves of short
+    blocks, which the plain RoPE kernel measured as better than fewer, longer threads (the
+    occupancy, not the load width, limited it). The item lanes of a block (a power of two,
+    32 to 256) cover a token's items in `splits` blocks; the rest of the 256 threads take
+    more tokens. Shared memory: the tokens' cos/sin tile.
     """
     wave = num_sms * 2048
-    per_thread = min(8, max(1, -(-num_tokens * items // wave)))
+    per_thread = min(ITEM_BATCH, max(1, -(-num_tokens * items // wave)))
     lanes = min(BLOCK_THREADS, max(32, _pow2_ceil(-(-items // per_thread))))
     tokens = max(1, min(MAX_BLOCK_TOKENS, BLOCK_THREADS // lanes, num_tokens,
                         _SMEM_LIMIT // max(1, half * 8)))

@@ -305,3 +305,38 @@ def test_qk_norm_rope(case):
     assert np.array_equal(got[:, n:], x64.reshape(T, -1, head)[:, n:]), "v heads changed"
     assert np.array_equal(buf[:, :4].view(np.uint16), before[:, :4].view(np.uint16))
     assert np.array_equal(buf[:, 4 + width:].view(np.uint16), before[:, 4 + width:].view(np.uint16))
+
+
+def test_kernel_loops_over_several_batches_per_thread():
+    """The planner gives a thread at most one batch of items; the kernel takes any split:
+    here one block column does all items of its tokens, 8 lanes, several batches each."""
+    import dataclasses
+
+    from rope_jit.plan import Launch
+    from rope_jit.plan_fused import fused_items
+    from rope_jit.specs import ROPE_FREQ
+    from rope_jit.specs_fused import FUSED_ROPE_MULS, FUSED_ROPE_STATIC
+
+    rng = np.random.default_rng(3)
+    T, hq, hk, rot, nope = 5, 8, 2, 64, 64
+    q, k = rand(rng, (T, hq, rot + nope), "bfloat16"), rand(rng, (T, hk, rot + nope), "bfloat16")
+    pos = rng.integers(0, MAX_POS, T)
+    cache, cos, sin = cos_sin(rng, rot, pos, "float32")
+    arrays = dict(q_rope=q[..., :rot], k_rope=k[..., :rot], q_nope=q[..., rot:], k_nope=k[..., rot:],
+                  pos_ids=pos, cos_sin_cache=cache)
+    plan = plan_rope_fused(call_of(ROPE_QUANTIZE, False, quantize_dtype="float8_e5m2"),
+                           FusedRopeArrays(**{f: emu.desc(v) for f, v in arrays.items()}))
+    _, items = fused_items(plan.spec)
+    names = ROPE_FREQ + FUSED_ROPE_MULS + FUSED_ROPE_STATIC
+    static = list(plan.static)
+    static[names.index("split_items")] = items
+    assert -(-items // 8) > 2 * plan.spec.item_batch
+    plan = dataclasses.replace(plan, static=tuple(static),
+                               launch=Launch((-(-T // 2), 1, 1), (8, 2, 1), 2 * rot // 2 * 8))
+    for field, shape, dtype in plan.outputs:
+        arrays[field] = poisoned(shape, dtype)
+    emu.run(plan, [emu.pointer(arrays.get(f)) for f in FusedRopeArrays._fields])
+    q64, k64 = f64(q), f64(k)
+    ref = reference.rope_quantize(q64[..., :rot], k64[..., :rot], q64[..., rot:], k64[..., rot:], cos, sin, False)
+    for field, r in zip(("q_rope_out", "k_rope_out", "q_nope_out", "k_nope_out"), ref):
+        check(arrays[field], r, "float8_e5m2", field, np.abs(r) + 1.0)
