@@ -138,10 +138,13 @@ def run(plan, pointers) -> None:
     in the params struct's order)."""
     if plan.spec is None:
         return
-    params = plan.spec.params
-    blob = params.packer.pack(*pointers, *plan.static)
-    assert plan.launch.smem <= 16384 * 8
-    _library(plan.spec).emulate(blob, *plan.launch.grid, *plan.launch.block)
+    run_struct(plan.spec, plan.spec.params.packer.pack(*pointers, *plan.static), plan.launch)
+
+
+def run_struct(spec, struct_bytes: bytes, launch) -> None:
+    """Run spec's kernel on a packed kernel-argument struct with a launch shape."""
+    assert launch.smem <= 16384 * 8
+    _library(spec).emulate(struct_bytes, *launch.grid, *launch.block)
 
 
 def desc(a: np.ndarray | None) -> ArrayDesc | None:

@@ -340,3 +340,114 @@ def test_kernel_loops_over_several_batches_per_thread():
     ref = reference.rope_quantize(q64[..., :rot], k64[..., :rot], q64[..., rot:], k64[..., rot:], cos, sin, False)
     for field, r in zip(("q_rope_out", "k_rope_out", "q_nope_out", "k_nope_out"), ref):
         check(arrays[field], r, "float8_e5m2", field, np.abs(r) + 1.0)
+
+
+# ------------------------------------------------------------------ the public functions, end to end
+
+@pytest.fixture
+def host_device(monkeypatch):
+    """NumPy arrays taken for arrays on device 0 and kernels run under emulation: the
+    public functions run their whole path (call builders, routing, the launcher's plan
+    cache, fingerprints, output allocation, struct packing) on the CPU."""
+    import ctypes
+
+    from rope_jit import arrays, jit, launch_fused
+    from rope_jit.arrays import ArrayDesc, contiguous_strides
+    from rope_jit.plan import Launch
+
+    numpy_fw = type(arrays._NUMPY)
+    monkeypatch.setattr(numpy_fw, "native", True)
+    monkeypatch.setattr(numpy_fw, "describe", lambda self, a: ArrayDesc(
+        a.ctypes.data, tuple(a.shape),
+        tuple(s // a.itemsize for s in a.strides) if a.size else contiguous_strides(a.shape),
+        a.dtype.name if a.dtype.name in ("uint8",) else str(a.dtype), 0))
+    monkeypatch.setattr(numpy_fw, "empty", lambda self, shape, dtype, device, like: poisoned(shape, dtype))
+    monkeypatch.setattr(numpy_fw, "stream", lambda self, device: 0)
+    specs = {}
+
+    def get_function(spec, device):
+        specs[id(spec)] = spec
+        return id(spec)
+
+    def launch_plan(prep, fw, argv):
+        spec = specs[prep.func]
+        blob = ctypes.string_at(argv[0], spec.params.size)
+        emu.run_struct(spec, blob, Launch(prep.grid, prep.block, prep.smem))
+
+    monkeypatch.setattr(jit, "get_function", get_function)
+    monkeypatch.setattr(launch_fused, "launch_plan", launch_plan)
+    monkeypatch.setattr(launch_fused, "note_devices", lambda: None)
+    monkeypatch.setattr(launch_fused, "num_sms", lambda device: 132)
+    launch_fused.clear_fused_plans()
+    yield
+    launch_fused.clear_fused_plans()
+
+
+def test_public_functions_end_to_end(host_device):
+    import rope_jit
+
+    rng = np.random.default_rng(7)
+    T, hq, hk, rot, nope = 6, 4, 2, 32, 32
+    pos = rng.integers(0, MAX_POS, T)
+    cache = reference.round_to(reference.cos_sin_cache(rot, MAX_POS), "float32")
+    cos, sin = reference.cos_sin_from_cache(cache, pos)
+    for _ in range(2):  # the second round hits the plan cache with new arrays
+        q, k = rand(rng, (T, hq, rot + nope), "bfloat16"), rand(rng, (T, rot + nope), "bfloat16")
+        outs = rope_jit.mla_rope_quantize_fp8(q[..., :rot], k[..., :rot], q[..., rot:], k[..., rot:],
+                                              cache, pos, False, quant_scale_kv=2.0)
+        ref = reference.rope_quantize(f64(q)[..., :rot], f64(k)[..., :rot], f64(q)[..., rot:],
+                                      f64(k)[..., rot:], cos, sin, False, 1.0, 2.0)
+        for o, r, name in zip(outs, ref, ("q_rope_out", "k_rope_out", "q_nope_out", "k_nope_out")):
+            assert o.dtype == numpy_dtype("float8_e4m3fn")
+            check(o, r, "float8_e4m3fn", name, np.abs(r) + 1)
+
+    # FlashInfer's paged append, GQA NHD, without quantization (a bf16 cache)
+    total, indices, indptr, batch, ppos = paged_batch(4, 1)
+    T = batch.size
+    q, k, v = (rand(rng, (T, h, rot), "bfloat16") for h in (hq, hk, hk))
+    pos = rng.integers(0, MAX_POS, T)
+    cos, sin = reference.cos_sin_from_cache(cache, pos)
+    kc, vc = guarded(rng, (total, 4, hk, rot), "bfloat16"), guarded(rng, (total, 4, hk, rot), "bfloat16")
+    q_out, qn_out = rope_jit.rope_quantize_fp8_append_paged_kv_cache(
+        q, k, None, None, v, cache, pos, (kc, vc), indices.astype(np.int32), indptr.astype(np.int32),
+        batch.astype(np.int32), ppos.astype(np.int32), page_size=4)
+    real = batch >= 0
+    assert q_out.dtype == numpy_dtype("bfloat16") and qn_out.shape == (T, hq, 0)
+    check(q_out[real], reference.apply_rotary(f64(q), cos, sin, True)[real], "bfloat16", "q_rope_out",
+          pair_magnitude(f64(q), True)[real])
+    pages, entries = reference.paged_locations(batch, ppos, indptr, indices, 4)
+    assert np.array_equal(rows_at(vc, pages[real], entries[real]).view(np.uint16), v[real].view(np.uint16))
+
+    # vLLM: RoPE + reshape_and_cache_flash with number scales into FP8 caches
+    query, key, value = rand(rng, (T, hq * rot), "float16"), rand(rng, (T, hk * rot), "float16"), rand(rng, (T, hk * rot), "float16")
+    k64 = f64(key).reshape(T, hk, rot)
+    kcache, vcache = np.zeros((4, 8, hk, rot), np.uint8), np.zeros((4, 8, hk, rot), np.uint8)
+    slots = slot_mapping(T, 32, 2, skipped=(0,))
+    rope_jit.rope_and_reshape_and_cache_flash(pos, query, key, value, rot, cache, True, kcache, vcache,
+                                              slots, "fp8", 0.5, 4.0)
+    blocks, ent = reference.slot_locations(slots, 8, T)
+    c = blocks >= 0
+    k_ref = reference.apply_rotary(k64, cos, sin, True)
+    check(rows_at(kcache, blocks[c], ent[c]), k_ref[c] / 0.5, None, "key_cache", pair_magnitude(k64, True)[c] / 0.5,
+          fmt="float8_e4m3fn")
+    check(rows_at(vcache, blocks[c], ent[c]), f64(value).reshape(T, hk, rot)[c] / 4.0, None, "value_cache",
+          fmt="float8_e4m3fn")
+
+    # SGLang: the KV-buffer write through apply_rope_with_cos_sin_cache_inplace
+    query, key, value = rand(rng, (T, hq * rot), "bfloat16"), rand(rng, (T, hk * rot), "bfloat16"), rand(rng, (T, hk * rot), "bfloat16")
+    kb, vb = np.zeros((40, hk * rot), numpy_dtype("bfloat16")), np.zeros((40, hk * rot), numpy_dtype("bfloat16"))
+    loc = slot_mapping(T, 40, 3, skipped=(2,))
+    rope_jit.apply_rope_with_cos_sin_cache_inplace(pos, query, key, rot, cache, False,
+                                                   rope_jit.FusedSetKVBufferArg(value, kb, vb, cache_loc=loc))
+    w = loc >= 0
+    assert np.array_equal(kb[loc[w]].view(np.uint16), key[w].view(np.uint16))
+    assert np.array_equal(vb[loc[w]].view(np.uint16), value[w].view(np.uint16))
+
+    # vLLM's fused_qk_norm_rope, on the fly
+    qkv = rand(rng, (T, 8 * rot), "bfloat16")
+    x64 = f64(qkv)
+    wq = (1 + 0.1 * rng.normal(size=rot)).astype(np.float32)
+    rope_jit.fused_qk_norm_rope(qkv, 4, 2, 2, rot, 1e-6, wq, wq, None, True, pos, rope_theta=1e5)
+    cos, sin = reference.cos_sin(pos, reference.inv_frequencies(rot, 1e5))
+    ref = reference.qk_norm_rope(x64, 4, 2, rot, 1e-6, wq, wq, cos, sin, True).reshape(T, -1, rot)[:, :6]
+    check(qkv.reshape(T, -1, rot)[:, :6], ref, "bfloat16", "qkv", head_magnitude(np.abs(ref), rot, True))
