@@ -48,7 +48,8 @@ def _pdl(enable_pdl) -> None:
 def rope_quantize_fp8(q_rope, k_rope, q_nope, k_nope, cos_sin_cache, pos_ids, is_neox=True,
                       quantize_dtype=None, quant_scale_q=1.0, quant_scale_kv=1.0,
                       q_rope_out=None, k_rope_out=None, q_nope_out=None, k_nope_out=None,
-                      enable_pdl=False, *, rope_theta=None, rope_scale=1.0, rope_scaling=None):
+                      enable_pdl=False, backend="cuda", *, rope_theta=None, rope_scale=1.0,
+                      rope_scaling=None):
     """FlashInfer's ``rope_quantize_fp8``: RoPE of q_rope / k_rope, then every part scaled
     and rounded to FP8 (round to nearest even, saturated to the largest finite value).
 
@@ -59,9 +60,12 @@ def rope_quantize_fp8(q_rope, k_rope, q_nope, k_nope, cos_sin_cache, pos_ids, is
     q outputs = round(x * quant_scale_q), k outputs = round(x * quant_scale_kv), in
     quantize_dtype (float8_e4m3fn or float8_e5m2; None: the dtype of the outputs given,
     else float8_e4m3fn); missing outputs are allocated (an absent nope part gives an
-    empty ``[nnz, heads, 0]`` output). Returns ``(q_rope_out, k_rope_out, q_nope_out,
-    k_nope_out)``."""
+    empty ``[nnz, heads, 0]`` output). ``backend``: FlashInfer's choice of implementation;
+    rope_jit has one, its CUDA kernel ("cuda"). Returns ``(q_rope_out, k_rope_out,
+    q_nope_out, k_nope_out)``."""
     _pdl(enable_pdl)
+    if backend != "cuda":
+        raise ValueError(f"backend: rope_jit runs its own CUDA kernel; expected 'cuda', got {backend!r}")
     call = fused_rope_call(ROPE_QUANTIZE, is_neox,
                            _frequencies(cos_sin_cache, rope_theta, rope_scale, rope_scaling),
                            None, None, quantize_dtype, quant_scale_q, quant_scale_kv,

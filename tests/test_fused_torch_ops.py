@@ -229,3 +229,32 @@ def test_eager_cpu_tensors_are_refused_before_anything_is_written():
 def test_op_fields_follow_the_calls():
     assert [n for n, _ in OP_FIELDS[FusedRopeCall]] == list(FusedRopeCall._fields)
     assert [n for n, _ in OP_FIELDS[QKNormRopeCall]] == list(QKNormRopeCall._fields)
+
+
+def test_api_argument_errors():
+    """Errors of the public functions' own arguments, before any array is looked at."""
+    x = _x()
+    a = (x["q"], x["k"], x["qn"], x["kn"], x["cache"], x["pos"])
+    with pytest.raises(ValueError, match=r"^backend: rope_jit runs its own CUDA kernel; expected 'cuda', got 'cutile'"):
+        rope_jit.rope_quantize_fp8(*a, backend="cutile")
+    with pytest.raises(TypeError, match=r"^enable_pdl: expected a bool, got str"):
+        rope_jit.rope_quantize_fp8(*a, enable_pdl="yes")
+    with pytest.raises(ValueError, match=r"^cos_sin_cache: pass either a cos/sin cache or on-the-fly"):
+        rope_jit.rope_quantize_fp8(*a, rope_theta=5e5)
+    with pytest.raises(TypeError, match=r"^paged_kv_cache: expected a tuple of 2 arrays, got Tensor"):
+        rope_jit.rope_quantize_fp8_append_paged_kv_cache(
+            x["q"], x["k"], None, None, x["v"], x["cache"], x["pos"], x["kcache"], x["kv_indices"],
+            x["kv_indptr"], x["batch"], x["ppos"])
+    with pytest.raises(ValueError, match=r"^k_scale: expected a finite number > 0, got 0.0"):
+        rope_jit.rope_and_reshape_and_cache_flash(x["pos"], x["query"], x["key"], x["value"], D, x["cache"],
+                                                  True, x["key_cache"], x["value_cache"], x["slots"], "fp8", 0.0)
+    arg = rope_jit.FusedSetKVBufferArg(x["value"], x["k_buffer"], x["v_buffer"], k_scale=x["scale"],
+                                       cache_loc=x["slots"])
+    with pytest.raises(TypeError, match=r"^fused_set_kv_buffer_arg.k_scale/v_scale: expected numbers or None"):
+        rope_jit.apply_rope_with_cos_sin_cache_inplace(x["pos"], x["query"], x["key"], D, x["cache_d"], True, arg)
+    with pytest.raises(ValueError, match=r"^check_positions: not available with fused_set_kv_buffer_arg"):
+        rope_jit.apply_rope_with_cos_sin_cache_inplace(x["pos"], x["query"], x["key"], D, x["cache_d"], True,
+                                                       rope_jit.FusedSetKVBufferArg(x["value"], x["k_buffer"], x["v_buffer"],
+                                                                                    cache_loc=x["slots"]),
+                                                       check_positions=True)
+
