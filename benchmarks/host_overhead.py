@@ -69,7 +69,7 @@ def steps(q, k, pos, cache) -> list:
     rows.append(("plan look-up (hash of the key + dict get)",
                  per_call(lambda: launch._plans.get(sig_parts))))
     prep = launch._plans.get(sig_parts)
-    buf, addr, _keep = launch._plan_buffer(prep)
+    buf, addr, _keep = launch.plan_buffer(prep)
     ptrs = (q.data_ptr(), k.data_ptr(), q.data_ptr(), k.data_ptr(), pos.data_ptr(), 0,
             cache.data_ptr())
     rows.append(("pack the pointers", per_call(lambda: launch._POINTERS.pack_into(buf, 0, *ptrs))))

@@ -46,12 +46,102 @@ template <> __device__ __forceinline__ bf16_t from_float<bf16_t>(float x) {
   return r;
 }
 
+// OCP FP8 storage (float8_e4m3fn: 4 exponent bits, bias 7, no infinity, largest 448;
+// float8_e5m2: 5 exponent bits, bias 15, largest finite 57344). Outputs only: rounded to
+// nearest even and saturated to the largest finite value (PTX cvt.rn.satfinite, as
+// FlashInfer's and vLLM's FP8 stores), NaN stays NaN. M mantissa bits, the exponent BIAS,
+// MAX_BITS the encoding of the largest finite value.
+struct fp8_e4m3_t {
+  unsigned char bits;
+  static constexpr bool E4M3 = true;
+  static constexpr int M = 3, BIAS = 7, MAX_BITS = 0x7e;
+};
+struct fp8_e5m2_t {
+  unsigned char bits;
+  static constexpr bool E4M3 = false;
+  static constexpr int M = 2, BIAS = 15, MAX_BITS = 0x7b;
+};
+
+// The same rounding in integer and float arithmetic, for GPUs without the FP8 conversion
+// instructions (before sm_89). a = n * 2^(e - M) with e the binade of |x| (clamped to the
+// smallest normal one, below which the grid is uniform) and n = rint(|x| / 2^(e - M)); the
+// encoding is then ((e + BIAS - 1) << M) + n, which also gives subnormals (n < 2^M) and the
+// carry into the next binade (n == 2^(M+1)) right.
+template <int M, int BIAS, int MAX_BITS>
+__device__ __forceinline__ unsigned char fp8_from_float_sw(float x) {
+  const unsigned int u = __float_as_uint(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7f;  // NaN
+  const unsigned char sign = (unsigned char)((u >> 24) & 0x80u);
+  int e = (int)((u >> 23) & 0xffu) - 127;
+  if (e > BIAS + 1) return sign | MAX_BITS;  // far past the largest finite value, or inf
+  if (e < 1 - BIAS) e = 1 - BIAS;
+  const int n = (int)rintf(ldexpf(fabsf(x), M - e));  // exact scaling, round half to even
+  const int bits = ((e + BIAS - 1) << M) + n;
+  return sign | (unsigned char)(bits > MAX_BITS ? MAX_BITS : bits);
+}
+
+// Two values as FP8 format F: hi in the upper byte, lo in the lower one.
+template <typename F>
+__device__ __forceinline__ unsigned short fp8x2_bits(float hi, float lo) {
+#if __CUDA_ARCH__ >= 890
+  unsigned short r;
+  if constexpr (F::E4M3) {
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  } else {
+    asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  }
+  return r;
+#else
+  return (unsigned short)((fp8_from_float_sw<F::M, F::BIAS, F::MAX_BITS>(hi) << 8) |
+                          fp8_from_float_sw<F::M, F::BIAS, F::MAX_BITS>(lo));
+#endif
+}
+
+template <typename F>
+__device__ __forceinline__ F fp8_from_float(float x) {
+#if __CUDA_ARCH__ >= 890
+  return {(unsigned char)(fp8x2_bits<F>(0.f, x) & 0xffu)};
+#else
+  return {fp8_from_float_sw<F::M, F::BIAS, F::MAX_BITS>(x)};
+#endif
+}
+template <> __device__ __forceinline__ fp8_e4m3_t from_float<fp8_e4m3_t>(float x) {
+  return fp8_from_float<fp8_e4m3_t>(x);
+}
+template <> __device__ __forceinline__ fp8_e5m2_t from_float<fp8_e5m2_t>(float x) {
+  return fp8_from_float<fp8_e5m2_t>(x);
+}
+
+// Two values at once (one instruction for FP8 on sm_89+).
+template <typename T>
+__device__ __forceinline__ void from_float2(float lo, float hi, T& a, T& b) {
+  a = from_float<T>(lo);
+  b = from_float<T>(hi);
+}
+template <typename F>
+__device__ __forceinline__ void fp8_from_float2(float lo, float hi, F& a, F& b) {
+  const unsigned short r = fp8x2_bits<F>(hi, lo);
+  a.bits = (unsigned char)(r & 0xffu);
+  b.bits = (unsigned char)(r >> 8);
+}
+template <>
+__device__ __forceinline__ void from_float2<fp8_e4m3_t>(float lo, float hi, fp8_e4m3_t& a,
+                                                        fp8_e4m3_t& b) {
+  fp8_from_float2(lo, hi, a, b);
+}
+template <>
+__device__ __forceinline__ void from_float2<fp8_e5m2_t>(float lo, float hi, fp8_e5m2_t& a,
+                                                        fp8_e5m2_t& b) {
+  fp8_from_float2(lo, hi, a, b);
+}
+
 // The widest plain word of a given byte size: one of these is one memory instruction.
 template <int BYTES> struct Word;
 template <> struct Word<16> { typedef uint4 type; };
 template <> struct Word<8> { typedef uint2 type; };
 template <> struct Word<4> { typedef unsigned int type; };
 template <> struct Word<2> { typedef unsigned short type; };
+template <> struct Word<1> { typedef unsigned char type; };
 
 // N elements of storage type T moved as one aligned access.
 template <typename T, int N> struct Vec {
@@ -72,6 +162,16 @@ __device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
 template <typename T, int N>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
   *reinterpret_cast<typename Vec<T, N>::word_t*>(p) = v.word;
+}
+
+// N fp32 values rounded once to storage type T, as one vector.
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> round_vec(const float (&x)[N]) {
+  Vec<T, N> v;
+#pragma unroll
+  for (int i = 0; i + 1 < N; i += 2) from_float2<T>(x[i], x[i + 1], v.e[i], v.e[i + 1]);
+  if constexpr (N % 2 == 1) v.e[N - 1] = from_float<T>(x[N - 1]);
+  return v;
 }
 
 // Ragged batches (FlashInfer's indptr + offsets): request b owns tokens
@@ -246,4 +346,43 @@ __device__ __forceinline__ unsigned dynamic_smem_bytes() {
   asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(bytes));
   return bytes;
 #endif
+}
+
+// On-the-fly frequency variants (rope_jit/specs.py SCALINGS; a kernel's prelude picks one
+// as SCALING).
+enum { SCALING_LINEAR = 0, SCALING_LLAMA3 = 1, SCALING_YARN = 2 };
+
+// cos/sin of frequency j at position pos, computed on the fly in double precision and
+// rounded once to fp32: an fp32 angle pos*inv_freq has lost nearly all its fraction by
+// position 2^20, and fast-math sincos adds more; this is as accurate as an fp32 cache
+// built in float64. `freq` is any kernel-argument struct with the five frequency fields
+// (rope_jit/specs.py ROPE_FREQ, packed from rope_jit.scaling.OnTheFly).
+//   inv_freq = theta^(-2j/R) = 2^(j * freq_exponent)
+//   SCALING_LINEAR: f = inv_freq * inv_scale (FlashInfer's rope_scale divides; 1 = plain).
+//   SCALING_LLAMA3 and SCALING_YARN blend the scaled and the unscaled frequency,
+//     f = (1-w) * inv_freq * inv_scale + w * inv_freq,  w = clamp(x * ramp_a + ramp_b, 0, 1)
+//   with x = inv_freq for Llama 3 (its ramp is on the wavelength) and x = j for YaRN (its
+//   ramp is on the frequency index, between the beta_fast and beta_slow corrections);
+//   YaRN then scales cos and sin by its attention factor. The host derives ramp_a/ramp_b
+//   (rope_jit/scaling.py) so that this equals transformers' piecewise definitions.
+template <int SCALING, typename Freq>
+__device__ __forceinline__ void fly_cos_sin(const Freq& freq, i64 pos, bool valid, int j,
+                                            float& c, float& s) {
+  const double inv_freq = exp2((double)j * freq.freq_exponent);
+  double f;
+  if constexpr (SCALING == SCALING_LINEAR) {
+    f = inv_freq * freq.inv_scale;
+  } else {
+    const double x = SCALING == SCALING_LLAMA3 ? inv_freq : (double)j;
+    const double w = fmin(fmax(fma(x, freq.ramp_a, freq.ramp_b), 0.0), 1.0);
+    f = (1.0 - w) * (inv_freq * freq.inv_scale) + w * inv_freq;
+  }
+  double sd, cd;
+  sincos(valid ? (double)pos * f : 0.0, &sd, &cd);
+  if constexpr (SCALING == SCALING_YARN) {
+    cd *= freq.attention_factor;
+    sd *= freq.attention_factor;
+  }
+  c = (float)cd;
+  s = (float)sd;
 }

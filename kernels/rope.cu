@@ -132,39 +132,6 @@ __device__ __forceinline__ void cos_sin(const RopeParams& p, i64 pos, bool valid
   }
 }
 
-// cos/sin of frequency j at position pos, computed on the fly in double precision and
-// rounded once to fp32: an fp32 angle pos*inv_freq has lost nearly all its fraction by
-// position 2^20, and fast-math sincos adds more; this is as accurate as an fp32 cache
-// built in float64.
-//   inv_freq = theta^(-2j/R) = 2^(j * freq_exponent)
-//   SCALING_LINEAR: f = inv_freq * inv_scale (FlashInfer's rope_scale divides; 1 = plain).
-//   SCALING_LLAMA3 and SCALING_YARN blend the scaled and the unscaled frequency,
-//     f = (1-w) * inv_freq * inv_scale + w * inv_freq,  w = clamp(x * ramp_a + ramp_b, 0, 1)
-//   with x = inv_freq for Llama 3 (its ramp is on the wavelength) and x = j for YaRN (its
-//   ramp is on the frequency index, between the beta_fast and beta_slow corrections);
-//   YaRN then scales cos and sin by its attention factor. The host derives ramp_a/ramp_b
-//   (rope_jit/launch.py) so that this equals transformers' piecewise definitions.
-__device__ __forceinline__ void fly_cos_sin(const RopeParams& p, i64 pos, bool valid, int j,
-                                            float& c, float& s) {
-  const double inv_freq = exp2((double)j * p.freq_exponent);
-  double freq;
-  if constexpr (SCALING == SCALING_LINEAR) {
-    freq = inv_freq * p.inv_scale;
-  } else {
-    const double x = SCALING == SCALING_LLAMA3 ? inv_freq : (double)j;
-    const double w = fmin(fmax(fma(x, p.ramp_a, p.ramp_b), 0.0), 1.0);
-    freq = (1.0 - w) * (inv_freq * p.inv_scale) + w * inv_freq;
-  }
-  double sd, cd;
-  sincos(valid ? (double)pos * freq : 0.0, &sd, &cd);
-  if constexpr (SCALING == SCALING_YARN) {
-    cd *= p.attention_factor;
-    sd *= p.attention_factor;
-  }
-  c = (float)cd;
-  s = (float)sd;
-}
-
 // One pair (x1, x2) -> (x1*c - x2*s, x2*c + x1*s), in fp32, rounded once.
 __device__ __forceinline__ void rotate(scalar_t& a, scalar_t& b, float c, float s) {
   const float x1 = to_float(a), x2 = to_float(b);
@@ -372,7 +339,7 @@ __device__ __forceinline__ void register_rope(const RopeParams& p) {
       const int tz = i / HALF, j = i - tz * HALF;
       const int slot = tz * NPOS + mrope_row(j);
       float cj, sj;
-      fly_cos_sin(p, tile_pos[slot], tile_valid[slot] != 0, j, cj, sj);
+      fly_cos_sin<SCALING>(p, tile_pos[slot], tile_valid[slot] != 0, j, cj, sj);
       fly_tile[i] = make_float2(cj, sj);
     }
     __syncthreads();
@@ -624,7 +591,7 @@ __device__ __forceinline__ void fly_tile_cos_sin(const RopeParams& p, idx_t tile
   for (int i = tid; i < ntok * HALF; i += nthreads) {
     const int tt = i / HALF, j = i - tt * HALF;
     float c, s;
-    fly_cos_sin(p, slot.pos[tt * NPOS + mrope_row(j)], true, j, c, s);
+    fly_cos_sin<SCALING>(p, slot.pos[tt * NPOS + mrope_row(j)], true, j, c, s);
     cs[i] = make_float2(c, s);
   }
 }

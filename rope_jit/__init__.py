@@ -24,6 +24,15 @@ from .api import (
     apply_rope_with_cos_sin_cache_inplace,
     positions_from_offsets,
 )
+from .api_fused import (
+    FusedSetKVBufferArg,
+    concat_and_cache_mla_rope_fused,
+    fused_qk_norm_rope,
+    mla_rope_quantize_fp8,
+    rope_and_reshape_and_cache_flash,
+    rope_quantize_fp8,
+    rope_quantize_fp8_append_paged_kv_cache,
+)
 from .arrays import ArrayDesc
 from . import tune as _tune  # noqa: F401  (registers the ROPE_JIT_AUTOTUNE measurer)
 from .cos_sin_cache import compute_cos_sin_cache
@@ -35,6 +44,7 @@ __all__ = [
     "__version__",
     "ArrayDesc",
     "CompileError",
+    "FusedSetKVBufferArg",
     "MRotaryEmbedding",
     "RopeScaling",
     "RotaryEmbedding",
@@ -55,8 +65,14 @@ __all__ = [
     "apply_rope_with_cos_sin_cache_inplace",
     "clear_caches",
     "compute_cos_sin_cache",
+    "concat_and_cache_mla_rope_fused",
+    "fused_qk_norm_rope",
     "get_rope",
+    "mla_rope_quantize_fp8",
     "positions_from_offsets",
     "resolve_rope_scaling",
+    "rope_and_reshape_and_cache_flash",
     "rope_from_hf_config",
+    "rope_quantize_fp8",
+    "rope_quantize_fp8_append_paged_kv_cache",
 ]

@@ -10,7 +10,8 @@ functions return None.
 from __future__ import annotations
 
 from . import route
-from .call import (INDPTR, POSITIONS, cache_call, frequencies_json, on_the_fly_call,
+from .api_fused import rope_with_kv_buffer
+from .call import (INDPTR, POSITIONS, cache_call, check_bool, frequencies_json, on_the_fly_call,
                    with_rope_dim_offset)
 
 # ------------------------------------------------------------------ from a cos/sin cache
@@ -46,11 +47,23 @@ def apply_rope_with_cos_sin_cache(positions, query, key, head_size, cos_sin_cach
 
 
 def apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size, cos_sin_cache,
-                                          is_neox=True, *, check_positions=False,
-                                          enable_pdl=False) -> None:
-    """FlashInfer's ``apply_rope_with_cos_sin_cache_inplace``: returns None."""
+                                          is_neox=True, fused_set_kv_buffer_arg=None,
+                                          enable_pdl=None, *, check_positions=False) -> None:
+    """FlashInfer's ``apply_rope_with_cos_sin_cache_inplace``: returns None.
+
+    SGLang's form too: with ``fused_set_kv_buffer_arg`` (``rope_jit.FusedSetKVBufferArg``
+    or SGLang's own), the rotated key and the value are also written to its KV buffers at
+    ``cache_loc``, in the same kernel (``rope_jit.api_fused.rope_with_kv_buffer``; launched
+    without PDL). ``enable_pdl`` (None: False) as ``apply_rope_inplace_with_cache``."""
+    pdl = False if enable_pdl is None else check_bool(enable_pdl, "enable_pdl")
+    if fused_set_kv_buffer_arg is not None:
+        if check_positions:
+            raise ValueError("check_positions: not available with fused_set_kv_buffer_arg")
+        rope_with_kv_buffer(positions, query, key, head_size, cos_sin_cache, is_neox,
+                            fused_set_kv_buffer_arg)
+        return
     route.rope(cache_call(head_size, is_neox, True, check_positions, None, False, None, False,
-                          enable_pdl), query, key, positions, cache=cos_sin_cache)
+                          pdl), query, key, positions, cache=cos_sin_cache)
 
 
 # ------------------------------------------------------------------ on the fly
@@ -214,13 +227,17 @@ def positions_from_offsets(indptr, offsets, nnz=None):
 
 
 def clear_caches() -> None:
-    """Forget every per-call cache: launch plans, call descriptions and on-the-fly frequency
-    values (each is bounded; this empties them, e.g. after changing tuning). Compiled
+    """Forget every per-call cache: launch plans (plain and fused), call descriptions and
+    on-the-fly frequency values (each is bounded; this empties them, e.g. after changing tuning). Compiled
     kernels stay loaded (``rope_jit.jit.clear_memory`` forgets those too)."""
     from .call import clear_call_caches
+    from .call_fused import clear_fused_call_caches
     from .launch import clear_caches as clear_plans
+    from .launch_fused import clear_fused_plans
     from .scaling import on_the_fly_values
 
     clear_plans()
+    clear_fused_plans()
     clear_call_caches()
+    clear_fused_call_caches()
     on_the_fly_values.cache_clear()

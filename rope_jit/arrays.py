@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dtypes import ITEMSIZE, dtype_name
+from .dtypes import FP8_DTYPES, ITEMSIZE, dtype_name
 
 HOST = -1  # ArrayDesc.device of host memory
 
@@ -115,7 +115,10 @@ class TorchFramework(Framework):
         self.torch = torch
         self._dtypes = {torch.float16: "float16", torch.bfloat16: "bfloat16",
                         torch.float32: "float32", torch.float64: "float64",
-                        torch.int32: "int32", torch.int64: "int64"}
+                        torch.int32: "int32", torch.int64: "int64", torch.uint8: "uint8"}
+        for name in FP8_DTYPES:  # torch >= 2.1
+            if hasattr(torch, name):
+                self._dtypes[getattr(torch, name)] = name
         self._to_torch = {v: k for k, v in self._dtypes.items()}
         get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
         self._raw_stream = get_stream or (lambda d: torch.cuda.current_stream(d).cuda_stream)

@@ -154,6 +154,26 @@ def _constant_for_dynamo(fn):
     return fn
 
 
+def memoized_constant(fn):
+    """`fn` memoized on its positional arguments and their exact types (Python's equality
+    makes 64.0 == 64 and 1 == True: a float or bool argument must not find the entry of a
+    valid int one and skip its TypeError), in a bounded dict, and marked constant for
+    Dynamo (``_constant_for_dynamo``). For builders off the plain-RoPE hot path; the
+    plain builders below inline a cheaper exact-type test."""
+    memo = {}
+
+    def memoized(*args):
+        key = (args, tuple(map(type, args)))
+        try:
+            return memo[key]
+        except KeyError:
+            return _remember(memo, key, fn(*args))
+
+    memoized.__doc__, memoized.__name__ = fn.__doc__, fn.__name__
+    memoized.cache_clear = memo.clear
+    return _constant_for_dynamo(memoized)
+
+
 def _remember(memo: dict, key, value):
     if len(memo) >= _MEMO_SIZE:  # bounded: emptied when full
         memo.clear()

@@ -13,16 +13,24 @@ import numpy as np
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 INDEX_DTYPES = ("int32", "int64")
+# FP8 storage (OCP formats, as torch.float8_e4m3fn / float8_e5m2 and ml_dtypes name them):
+# outputs of the fused quantizing ops only, rounded to nearest even and saturated to the
+# largest finite value (kernels/common.cuh).
+FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+FP8_MAX = {"float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}
 
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int32": 4, "int64": 8,
-            "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+            "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+            "float8_e4m3fn": 1, "float8_e5m2": 1}
 
-# Storage types of the CUDA templates (kernels/common.cuh: 16-bit floats are plain words).
+# Storage types of the CUDA templates (kernels/common.cuh: 16-bit and 8-bit floats are
+# plain words).
 C_TYPE = {"float16": "f16_t", "bfloat16": "bf16_t", "float32": "float",
+          "float8_e4m3fn": "fp8_e4m3_t", "float8_e5m2": "fp8_e5m2_t",
           "int32": "int", "int64": "long long"}
 
 _ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
-            "fp32": "float32", "int": "int32", "long": "int64"}
+            "fp32": "float32", "int": "int32", "long": "int64", "float8_e4m3": "float8_e4m3fn"}
 
 
 def dtype_name(dtype: Any) -> str:
@@ -42,10 +50,10 @@ def dtype_name(dtype: Any) -> str:
 
 
 def numpy_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
+    if name == "bfloat16" or name in FP8_DTYPES:
         import ml_dtypes
 
-        return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(getattr(ml_dtypes, name))
     return np.dtype(name)
 
 

@@ -18,6 +18,7 @@ it); torch's custom ops come back here for their real implementations.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import struct
 import threading
@@ -80,22 +81,33 @@ _THREAD_BUFFERS_MAX = 256
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: keys the per-thread arg buffers
-class _Prepared:
+class PreparedLaunch:
+    """What a warm call of a plan needs: the loaded function, the launch shape, the
+    struct's values after its pointers (packed once per thread), the device."""
+
     func: int              # CUfunction, 0 when there is nothing to launch
     grid: tuple
     block: tuple
     smem: int
     static: tuple
     device: int
+
+    pdl = None  # a _cuda.PdlLaunch for plans that launch with programmatic dependence
+
+
+@dataclass(frozen=True, eq=False)
+class _Prepared(PreparedLaunch):
     q_out_shape: tuple
     k_out_shape: tuple | None
     dtype: str
     pdl: object = None     # a _cuda.PdlLaunch when the call asked for enable_pdl
 
 
-def _plan_buffer(prep: _Prepared) -> tuple:
-    """This thread's argument buffer of `prep`, static part packed: (buffer, address of the
-    void* array that points at it, that array)."""
+def plan_buffer(prep, params=ROPE_PARAMS) -> tuple:
+    """This thread's argument buffer of a prepared plan (any object hashed by identity with
+    a ``static`` tuple: the struct's values after its pointers), static part packed:
+    (buffer, address of the void* array that points at it, that array). The pointers are
+    packed per call at offset 0."""
     bufs = getattr(_tls, "plans", None)
     if bufs is None:
         bufs = _tls.plans = {}
@@ -103,8 +115,9 @@ def _plan_buffer(prep: _Prepared) -> tuple:
     if b is None:
         if len(bufs) >= _THREAD_BUFFERS_MAX:
             bufs.clear()
-        buf = ctypes.create_string_buffer(ROPE_PARAMS.size)
-        ROPE_PARAMS.packer.pack_into(buf, 0, *((0,) * len(ROPE_POINTERS)), *prep.static)
+        buf = ctypes.create_string_buffer(params.size)
+        pointers = len(params.names) - len(prep.static)
+        params.packer.pack_into(buf, 0, *((0,) * pointers), *prep.static)
         argv = (ctypes.c_void_p * 1)(ctypes.addressof(buf))
         b = bufs[prep] = (buf, ctypes.addressof(argv), argv)
     return b
@@ -143,13 +156,13 @@ def _prepare(call: RopeCall, query, key, positions, indptr, offsets, cache, tuni
                      pdl)
 
 
-_NONE = (None, 0)  # fingerprint and pointer of an absent argument
+ABSENT = (None, 0)  # fingerprint and pointer of an absent argument
 
 
-def _fp(obj, name: str):
-    """fingerprint of an optional argument of any framework."""
+def fingerprint_of(obj, name: str):
+    """(fingerprint, pointer) of an optional argument of any framework."""
     if obj is None:
-        return _NONE
+        return ABSENT
     return framework_of(obj, name).fingerprint(obj)
 
 
@@ -168,23 +181,23 @@ def run_rope(call: RopeCall, query, key, positions=None, indptr=None, offsets=No
     fp, qt = fw.fingerprint, type(query)
     fq, q_ptr = fp(query)
     # Absent arguments are tested inline and arguments of query's type go straight to its
-    # framework: each _fp / framework_of call avoided saves ~50 ns of the warm path.
-    fk, k_ptr = _NONE if key is None else fp(key) if type(key) is qt else _fp(key, "key")
-    fpos, pos_ptr = (_NONE if positions is None else fp(positions) if type(positions) is qt
-                     else _fp(positions, "positions"))
-    find, ind_ptr = (_NONE if indptr is None else fp(indptr) if type(indptr) is qt
-                     else _fp(indptr, "indptr"))
-    foff, off_ptr = (_NONE if offsets is None else fp(offsets) if type(offsets) is qt
-                     else _fp(offsets, "offsets"))
-    fc, c_ptr = (_NONE if cache is None else fp(cache) if type(cache) is qt
-                 else _fp(cache, "cos_sin_cache"))
+    # framework: each fingerprint_of / framework_of call avoided saves ~50 ns of the warm path.
+    fk, k_ptr = (ABSENT if key is None else fp(key) if type(key) is qt
+                 else fingerprint_of(key, "key"))
+    fpos, pos_ptr = (ABSENT if positions is None else fp(positions) if type(positions) is qt
+                     else fingerprint_of(positions, "positions"))
+    find, ind_ptr = (ABSENT if indptr is None else fp(indptr) if type(indptr) is qt
+                     else fingerprint_of(indptr, "indptr"))
+    foff, off_ptr = (ABSENT if offsets is None else fp(offsets) if type(offsets) is qt
+                     else fingerprint_of(offsets, "offsets"))
+    fc, c_ptr = (ABSENT if cache is None else fp(cache) if type(cache) is qt
+                 else fingerprint_of(cache, "cos_sin_cache"))
     sig = (call, fq, fk, fpos, find, foff, fc, tuning)
     prep = _plans.get(sig) or _plans.miss(sig)
     if prep is None:
         prep = _prepare(call, query, key, positions, indptr, offsets, cache, tuning)
         _plans.put(sig, prep)
-        global _single_device
-        _single_device = device_count() == 1
+        note_devices()
     if call.check_positions and cache is not None and prep.func:
         _check_positions_in_cache(positions, cache)
     if call.inplace:
@@ -196,9 +209,9 @@ def run_rope(call: RopeCall, query, key, positions=None, indptr=None, offsets=No
         ko_ptr = fw.fingerprint(k_out)[1] if k_out is not None else 0
         outs = (q_out, k_out)
     if prep.func:
-        buf, argv, _keep = _plan_buffer(prep)
+        buf, argv, _keep = plan_buffer(prep)
         _POINTERS.pack_into(buf, 0, q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr or ind_ptr, off_ptr, c_ptr)
-        dev = prep.device
+        dev = prep.device  # launch_plan's body, inline: one call less on the warm path
         if _single_device or dev == current_device():
             _launch_prepared(prep, fw.stream(dev), argv)
         else:
@@ -207,10 +220,27 @@ def run_rope(call: RopeCall, query, key, positions=None, indptr=None, offsets=No
     return outs
 
 
+def note_devices() -> None:
+    """After a plan was made (a GPU was seen): whether launches can skip the device check."""
+    global _single_device
+    _single_device = device_count() == 1
+
+
+def launch_plan(prep, fw: Framework, argv) -> None:
+    """One launch of a prepared plan (func, grid, block, smem, device) on the current
+    stream of fw on the plan's device, switching devices only when it is not current."""
+    dev = prep.device
+    if _single_device or dev == current_device():
+        _launch_prepared(prep, fw.stream(dev), argv)
+    else:
+        with cupy_module().cuda.Device(dev):
+            _launch_prepared(prep, fw.stream(dev), argv)
+
+
 _cu_launch = None  # cupy_backends' cuLaunchKernel, looked up once
 
 
-def _launch_prepared(prep: _Prepared, stream: int, argv: int) -> None:
+def _launch_prepared(prep, stream: int, argv: int) -> None:
     global _cu_launch
     if prep.pdl is not None:
         prep.pdl(stream, argv)
@@ -223,9 +253,25 @@ def _launch_prepared(prep: _Prepared, stream: int, argv: int) -> None:
 
 def _run_foreign(fw: Framework, call: RopeCall, query, key, positions, indptr, offsets, cache,
                  tuning):
-    """Arrays that arrive through __cuda_array_interface__ or __dlpack__: read them as CuPy
-    views, run on CuPy's current stream of their device, and hand results back in the
-    caller's type.
+    """Arrays that arrive through __cuda_array_interface__ or __dlpack__ (``foreign_views``):
+    run on CuPy's current stream of their device, results in the caller's type."""
+    arrays = (("query", query), ("key", key), ("positions", positions), ("indptr", indptr),
+              ("offsets", offsets), ("cos_sin_cache", cache))
+    mutated = ("query", "key") if call.inplace else ()
+    with foreign_views(arrays, mutated, "use the out-of-place function, which returns new "
+                       "arrays") as views:
+        outs = run_rope(call, *views, tuning=tuning)
+        if outs is None:
+            return None
+        return (fw.from_cupy(outs[0], query),
+                fw.from_cupy(outs[1], key) if key is not None else None)
+
+
+@contextlib.contextmanager
+def foreign_views(arrays, mutated: tuple, immutable_hint: str):
+    """CuPy views (None kept) of (name, array) pairs of any framework, yielded inside
+    ``cupy.cuda.Device`` of their device; native arrays pass as they are. Arrays named in
+    `mutated` must be mutable (TypeError naming them, with the hint, otherwise).
 
     Ordering with the producer and the consumer, without a host synchronization:
     * __dlpack__: CuPy's from_dlpack passes its current stream to the producer's
@@ -237,16 +283,13 @@ def _run_foreign(fw: Framework, call: RopeCall, query, key, positions, indptr, o
     * __cuda_array_interface__ v3 with a ``stream``: our stream waits on an event recorded
       on the producer's stream (``_cuda.wait_for_producer_stream``).
     """
-    if call.inplace:
-        for obj, name in ((query, "query"), (key, "key")):
-            if obj is not None and not framework_of(obj, name).mutable(obj):
-                raise TypeError(f"{name}: {type(obj).__module__}.{type(obj).__name__} arrays are "
-                                "immutable; use the out-of-place function, which returns new arrays")
-    arrays = (("query", query), ("key", key), ("positions", positions), ("indptr", indptr),
-              ("offsets", offsets), ("cos_sin_cache", cache))
+    for name, obj in arrays:
+        if name in mutated and obj is not None and not framework_of(obj, name).mutable(obj):
+            raise TypeError(f"{name}: {type(obj).__module__}.{type(obj).__name__} arrays are "
+                            f"immutable; {immutable_hint}")
     # Devices first, from metadata alone (no view is made yet): every array on one device,
     # checked before anything touches the GPU.
-    device = None
+    device = first = None
     for name, obj in arrays:
         if obj is None:
             continue
@@ -255,9 +298,9 @@ def _run_foreign(fw: Framework, call: RopeCall, query, key, positions, indptr, o
             raise TypeError(f"{name}: expected a CUDA device array, got an array in host memory "
                             f"({type(obj).__module__}.{type(obj).__name__})")
         if device is None:
-            device = d
+            device, first = d, name
         elif d != device:
-            raise ValueError(f"{name} is on cuda:{d} but query is on cuda:{device}; all arrays "
+            raise ValueError(f"{name} is on cuda:{d} but {first} is on cuda:{device}; all arrays "
                              "of one call must be on the same device")
 
     def view(obj, name):
@@ -270,12 +313,7 @@ def _run_foreign(fw: Framework, call: RopeCall, query, key, positions, indptr, o
         return _cupy_view(f.describe(obj))
 
     with cupy_module().cuda.Device(device):
-        views = [view(obj, name) for name, obj in arrays]
-        outs = run_rope(call, *views, tuning=tuning)
-        if outs is None:
-            return None
-        return (fw.from_cupy(outs[0], query),
-                fw.from_cupy(outs[1], key) if key is not None else None)
+        yield [view(obj, name) for name, obj in arrays]
 
 
 def _cupy_view(d):

@@ -85,7 +85,7 @@ class RopePlan:
 
 # ------------------------------------------------------------------ validation helpers
 
-def _device_array(d: ArrayDesc | None, name: str, dtypes: tuple, what: str) -> None:
+def device_array(d: ArrayDesc | None, name: str, dtypes: tuple, what: str) -> None:
     if d is None:
         raise TypeError(f"{name}: expected {what}, got None")
     if d.device == HOST:
@@ -94,21 +94,21 @@ def _device_array(d: ArrayDesc | None, name: str, dtypes: tuple, what: str) -> N
         raise TypeError(f"{name}: expected dtype {' or '.join(dtypes)}, got {d.dtype}")
 
 
-def _float_array(d: ArrayDesc | None, name: str) -> None:
-    _device_array(d, name, FLOAT_DTYPES, "a float16, bfloat16 or float32 array")
+def float_array(d: ArrayDesc | None, name: str) -> None:
+    device_array(d, name, FLOAT_DTYPES, "a float16, bfloat16 or float32 array")
 
 
-def _index_array(d: ArrayDesc | None, name: str) -> None:
-    _device_array(d, name, INDEX_DTYPES, "an integer array")
+def index_array(d: ArrayDesc | None, name: str) -> None:
+    device_array(d, name, INDEX_DTYPES, "an integer array")
 
 
-def _same_device(ref: ArrayDesc, d: ArrayDesc | None, name: str) -> None:
+def same_device(ref: ArrayDesc, d: ArrayDesc | None, name: str, ref_name: str = "query") -> None:
     if d is not None and d.device != ref.device:
-        raise ValueError(f"{name} is on cuda:{d.device} but query is on cuda:{ref.device}; "
+        raise ValueError(f"{name} is on cuda:{d.device} but {ref_name} is on cuda:{ref.device}; "
                          "all arrays of one call must be on the same device")
 
 
-def _norm_strides(d: ArrayDesc) -> tuple:
+def norm_strides(d: ArrayDesc) -> tuple:
     """Strides with those of size-1 dims zeroed: they never move an index."""
     return tuple(0 if n == 1 else s for n, s in zip(d.shape, d.strides))
 
@@ -116,12 +116,12 @@ def _norm_strides(d: ArrayDesc) -> tuple:
 # ------------------------------------------------------------------ step 1: query and key
 
 def _check_query_key(a: RopeArrays) -> None:
-    _float_array(a.query, "query")
+    float_array(a.query, "query")
     if a.key is not None:
-        _float_array(a.key, "key")
+        float_array(a.key, "key")
         if a.key.dtype != a.query.dtype:
             raise TypeError(f"key: dtype {a.key.dtype} differs from query dtype {a.query.dtype}")
-        _same_device(a.query, a.key, "key")
+        same_device(a.query, a.key, "key")
 
 
 # ------------------------------------------------------------------ step 2: tokens and positions
@@ -140,8 +140,8 @@ def _token_layout(call: RopeCall, a: RopeArrays) -> _Tokens:
         if mrope:
             raise TypeError("positions: mRoPE needs positions of shape [3, num_tokens]; "
                             "indptr + offsets give one position per token")
-        _index_array(a.indptr, "indptr")
-        _index_array(a.offsets, "offsets")
+        index_array(a.indptr, "indptr")
+        index_array(a.offsets, "offsets")
         if a.indptr.dtype != a.offsets.dtype:
             raise TypeError(f"offsets: dtype {a.offsets.dtype} differs from indptr dtype "
                             f"{a.indptr.dtype}")
@@ -150,17 +150,17 @@ def _token_layout(call: RopeCall, a: RopeArrays) -> _Tokens:
         if a.offsets.ndim != 1 or a.offsets.shape[0] != a.indptr.shape[0] - 1:
             raise ValueError(f"offsets: expected shape [{a.indptr.shape[0] - 1}] (batch_size, "
                              f"one less than indptr), got {list(a.offsets.shape)}")
-        _same_device(a.query, a.indptr, "indptr")
-        _same_device(a.query, a.offsets, "offsets")
+        same_device(a.query, a.indptr, "indptr")
+        same_device(a.query, a.offsets, "offsets")
         if a.query.ndim not in (2, 3):
             raise ValueError(f"query: expected [nnz, num_heads, head_size] or "
                              f"[nnz, num_heads * head_size], got shape {list(a.query.shape)}")
         return _Tokens(tuple(a.query.shape[:1]), a.indptr.dtype, (0, 0), 0, a.offsets.shape[0])
 
     p = a.positions
-    _index_array(p, "positions")
-    _same_device(a.query, p, "positions")
-    strides = _norm_strides(p)
+    index_array(p, "positions")
+    same_device(a.query, p, "positions")
+    strides = norm_strides(p)
     row_stride = 0
     if mrope:
         if p.ndim not in (2, 3) or p.shape[0] != 3:
@@ -198,7 +198,7 @@ def _as_heads(d: ArrayDesc, name: str, tok_shape: tuple, head_size: int) -> _Hea
     if tuple(d.shape[:nt]) != tuple(tok_shape):
         raise ValueError(f"{name}: token dims {list(d.shape[:nt])} do not match the "
                          f"{'positions' if nt else 'token'} shape {list(tok_shape)}")
-    strides = _norm_strides(d)
+    strides = norm_strides(d)
     if d.shape[-1] > 1 and strides[-1] != 1:
         raise ValueError(f"{name}: the last dim must be contiguous (stride 1), got stride {d.strides[-1]}")
     if d.ndim == nt + 1:
@@ -244,16 +244,16 @@ def _rotary(call: RopeCall, a: RopeArrays, head_size: int) -> _Rotary:
     """The cache's width, or the argument (None: the whole head)."""
     c = a.cos_sin_cache
     if call.from_cache:
-        _float_array(c, "cos_sin_cache")
-        _same_device(a.query, c, "cos_sin_cache")
+        float_array(c, "cos_sin_cache")
+        same_device(a.query, c, "cos_sin_cache")
         if c.ndim != 2:
             raise ValueError(f"cos_sin_cache: expected shape [max_position, rotary_dim], got {list(c.shape)}")
-        if c.shape[1] > 1 and _norm_strides(c)[1] != 1:
+        if c.shape[1] > 1 and norm_strides(c)[1] != 1:
             raise ValueError("cos_sin_cache: the last dim must be contiguous (stride 1)")
         dim = c.shape[1]
         if call.rotary_dim is not None and check_int(call.rotary_dim, "rotary_dim") != dim:
             raise ValueError(f"cos_sin_cache: width {dim} must equal rotary_dim {call.rotary_dim}")
-        rot = _Rotary(dim, "cos_sin_cache width (rotary_dim)", c.shape[0], _norm_strides(c)[0])
+        rot = _Rotary(dim, "cos_sin_cache width (rotary_dim)", c.shape[0], norm_strides(c)[0])
     else:
         dim = head_size if call.rotary_dim is None else check_int(call.rotary_dim, "rotary_dim")
         rot = _Rotary(dim, "rotary_dim", 0, 0)

@@ -159,3 +159,99 @@ def mrope_cos_sin(cache, positions, mrope_section, mrope_interleaved: bool = Fal
     c3, s3 = cos_sin_from_cache(cache, positions)  # [3, T, R/2]
     return (mrope_select(c3, mrope_section, mrope_interleaved),
             mrope_select(s3, mrope_section, mrope_interleaved))
+
+
+# ------------------------------------------------------------------ fused ops (float64)
+
+# OCP FP8 formats: mantissa bits, exponent bias, largest finite value.
+FP8_FORMATS = {"float8_e4m3fn": (3, 7, 448.0), "float8_e5m2": (2, 15, 57344.0)}
+
+
+def _fp8_exponent(a: np.ndarray, dtype: str) -> np.ndarray:
+    """The binade of |a| on the FP8 grid: floor(log2 |a|), at least the smallest normal's."""
+    m, bias, _ = FP8_FORMATS[dtype]
+    return np.maximum(np.where(a > 0, np.frexp(a)[1] - 1, 1 - bias), 1 - bias)
+
+
+def fp8_round(x, dtype: str) -> np.ndarray:
+    """float64 values rounded once, to nearest even, to the FP8 grid of `dtype`, saturated
+    to the largest finite value (what PTX cvt.rn.satfinite does; NaN stays NaN). Returns
+    the rounded values as float64."""
+    m, _, top = FP8_FORMATS[dtype]
+    x = np.asarray(x, dtype=np.float64)
+    a = np.abs(x)
+    with np.errstate(invalid="ignore", over="ignore"):
+        quantum = np.ldexp(1.0, (_fp8_exponent(np.where(np.isfinite(a), a, top), dtype) - m))
+        r = np.minimum(np.rint(a / quantum) * quantum, top)
+    return np.where(np.isnan(x), np.nan, np.copysign(r, x))
+
+
+def fp8_ulp(y, dtype: str) -> np.ndarray:
+    """Spacing of the FP8 grid at |y| (the largest finite value's for |y| past it)."""
+    m, _, top = FP8_FORMATS[dtype]
+    a = np.minimum(np.abs(np.asarray(y, dtype=np.float64)), top)
+    return np.ldexp(1.0, (_fp8_exponent(a, dtype) - m))
+
+
+def rope_quantize(q_rope, k_rope, q_nope, k_nope, cos, sin, is_neox: bool, quant_scale_q=1.0,
+                  quant_scale_kv=1.0) -> tuple:
+    """FlashInfer's rope_quantize_fp8 before the FP8 rounding: (q_rope, k_rope, q_nope,
+    k_nope) rotated (the rope parts) and scaled, float64. q_* ``[tokens, heads, dim]``;
+    k_* ``[tokens, heads, dim]`` or MLA's ``[tokens, dim]``; cos/sin ``[tokens, R/2]``;
+    a nope part may be None (then None is returned for it)."""
+    def rotate(x):
+        x = np.asarray(x).astype(np.float64)
+        return apply_rotary(x[:, None, :] if x.ndim == 2 else x, cos, sin, is_neox).reshape(x.shape)
+
+    def scaled(x, s):
+        return None if x is None else np.asarray(x).astype(np.float64) * s
+
+    return (rotate(q_rope) * quant_scale_q, rotate(k_rope) * quant_scale_kv,
+            scaled(q_nope, quant_scale_q), scaled(k_nope, quant_scale_kv))
+
+
+def paged_locations(batch_indices, positions, kv_indptr, kv_indices, page_size: int) -> tuple:
+    """FlashInfer's paged-append addressing: (page, entry) of each token, -1 for both where
+    the token is not written (batch index < 0: CUDA-graph padding). Token i of request
+    b = batch_indices[i] at position p = positions[i] goes to page kv_indices[kv_indptr[b]
+    + p // page_size], entry p % page_size."""
+    b = np.asarray(batch_indices).astype(np.int64)
+    p = np.asarray(positions).astype(np.int64)
+    indptr = np.asarray(kv_indptr).astype(np.int64)
+    indices = np.asarray(kv_indices).astype(np.int64)
+    pages = np.full(b.shape, -1, dtype=np.int64)
+    entries = np.full(b.shape, -1, dtype=np.int64)
+    for i in range(b.shape[0]):
+        if b[i] >= 0:
+            pages[i] = indices[indptr[b[i]] + p[i] // page_size]
+            entries[i] = p[i] % page_size
+    return pages, entries
+
+
+def slot_locations(slot_mapping, block_size: int, num_tokens: int) -> tuple:
+    """vLLM's slot_mapping addressing: (block, entry) of each of num_tokens tokens, -1 for
+    both where it is not cached (a negative slot, or a token past the mapping)."""
+    slots = np.full(num_tokens, -1, dtype=np.int64)
+    given = np.asarray(slot_mapping).astype(np.int64)[:num_tokens]
+    slots[:given.shape[0]] = given
+    cached = slots >= 0
+    return (np.where(cached, slots // block_size, -1), np.where(cached, slots % block_size, -1))
+
+
+def qk_norm_rope(qkv, num_heads_q: int, num_heads_k: int, head_dim: int, eps: float, q_weight,
+                 k_weight, cos, sin, is_neox: bool) -> np.ndarray:
+    """vLLM's fused_qk_norm_rope in float64: every q head x becomes
+    x / sqrt(mean(x^2) + eps) * q_weight (k heads: k_weight), then its first 2 * R/2
+    elements are rotated by cos/sin ``[tokens, R/2]``; v heads unchanged. qkv
+    ``[tokens, (hq + hk + hv) * head_dim]``; returns the same shape, float64."""
+    x = np.asarray(qkv).astype(np.float64)
+    heads = x.reshape(x.shape[0], -1, head_dim).copy()
+    hq, hk = num_heads_q, num_heads_k
+
+    def norm(h, w):
+        rms = np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + eps)
+        return h / rms * np.asarray(w).astype(np.float64)
+
+    heads[:, :hq] = apply_rotary(norm(heads[:, :hq], q_weight), cos, sin, is_neox)
+    heads[:, hq:hq + hk] = apply_rotary(norm(heads[:, hq:hq + hk], k_weight), cos, sin, is_neox)
+    return heads.reshape(x.shape)

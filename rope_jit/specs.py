@@ -76,7 +76,7 @@ POSITIONS_PARAMS = ParamStruct(
     "PositionsParams",
     [("indptr", "q"), ("offsets", "q"), ("out", "q"), ("num_tokens", "q"), ("batch_size", "q")])
 
-def _c_bool(b: bool) -> str:
+def c_bool(b: bool) -> str:
     return "true" if b else "false"
 
 
@@ -145,16 +145,15 @@ class RopeSpec:
             f"constexpr int VEC = {self.vec};",
             f"constexpr int CACHE_VEC = {self.cache_vec};",
             f"constexpr int HEAD_BATCH = {self.head_batch};",
-            f"constexpr bool PREFETCH = {_c_bool(self.prefetch)};",
-            f"constexpr bool NEOX = {_c_bool(self.neox)};",
-            f"constexpr bool OUT_OF_PLACE = {_c_bool(self.out_of_place)};",
-            f"constexpr bool INDPTR = {_c_bool(self.indptr)};",
-            f"constexpr bool COS_SIN_FROM_CACHE = {_c_bool(self.cache_dtype is not None)};",
-            "constexpr int SCALING_LINEAR = 0, SCALING_LLAMA3 = 1, SCALING_YARN = 2;",
+            f"constexpr bool PREFETCH = {c_bool(self.prefetch)};",
+            f"constexpr bool NEOX = {c_bool(self.neox)};",
+            f"constexpr bool OUT_OF_PLACE = {c_bool(self.out_of_place)};",
+            f"constexpr bool INDPTR = {c_bool(self.indptr)};",
+            f"constexpr bool COS_SIN_FROM_CACHE = {c_bool(self.cache_dtype is not None)};",
             f"constexpr int SCALING = SCALING_{self.scaling.upper()};",
-            f"constexpr bool MROPE = {_c_bool(self.mrope_section is not None)};",
-            f"constexpr bool MROPE_INTERLEAVED = {_c_bool(self.mrope_interleaved)};",
-            f"constexpr bool INVERSE = {_c_bool(self.inverse)};",
+            f"constexpr bool MROPE = {c_bool(self.mrope_section is not None)};",
+            f"constexpr bool MROPE_INTERLEAVED = {c_bool(self.mrope_interleaved)};",
+            f"constexpr bool INVERSE = {c_bool(self.inverse)};",
             f"constexpr int MIN_BLOCKS = {self.min_blocks};",
         ]
         t, h, w = self.mrope_section or (0, 0, 0)
@@ -163,11 +162,11 @@ class RopeSpec:
                   f"constexpr int STAGING = {self.staging};",
                   f"constexpr int STAGE_TOKENS = {self.stage_tokens};",
                   f"constexpr int STAGES = {self.stages};",
-                  f"constexpr bool PDL = {_c_bool(self.pdl)};"]
+                  f"constexpr bool PDL = {c_bool(self.pdl)};"]
         return "\n".join(lines) + "\n" + self.params.c_decl
 
     def render(self) -> str:
-        return _render(self.prelude(), "rope.cu")
+        return render_source(self.prelude(), "rope.cu")
 
 
 @dataclass(frozen=True)
@@ -185,11 +184,12 @@ class PositionsSpec:
     def render(self) -> str:
         prelude = (f"// rope_jit specialization: {self.words()}\n"
                    f"typedef {C_TYPE[self.index_dtype]} index_t;\n" + self.params.c_decl)
-        return _render(prelude, "positions.cu")
+        return render_source(prelude, "positions.cu")
 
 
-def _render(prelude: str, kernel_file: str) -> str:
-    return "\n".join([template("common.cuh"), prelude, template(kernel_file)])
+def render_source(prelude: str, *kernel_files: str) -> str:
+    """One translation unit: common.cuh, the spec's prelude, then its template files."""
+    return "\n".join([template("common.cuh"), prelude, *map(template, kernel_files)])
 
 
 def source_hash(source: str) -> str:

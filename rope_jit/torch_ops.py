@@ -33,7 +33,7 @@ _ARRAYS = "Tensor? positions, Tensor? indptr, Tensor? offsets, Tensor? cos_sin_c
 _NO_GRADS = (None,) * (4 + len(OP_FIELDS))  # positions, indptr, offsets, cache, the call
 
 
-def _tensor(x, name):
+def tensor_arg(x, name):
     """A torch tensor for an op argument. Arrays of other frameworks mixed into a torch call
     are wrapped without a copy (DLPack, __cuda_array_interface__); NumPy arrays become CPU
     tensors, which the real implementation refuses like every host array."""
@@ -52,8 +52,8 @@ def _tensor(x, name):
 
 def rope(call: RopeCall, query, key, positions, indptr, offsets, cache):
     """route.rope for torch calls torch must see: the same call, through the ops."""
-    args = (_tensor(positions, "positions"), _tensor(indptr, "indptr"),
-            _tensor(offsets, "offsets"), _tensor(cache, "cos_sin_cache"), *to_op_args(call))
+    args = (tensor_arg(positions, "positions"), tensor_arg(indptr, "indptr"),
+            tensor_arg(offsets, "offsets"), tensor_arg(cache, "cos_sin_cache"), *to_op_args(call))
     if call.inplace:
         if torch.is_grad_enabled() and (query.requires_grad
                                         or (key is not None and key.requires_grad)):
@@ -72,7 +72,7 @@ def rope(call: RopeCall, query, key, positions, indptr, offsets, cache):
 
 def positions_from_offsets(indptr, offsets, nnz):
     return torch.ops.rope_jit.positions_from_offsets(
-        indptr, _tensor(offsets, "offsets"), None if nnz is None else check_int(nnz, "nnz"))
+        indptr, tensor_arg(offsets, "offsets"), None if nnz is None else check_int(nnz, "nnz"))
 
 
 # ------------------------------------------------------------------ trace-time validation
@@ -90,15 +90,15 @@ def _fake_desc(t):
     return ArrayDesc(0, shape, strides, str(t.dtype).replace("torch.", ""), index)
 
 
-_SYMBOLIC = object()
+SYMBOLIC = object()
 
 
-def _descs(*tensors):
+def fake_descs(*tensors):
     out = []
     for t in tensors:
         d = None if t is None else _fake_desc(t)
         if t is not None and d is None:
-            return _SYMBOLIC
+            return SYMBOLIC
         out.append(d)
     return out
 
@@ -106,8 +106,8 @@ def _descs(*tensors):
 def _check_fake(inplace, query, key, positions, indptr, offsets, cos_sin_cache, call_args) -> None:
     """At trace time, the errors the real call would raise (named arguments, before the
     graph runs). Skipped for symbolic shapes."""
-    descs = _descs(query, key, positions, indptr, offsets, cos_sin_cache)
-    if descs is not _SYMBOLIC:
+    descs = fake_descs(query, key, positions, indptr, offsets, cos_sin_cache)
+    if descs is not SYMBOLIC:
         plan_rope(from_op_args(inplace, call_args), RopeArrays(*descs))
 
 
@@ -183,8 +183,8 @@ def _positions_op(indptr, offsets, nnz):
 
 @_positions_op.register_fake
 def _positions_fake(indptr, offsets, nnz):
-    descs = _descs(indptr, offsets)
-    if descs is not _SYMBOLIC:
+    descs = fake_descs(indptr, offsets)
+    if descs is not SYMBOLIC:
         plan_positions(*descs, 0 if nnz is None or not isinstance(nnz, int) else nnz)
     if nnz is None:
         # indptr[-1] tokens: known only when the graph runs (an unbacked size)

@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 
 import rope_jit  # noqa: E402
 from rope_jit import route  # noqa: E402
+from torch_trace import _op_nodes, _trace, _Traced  # noqa: E402
 from rope_jit.call import OP_FIELDS, frequencies_json, from_op_args  # noqa: E402
 
 T, HQ, HK, D = 6, 4, 2, 64
@@ -163,33 +164,6 @@ def test_first_call_under_compile_in_a_fresh_process():
 
 
 # ------------------------------------------------------------------ torch.compile, traced only
-
-class _Traced(Exception):
-    pass
-
-
-def _trace(fn, *args):
-    """torch.compile(fullgraph=True) with a backend that records the graph and never runs
-    it. fullgraph=True turns any graph break into an error."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-
-        def run(*a):
-            raise _Traced
-        return run
-
-    torch._dynamo.reset()
-    with pytest.raises(_Traced):
-        torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    assert len(graphs) == 1
-    return graphs[0]
-
-
-def _op_nodes(gm):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and "rope_jit" in str(n.target)]
-
 
 def _name(node) -> str:
     """'rope_jit.rope' for a node of the op (Dynamo records the packet, AOT the overload)."""

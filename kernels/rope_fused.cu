@@ -1,0 +1,256 @@
+// RoPE fused with quantization and the KV-cache write, specialized at run time: FlashInfer's
+// rope_quantize_fp8 / mla_rope_quantize_fp8 / rope_quantize_fp8_append_paged_kv_cache,
+// vLLM's concat_and_cache_mla_rope_fused and RoPE + reshape_and_cache_flash, SGLang's
+// fused_set_kv_buffer (rope_jit/plan_fused.py maps each onto this kernel).
+//
+// Rendered after common.cuh, a prelude (rope_jit/specs_fused.py FusedRopeSpec) and
+// rope_chunk.cuh. Per token t (one position, one cache row):
+//   q_rope [Hq, R] and k_rope [Hk, R]: rotated in fp32, then each destination gets
+//     round(x * its multiplier) in its own type: q -> q_rope_out (or q_rope in place);
+//     k -> k_rope_out (or k_rope in place) and/or the K cache.
+//   q_nope [Hq, NQ] -> q_nope_out; k_nope [Hk, NK] -> k_nope_out and/or the K cache (at
+//     its own offset, e.g. after the rotated part; K_NOPE_IN_K_ROPE: read from k_rope's
+//     rows past the rotated part, vLLM's key); v [Hk, DV] -> the V cache: copied, scaled
+//     and rounded the same way.
+// Cache rows: CACHE_MODE_SLOTS (vLLM slot_mapping, SGLang cache_loc): slot -> (page,
+// entry) = (slot / PAGE_SIZE, slot % PAGE_SIZE), negative slots and tokens past the
+// mapping not cached. CACHE_MODE_PAGED (FlashInfer): request b = batch_indices[t] (< 0:
+// a padding token, nothing of it written), page kv_indices[kv_indptr[b] + pos / PAGE_SIZE],
+// entry pos % PAGE_SIZE with pos = positions[t]. A row outside the cache is not written.
+//
+// Work split. The work of one token is a list of ITEMS items: first a rotated chunk of each
+// q and k head (two vector loads), then one vector of each nope / v row. Block =
+// (item lanes, tokens); grid = (token tiles, item splits): block (x, y) does items
+// [y * split_items, (y+1) * split_items) of its tokens, each thread ITEM_BATCH items with all
+// their loads in flight before the first store. The block first puts its tokens' cos/sin
+// (only when it has rotated items) and cache rows in shared memory, while the first batch's
+// loads are in flight.
+
+enum { CACHE_MODE_NONE = 0, CACHE_MODE_SLOTS = 1, CACHE_MODE_PAGED = 2 };
+enum { OUT_NONE = 0, OUT_ARRAY = 1, OUT_INPLACE = 2 };  // where a rotated k head goes
+constexpr int NUM_ROPE_HEADS = NUM_Q_HEADS + NUM_K_HEADS;
+constexpr int ROT_ITEMS = NUM_ROPE_HEADS * CHUNKS;
+constexpr bool K_NOPE_ANY = K_NOPE_OUT || K_NOPE_CACHE >= 0;
+constexpr int QN_VECS = Q_NOPE_OUT ? Q_NOPE_DIM / VEC : 0;  // vectors per head row
+constexpr int KN_VECS = K_NOPE_ANY ? K_NOPE_DIM / VEC : 0;
+constexpr int V_VECS = V_CACHE >= 0 ? V_DIM / VEC : 0;
+constexpr int QN_END = ROT_ITEMS + NUM_Q_HEADS * QN_VECS;
+constexpr int KN_END = QN_END + NUM_K_HEADS * KN_VECS;
+constexpr int ITEMS = KN_END + NUM_K_HEADS * V_VECS;
+constexpr int MAX_BLOCK_TOKENS = 16;  // blockDim.y, at most (rope_jit/plan_fused.py)
+
+static_assert(Q_NOPE_DIM % VEC == 0 && K_NOPE_DIM % VEC == 0 && V_DIM % VEC == 0,
+              "VEC must divide every row length");
+static_assert(CACHE_MODE != CACHE_MODE_NONE || (K_ROPE_CACHE < 0 && K_NOPE_CACHE < 0 && V_CACHE < 0),
+              "cache destinations need a cache mode");
+
+__device__ constexpr int nonzero(int n) { return n > 0 ? n : 1; }  // divisor of an index that cannot occur
+
+typedef Vec<in_t, VEC> vec_t;
+
+// One item's loads: a rotated chunk uses both vectors, a copied vector `a` only.
+struct Item {
+  vec_t a, b;
+};
+
+// Where a token's K and V go.
+struct TokenDest {
+  i64 page;
+  int entry;
+  int flags;
+};
+enum { WRITE = 1, WRITE_CACHE = 2 };
+
+template <typename T>
+__device__ __forceinline__ T load_index(long long ptr, i64 i, i64 stride) {
+  return ((const T*)ptr)[i * stride];
+}
+
+__device__ __forceinline__ TokenDest token_dest(const FusedRopeParams& p, i64 t) {
+  TokenDest d{0, 0, 0};
+  if (t >= p.num_tokens) return d;
+  if constexpr (CACHE_MODE == CACHE_MODE_NONE) {
+    d.flags = WRITE;
+  } else if constexpr (CACHE_MODE == CACHE_MODE_SLOTS) {
+    d.flags = WRITE;
+    if (t < p.num_slots) {
+      const i64 slot = (i64)load_index<slot_t>(p.slot_mapping, t, p.slot_stride);
+      if (slot >= 0 && slot < p.num_pages * PAGE_SIZE) {
+        d.page = slot / PAGE_SIZE;  // constant divisor: a multiply, no division
+        d.entry = (int)(slot - d.page * PAGE_SIZE);
+        d.flags |= WRITE_CACHE;
+      }
+    }
+  } else {
+    const i64 b = (i64)load_index<slot_t>(p.batch_indices, t, p.batch_stride);
+    if (b < 0 || b >= p.batch_size) return d;  // padding: FlashInfer writes nothing of it
+    d.flags = WRITE;
+    const i64 pos = (i64)load_index<ppos_t>(p.positions, t, p.positions_stride);
+    if (pos >= 0) {
+      const i64 it = (i64)load_index<kvptr_t>(p.kv_indptr, b, p.kv_indptr_stride) + pos / PAGE_SIZE;
+      if (it >= 0 && it < p.num_indices) {
+        const i64 page = (i64)load_index<kvidx_t>(p.kv_indices, it, p.kv_indices_stride);
+        if (page >= 0 && page < p.num_pages) {
+          d.page = page;
+          d.entry = (int)(pos % PAGE_SIZE);
+          d.flags |= WRITE_CACHE;
+        }
+      }
+    }
+  }
+  return d;
+}
+
+// Source of copied item j (ROT_ITEMS <= j < ITEMS) of token t.
+__device__ __forceinline__ const in_t* copy_src(const FusedRopeParams& p, i64 t, int j) {
+  if (j < QN_END) {
+    const int i = j - ROT_ITEMS, h = i / nonzero(QN_VECS), v = i - h * QN_VECS;
+    return (const in_t*)p.q_nope + t * p.qn_st + h * p.qn_sh + v * VEC;
+  }
+  if (j < KN_END) {
+    const int i = j - QN_END, h = i / nonzero(KN_VECS), v = i - h * KN_VECS;
+    const long long base = K_NOPE_IN_K_ROPE ? p.k_rope : p.k_nope;
+    return (const in_t*)base + t * p.kn_st + h * p.kn_sh + p.kn_off + v * VEC;
+  }
+  const int i = j - KN_END, h = i / nonzero(V_VECS), v = i - h * V_VECS;
+  return (const in_t*)p.v + t * p.v_st + h * p.v_sh + v * VEC;
+}
+
+__device__ __forceinline__ void load_item(const FusedRopeParams& p, i64 t, int j, Item& it) {
+  if (j < ROT_ITEMS) {
+    const int h = j / CHUNKS, c = j - h * CHUNKS;
+    const in_t* src = h < NUM_Q_HEADS
+                          ? (const in_t*)p.q_rope + t * p.qr_st + h * p.qr_sh
+                          : (const in_t*)p.k_rope + t * p.kr_st + (h - NUM_Q_HEADS) * p.kr_sh;
+    src += c * CHUNK_STRIDE;
+    it.a = load_vec<in_t, VEC>(src + OFF_A);
+    it.b = load_vec<in_t, VEC>(src + OFF_B);
+  } else {
+    it.a = load_vec<in_t, VEC>(copy_src(p, t, j));
+  }
+}
+
+template <int WHICH>
+__device__ __forceinline__ kvc_t* cache_base(const FusedRopeParams& p) {
+  return (kvc_t*)(WHICH == 0 ? p.cache0 : p.cache1);
+}
+
+// Multipliers of the values written to the caches: the host's, or 1 / a scale the caller
+// keeps on the device (vLLM's k_scale tensors, read when the kernel runs).
+struct CacheMul {
+  float k, v;
+};
+
+__device__ __forceinline__ void store_item(const FusedRopeParams& p, i64 t, const TokenDest& d,
+                                           int j, const Item& it, const float2* cs,
+                                           const CacheMul& m) {
+  const bool cache = (d.flags & WRITE_CACHE) != 0;
+  if (j < ROT_ITEMS) {
+    const int h = j / CHUNKS, c = j - h * CHUNKS;
+    float a[VEC], b[VEC];
+    to_floats(it.a, a);
+    to_floats(it.b, b);
+    rotate_chunk(a, b, cs + c * VEC);
+    const int off = c * CHUNK_STRIDE;
+    if (h < NUM_Q_HEADS) {
+      qout_t* dst = Q_INPLACE ? (qout_t*)p.q_rope + t * p.qr_st + h * p.qr_sh
+                              : (qout_t*)p.q_rope_out + t * p.qro_st + h * p.qro_sh;
+      store_scaled<qout_t>(dst + off + OFF_A, a, (float)p.q_mul);
+      store_scaled<qout_t>(dst + off + OFF_B, b, (float)p.q_mul);
+      return;
+    }
+    const int hk = h - NUM_Q_HEADS;
+    if constexpr (K_ROPE_OUT != OUT_NONE) {
+      kout_t* dst = K_ROPE_OUT == OUT_INPLACE ? (kout_t*)p.k_rope + t * p.kr_st + hk * p.kr_sh
+                                              : (kout_t*)p.k_rope_out + t * p.kro_st + hk * p.kro_sh;
+      store_scaled<kout_t>(dst + off + OFF_A, a, (float)p.k_mul);
+      store_scaled<kout_t>(dst + off + OFF_B, b, (float)p.k_mul);
+    }
+    if constexpr (K_ROPE_CACHE >= 0) {
+      if (cache) {
+        kvc_t* dst = cache_base<K_ROPE_CACHE>(p) + d.page * p.krc_page + d.entry * p.krc_entry +
+                     hk * p.krc_head + p.krc_off + off;
+        store_scaled<kvc_t>(dst + OFF_A, a, m.k);
+        store_scaled<kvc_t>(dst + OFF_B, b, m.k);
+      }
+    }
+    return;
+  }
+  float x[VEC];
+  to_floats(it.a, x);
+  if (j < QN_END) {
+    const int i = j - ROT_ITEMS, h = i / nonzero(QN_VECS), v = i - h * QN_VECS;
+    store_scaled<qout_t>((qout_t*)p.q_nope_out + t * p.qno_st + h * p.qno_sh + v * VEC, x,
+                         (float)p.q_mul);
+  } else if (j < KN_END) {
+    const int i = j - QN_END, h = i / nonzero(KN_VECS), v = i - h * KN_VECS;
+    if constexpr (K_NOPE_OUT) {
+      store_scaled<kout_t>((kout_t*)p.k_nope_out + t * p.kno_st + h * p.kno_sh + v * VEC, x,
+                           (float)p.k_mul);
+    }
+    if constexpr (K_NOPE_CACHE >= 0) {
+      if (cache) {
+        store_scaled<kvc_t>(cache_base<K_NOPE_CACHE>(p) + d.page * p.knc_page +
+                                d.entry * p.knc_entry + h * p.knc_head + p.knc_off + v * VEC,
+                            x, m.k);
+      }
+    }
+  } else if constexpr (V_CACHE >= 0) {
+    const int i = j - KN_END, h = i / nonzero(V_VECS), v = i - h * V_VECS;
+    if (cache) {
+      store_scaled<kvc_t>(cache_base<V_CACHE>(p) + d.page * p.vc_page + d.entry * p.vc_entry +
+                              h * p.vc_head + v * VEC,
+                          x, m.v);
+    }
+  }
+}
+
+extern __shared__ float2 cos_sin_tile[];  // [blockDim.y][HALF]: the block's tokens
+
+extern "C" __global__ void __launch_bounds__(512) rope_fused_kernel(const FusedRopeParams p) {
+  __shared__ TokenDest dests[MAX_BLOCK_TOKENS];
+  const int tx = threadIdx.x, ty = threadIdx.y, nx = blockDim.x;
+  const i64 t = (i64)blockIdx.x * blockDim.y + ty;
+  const int first = blockIdx.y * (int)p.split_items;
+  const int last = min(ITEMS, first + (int)p.split_items);
+  const bool live = t < p.num_tokens;
+
+  // The first batch's loads go out before the cache rows (up to three dependent loads)
+  // and cos/sin are worked out: their latencies overlap.
+  Item batch[ITEM_BATCH];
+  int j0 = first + tx;
+  if (live) {
+#pragma unroll
+    for (int u = 0; u < ITEM_BATCH; ++u) {
+      const int j = j0 + u * nx;
+      if (j < last) load_item(p, t, j, batch[u]);
+    }
+  }
+  if (tx == 0) dests[ty] = token_dest(p, t);
+  if (first < ROT_ITEMS) {
+    const i64 pos = live ? (i64)load_index<pos_t>(p.pos_ids, t, p.pos_stride) : 0;
+    for (int j = tx; j < HALF; j += nx) cos_sin_tile[ty * HALF + j] = cos_sin_at(p, pos, live, j);
+  }
+  __syncthreads();
+  const TokenDest d = dests[ty];
+  if (!(d.flags & WRITE)) return;
+
+  CacheMul m{(float)p.kc_mul, (float)p.vc_mul};
+  if constexpr (K_SCALE_ON_DEVICE) m.k = 1.0f / *(const float*)p.k_scale;
+  if constexpr (V_SCALE_ON_DEVICE) m.v = 1.0f / *(const float*)p.v_scale;
+  const float2* cs = cos_sin_tile + ty * HALF;
+  for (;;) {
+#pragma unroll
+    for (int u = 0; u < ITEM_BATCH; ++u) {
+      const int j = j0 + u * nx;
+      if (j < last) store_item(p, t, d, j, batch[u], cs, m);
+    }
+    j0 += ITEM_BATCH * nx;
+    if (j0 >= last) break;
+#pragma unroll
+    for (int u = 0; u < ITEM_BATCH; ++u) {
+      const int j = j0 + u * nx;
+      if (j < last) load_item(p, t, j, batch[u]);
+    }
+  }
+}

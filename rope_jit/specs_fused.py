@@ -1,0 +1,198 @@
+"""Specializations of the fused kernels: RoPE with quantization and the KV-cache write
+(``kernels/rope_fused.cu``), and QK RMSNorm + RoPE (``kernels/qk_norm_rope.cu``).
+
+As ``rope_jit.specs``: a frozen dataclass holds every compile-time constant, renders the
+prelude of constants, and declares its kernel-argument struct once (``ParamStruct``).
+Both kernels share ``kernels/rope_chunk.cuh`` (chunk layout, cos/sin, rotation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .dtypes import C_TYPE
+from .specs import ROPE_FREQ, ParamStruct, c_bool, render_source
+
+# ------------------------------------------------------------------ RoPE + quantize + KV write
+
+# Kernel pointers, one per array a fused call may pass (rope_jit.plan_fused.FusedRopeArrays
+# has these fields, in this order): packed per call, the rest of the struct per plan.
+FUSED_ROPE_POINTERS = (
+    "q_rope", "k_rope", "q_nope", "k_nope", "v",
+    "q_rope_out", "k_rope_out", "q_nope_out", "k_nope_out",
+    "cache0", "cache1", "pos_ids", "cos_sin_cache",
+    "slot_mapping", "batch_indices", "positions", "kv_indices", "kv_indptr",
+    "k_scale", "v_scale",
+)
+# Multipliers of what is stored: q outputs, k outputs (arrays), k and v into the caches.
+FUSED_ROPE_MULS = ("q_mul", "k_mul", "kc_mul", "vc_mul")
+FUSED_ROPE_STATIC = (
+    "num_tokens", "split_items", "max_position", "cache_stride", "kn_off",
+    "pos_stride", "slot_stride", "batch_stride", "positions_stride", "kv_indices_stride",
+    "kv_indptr_stride",
+    # (token, head) strides of the arrays
+    "qr_st", "qr_sh", "kr_st", "kr_sh", "qn_st", "qn_sh", "kn_st", "kn_sh", "v_st", "v_sh",
+    "qro_st", "qro_sh", "kro_st", "kro_sh", "qno_st", "qno_sh", "kno_st", "kno_sh",
+    # cache destinations: (page, entry, head) strides and an element offset in the row
+    "krc_page", "krc_entry", "krc_head", "krc_off",
+    "knc_page", "knc_entry", "knc_head", "knc_off",
+    "vc_page", "vc_entry", "vc_head",
+    # bounds: slot_mapping entries, cache pages, kv_indices entries, requests
+    "num_slots", "num_pages", "num_indices", "batch_size",
+)
+FUSED_ROPE_PARAMS = ParamStruct(
+    "FusedRopeParams",
+    [(n, "q") for n in FUSED_ROPE_POINTERS] + [(n, "d") for n in ROPE_FREQ + FUSED_ROPE_MULS]
+    + [(n, "q") for n in FUSED_ROPE_STATIC])
+
+CACHE_MODES = ("none", "slots", "paged")
+K_ROPE_OUTS = ("none", "array", "inplace")
+
+
+@dataclass(frozen=True)
+class FusedRopeSpec:
+    """Every compile-time constant of one fused RoPE kernel (kernels/rope_fused.cu)."""
+
+    dtype: str                  # q/k/v inputs
+    q_out_dtype: str            # q_rope_out / q_nope_out (in place: dtype)
+    k_out_dtype: str            # k_rope_out / k_nope_out arrays (in place: dtype)
+    kv_cache_dtype: str         # cache storage (no cache: dtype)
+    cache_dtype: str | None     # cos/sin cache; None: on the fly
+    scaling: str                # on-the-fly variant (specs.SCALINGS)
+    index_dtypes: tuple         # pos_ids, slot_mapping/batch_indices, positions, kv_indices, kv_indptr
+    num_q_heads: int
+    num_k_heads: int
+    rotary_dim: int
+    q_nope_dim: int
+    k_nope_dim: int
+    v_dim: int
+    neox: bool
+    vec: int                    # input elements per vector access
+    item_batch: int             # items whose loads a thread issues together
+    q_inplace: bool             # rotated q goes back into q_rope
+    k_rope_out: str             # K_ROPE_OUTS: rotated k into an array, in place, or nowhere
+    q_nope_out: bool
+    k_nope_out: bool
+    k_nope_in_k_rope: bool      # the k nope part is read from k_rope's rows (vLLM's key)
+    k_rope_cache: int           # which cache pointer (0, 1) gets the rotated k; -1 none
+    k_nope_cache: int
+    v_cache: int
+    cache_mode: str             # CACHE_MODES
+    page_size: int              # entries per page (slots: block size); 1 without a cache
+    k_scale_on_device: bool     # the k cache multiplier is 1 / *k_scale, read by the kernel
+    v_scale_on_device: bool
+
+    kernel_name = "rope_fused_kernel"
+    params = FUSED_ROPE_PARAMS
+
+    def words(self) -> str:
+        cs = f"{self.cache_dtype} cache" if self.cache_dtype else f"on the fly {self.scaling}"
+        dests = [f"q->{'in place' if self.q_inplace else self.q_out_dtype}"]
+        if self.k_rope_out != "none":
+            dests.append(f"k->{'in place' if self.k_rope_out == 'inplace' else self.k_out_dtype}")
+        if self.cache_mode != "none":
+            dests.append(f"{self.cache_mode} {self.kv_cache_dtype} cache page {self.page_size}"
+                         f" (k rope {self.k_rope_cache}, k nope {self.k_nope_cache},"
+                         f" v {self.v_cache})")
+        return (f"rope_fused {self.dtype} heads {self.num_q_heads}/{self.num_k_heads} rotary "
+                f"{self.rotary_dim} nope {self.q_nope_dim}/{self.k_nope_dim} v {self.v_dim} "
+                f"{'neox' if self.neox else 'gptj'} {cs} ids {'/'.join(self.index_dtypes)} "
+                f"{', '.join(dests)} vec {self.vec} batch {self.item_batch}"
+                f"{' k_scale on device' if self.k_scale_on_device else ''}"
+                f"{' v_scale on device' if self.v_scale_on_device else ''}")
+
+    def prelude(self) -> str:
+        pos, slot, ppos, kvidx, kvptr = self.index_dtypes
+        lines = [
+            f"// rope_jit specialization: {self.words()}",
+            f"typedef {C_TYPE[self.dtype]} in_t;",
+            f"typedef {C_TYPE[self.q_out_dtype]} qout_t;",
+            f"typedef {C_TYPE[self.k_out_dtype]} kout_t;",
+            f"typedef {C_TYPE[self.kv_cache_dtype]} kvc_t;",
+            f"typedef {C_TYPE[self.cache_dtype or 'float32']} cache_t;",
+            f"typedef {C_TYPE[pos]} pos_t;",
+            f"typedef {C_TYPE[slot]} slot_t;",
+            f"typedef {C_TYPE[ppos]} ppos_t;",
+            f"typedef {C_TYPE[kvidx]} kvidx_t;",
+            f"typedef {C_TYPE[kvptr]} kvptr_t;",
+            f"constexpr int NUM_Q_HEADS = {self.num_q_heads}, NUM_K_HEADS = {self.num_k_heads};",
+            f"constexpr int ROT_DIM = {self.rotary_dim}, Q_NOPE_DIM = {self.q_nope_dim}, "
+            f"K_NOPE_DIM = {self.k_nope_dim}, V_DIM = {self.v_dim};",
+            f"constexpr int VEC = {self.vec}, ITEM_BATCH = {self.item_batch};",
+            f"constexpr bool NEOX = {c_bool(self.neox)};",
+            f"constexpr bool COS_SIN_FROM_CACHE = {c_bool(self.cache_dtype is not None)};",
+            f"constexpr int SCALING = SCALING_{self.scaling.upper()};",
+            f"constexpr bool Q_INPLACE = {c_bool(self.q_inplace)};",
+            f"constexpr int K_ROPE_OUT = {K_ROPE_OUTS.index(self.k_rope_out)};",
+            f"constexpr bool Q_NOPE_OUT = {c_bool(self.q_nope_out)};",
+            f"constexpr bool K_NOPE_OUT = {c_bool(self.k_nope_out)};",
+            f"constexpr bool K_NOPE_IN_K_ROPE = {c_bool(self.k_nope_in_k_rope)};",
+            f"constexpr int K_ROPE_CACHE = {self.k_rope_cache}, K_NOPE_CACHE = {self.k_nope_cache}, "
+            f"V_CACHE = {self.v_cache};",
+            f"constexpr int CACHE_MODE = {CACHE_MODES.index(self.cache_mode)};",
+            f"constexpr long long PAGE_SIZE = {self.page_size};",
+            f"constexpr bool K_SCALE_ON_DEVICE = {c_bool(self.k_scale_on_device)};",
+            f"constexpr bool V_SCALE_ON_DEVICE = {c_bool(self.v_scale_on_device)};",
+        ]
+        return "\n".join(lines) + "\n" + self.params.c_decl
+
+    def render(self) -> str:
+        return render_source(self.prelude(), "rope_chunk.cuh", "rope_fused.cu")
+
+
+# ------------------------------------------------------------------ QK RMSNorm + RoPE
+
+QK_NORM_ROPE_POINTERS = ("qkv", "q_weight", "k_weight", "position_ids", "cos_sin_cache")
+QK_NORM_ROPE_STATIC = ("num_tokens", "token_stride", "pos_stride", "max_position",
+                       "cache_stride", "q_weight_stride", "k_weight_stride")
+QK_NORM_ROPE_PARAMS = ParamStruct(
+    "QKNormRopeParams",
+    [(n, "q") for n in QK_NORM_ROPE_POINTERS] + [(n, "d") for n in ROPE_FREQ + ("eps",)]
+    + [(n, "q") for n in QK_NORM_ROPE_STATIC])
+
+
+@dataclass(frozen=True)
+class QKNormRopeSpec:
+    """Every compile-time constant of one QK RMSNorm + RoPE kernel (kernels/qk_norm_rope.cu)."""
+
+    dtype: str                  # qkv storage: float16 | bfloat16
+    weight_dtype: str           # q_weight / k_weight
+    cache_dtype: str | None     # cos/sin cache; None: on the fly
+    scaling: str
+    index_dtype: str            # position_ids
+    head_dim: int
+    rotary_dim: int
+    num_q_heads: int
+    num_k_heads: int
+    neox: bool
+    vec: int
+    lanes: int                  # threads per head (a power of two, at most 32)
+
+    kernel_name = "qk_norm_rope_kernel"
+    params = QK_NORM_ROPE_PARAMS
+
+    def words(self) -> str:
+        cs = f"{self.cache_dtype} cache" if self.cache_dtype else f"on the fly {self.scaling}"
+        return (f"qk_norm_rope {self.dtype} weights {self.weight_dtype} head {self.head_dim} "
+                f"rotary {self.rotary_dim} heads {self.num_q_heads}/{self.num_k_heads} "
+                f"{'neox' if self.neox else 'gptj'} {cs} positions {self.index_dtype} "
+                f"vec {self.vec} lanes {self.lanes}")
+
+    def prelude(self) -> str:
+        lines = [
+            f"// rope_jit specialization: {self.words()}",
+            f"typedef {C_TYPE[self.dtype]} scalar_t;",
+            f"typedef {C_TYPE[self.weight_dtype]} weight_t;",
+            f"typedef {C_TYPE[self.cache_dtype or 'float32']} cache_t;",
+            f"typedef {C_TYPE[self.index_dtype]} index_t;",
+            f"constexpr int HEAD_DIM = {self.head_dim}, ROT_DIM = {self.rotary_dim};",
+            f"constexpr int NUM_Q_HEADS = {self.num_q_heads}, NUM_K_HEADS = {self.num_k_heads};",
+            f"constexpr int VEC = {self.vec}, LANES = {self.lanes};",
+            f"constexpr bool NEOX = {c_bool(self.neox)};",
+            f"constexpr bool COS_SIN_FROM_CACHE = {c_bool(self.cache_dtype is not None)};",
+            f"constexpr int SCALING = SCALING_{self.scaling.upper()};",
+        ]
+        return "\n".join(lines) + "\n" + self.params.c_decl
+
+    def render(self) -> str:
+        return render_source(self.prelude(), "rope_chunk.cuh", "qk_norm_rope.cu")
