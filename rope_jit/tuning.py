@@ -5,8 +5,10 @@ In order of preference:
    and stored the winner per shape class and token bucket in a table beside the compiled
    kernels (``<cache dir>/tuning/``, one JSON file per GPU model, SM count and rope_jit
    version; written atomically; read from a read-only, pre-warmed directory too);
-2. the built-in knobs measured on this GPU model (``BUILT_IN``);
-3. the defaults (measured on an H100).
+2. a table shipped with rope_jit for this GPU model (``rope_jit/tuned/``: the same format,
+   measured by ``rope-jit tune`` on that GPU for the benchmark's model shapes);
+3. the built-in knobs of this GPU model (``BUILT_IN``);
+4. the defaults (measured on an H100).
 
 Nothing here measures: a call never tunes unless ``ROPE_JIT_AUTOTUNE=1`` asks for it
 (``rope_jit.tune.autotune`` then fills missing entries on a plan miss).
@@ -43,10 +45,21 @@ def device_key(device: int) -> tuple:
     return device_name(device), f"sm_{device_arch(device)}", num_sms(device)
 
 
-def table_path(key: tuple) -> Path:
+def _table_stem(key: tuple) -> str:
     name, arch, sms = key
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return jit.cache_dir() / "tuning" / f"{slug}-{arch}-{sms}sm-rope_jit-{__version__}.json"
+    return f"{slug}-{arch}-{sms}sm"
+
+
+def table_path(key: tuple) -> Path:
+    return jit.cache_dir() / "tuning" / f"{_table_stem(key)}-rope_jit-{__version__}.json"
+
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "tuned"
+
+
+def shipped_path(key: tuple) -> Path:
+    return SHIPPED_DIR / f"{_table_stem(key)}.json"
 
 
 def _entry_key(shape: ShapeClass, bucket: int) -> str:
@@ -95,12 +108,15 @@ class TuningTable:
         return path
 
     @classmethod
-    def load(cls, key: tuple) -> "TuningTable":
-        """The stored table, or an empty one (missing, unreadable or of another format:
-        built-in knobs then apply; a damaged file is never trusted)."""
+    def load(cls, key: tuple, path: Path | None = None) -> "TuningTable":
+        """The table stored for `key` (at `path`: a shipped table, whose knobs are valid for
+        the kernels it ships with, whatever version measured them), or an empty one
+        (missing, unreadable or of another format: the next preference applies; a damaged
+        file is never trusted)."""
         try:
-            data = json.loads(table_path(key).read_text())
-            if data.get("format") != TABLE_FORMAT or data.get("rope_jit") != __version__:
+            data = json.loads((path or table_path(key)).read_text())
+            if data.get("format") != TABLE_FORMAT or (path is None
+                                                      and data.get("rope_jit") != __version__):
                 return cls(key)
             entries = data["entries"]
             for e in entries.values():
@@ -111,6 +127,7 @@ class TuningTable:
 
 
 _tables: dict = {}
+_shipped: dict = {}
 _lock = threading.Lock()
 
 
@@ -125,10 +142,19 @@ def table_for(device: int) -> TuningTable:
     return t
 
 
+def shipped_table(key: tuple) -> TuningTable:
+    """The table rope_jit ships for this GPU model, arch and SM count (may be empty)."""
+    t = _shipped.get(key)
+    if t is None:
+        t = _shipped[key] = TuningTable.load(key, shipped_path(key))
+    return t
+
+
 def forget_tables() -> None:
     """Drop the loaded tables (the next plan reads them again from disk)."""
     with _lock:
         _tables.clear()
+        _shipped.clear()
 
 
 _autotuner = None  # rope_jit.tune.autotune, registered by that module (it sits above launch)
@@ -171,8 +197,15 @@ def knob_choices(archs=None) -> list:
     of `archs` may be planned with: the defaults, every built-in set, every stored table.
     Warming plans with each, so a pre-warmed cache holds what any of them picks."""
     choices = [DEFAULT_TUNING, *dict.fromkeys(BUILT_IN.values())]
+    shipped = []
+    for path in sorted(SHIPPED_DIR.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+            shipped.append(shipped_table((data["device"], data["arch"], int(data["sms"]))))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
     for arch in archs or [None]:
-        for table in stored_tables(arch):
+        for table in stored_tables(arch) + [t for t in shipped if arch in (None, t.key[1])]:
             choices.append(_TableLookup(table, BUILT_IN.get(table.key[0], DEFAULT_TUNING)))
     return choices
 
@@ -194,6 +227,7 @@ class DeviceTuning:
     def __init__(self, device: int, autotune=None):
         self.device = device
         self.table = table_for(device)
+        self.shipped = shipped_table(device_key(device))
         self.built_in = BUILT_IN.get(device_name(device), DEFAULT_TUNING)
         self.autotune = autotune  # fn(device, shape, bucket) -> Tuning | None, or None
 
@@ -202,4 +236,4 @@ class DeviceTuning:
         t = self.table.get(shape, bucket)
         if t is None and self.autotune is not None:
             t = self.autotune(self.device, shape, bucket)
-        return t or self.built_in
+        return t or self.shipped.get(shape, bucket) or self.built_in

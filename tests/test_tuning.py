@@ -149,3 +149,24 @@ def test_autotuning_is_opt_in(monkeypatch):
     from rope_jit.tune import autotune
 
     assert tuning.autotuner() is autotune
+
+
+def test_shipped_table_sits_between_the_user_table_and_the_built_in(cache_dir, monkeypatch, tmp_path):
+    """A table shipped in rope_jit/tuned/ (any rope_jit version that measured it) answers
+    where this machine's own table has no entry; warming covers it."""
+    shipped = dataclasses.replace(DEFAULT_TUNING, block=512)
+    mine = dataclasses.replace(DEFAULT_TUNING, head_batch=1)
+    monkeypatch.setattr(tuning, "SHIPPED_DIR", tmp_path)
+    table = tuning.TuningTable(KEY)
+    table.put(SHAPE, 8192, shipped)
+    table.put(SHAPE, 1024, shipped)
+    data = json.loads(table.to_json())
+    data["rope_jit"] = "0.0.1"  # measured by an older version: still valid (ships with the code)
+    tuning.shipped_path(KEY).write_text(json.dumps(data))
+    lookup = _device_tuning(monkeypatch, entries=[(SHAPE, 8192, mine)])
+    assert lookup(SHAPE, 8192) == mine          # this machine's table first
+    assert lookup(SHAPE, 1000) == shipped       # then the shipped one
+    assert lookup(SHAPE, 4) is DEFAULT_TUNING   # then built-in / defaults
+    choices = tuning.knob_choices(["sm_90"])
+    assert any(callable(c) and c(SHAPE, 1024) == shipped for c in choices)
+    tuning.forget_tables()
