@@ -25,7 +25,7 @@ uniform in [0, 100000), caches built by ``rope_jit.compute_cos_sin_cache``.
 * ``torch_eager``, ``torch_compile``: vLLM's native PyTorch formula, bf16 cache, OUT OF
   PLACE (new q and k returned, as vLLM runs it), eager and under ``torch.compile``.
 
-Bytes per call (SPEC section 8): in place, read + write of the rotated part of q and k;
+Bytes per call (docs/performance.md): in place, read + write of the rotated part of q and k;
 out of place, of whole heads (the pass-through part is copied and counts); + positions
 (8 per token) + cache rows read (R x the cache's item size per token; 0 on the fly). The
 copy row moves q and k whole (read + write); the pattern ceiling touches the rotated part.
@@ -190,7 +190,7 @@ FLY_VARIANTS = {
 
 
 def rope_bytes(shape: RopeShape, tokens: int, cache_itemsize: int, inplace: bool) -> int:
-    """SPEC section 8: q and k read + written (their rotated part in place, whole heads out
+    """docs/performance.md: q and k read + written (their rotated part in place, whole heads out
     of place), int64 positions, cache rows read (R values per token)."""
     per_head = shape.rotary_dim if inplace else shape.head_size
     moved = tokens * (shape.num_q_heads + shape.num_kv_heads) * per_head * 2  # bf16

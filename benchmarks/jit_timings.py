@@ -1,4 +1,4 @@
-"""Timings of the JIT (issue #4; SPEC section 5), against their targets:
+"""Timings of the JIT (issue #4; docs/jit.md), against their targets:
 
 * cold compile of one specialization: median over distinct specializations none of
   which is in memory or on disk (render + key + NVRTC + entry write, and NVRTC alone);

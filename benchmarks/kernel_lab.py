@@ -47,7 +47,7 @@ Without a GPU, --dry-run compiles every variant with NVRTC for sm_90 and prints 
 register counts; --emulate adds the smoke test's checks run on a CPU emulator of the
 kernels (kernels/common.cuh ROPE_HOST_EMULATION; fp16 excluded: its conversions are PTX).
 
-Percentages are of the device-copy bandwidth measured at the start, with SPEC section 8's
+Percentages are of the device-copy bandwidth measured at the start, with docs/performance.md's
 bytes (rotated part of q and k read + written, positions, cache rows), like
 benchmarks/run.py; at <= 128 tokens the table gives times and time / copy time.
 """
@@ -1378,7 +1378,7 @@ def time_ceiling(shape: Shape, tokens: int, sets: int, replays: int, cubin_dir: 
 
 
 def roofline_bytes(shape: Shape, tokens: int, cache_itemsize: int) -> int:
-    """SPEC section 8 bytes of an in-place call (benchmarks/run.py bytes_per_call)."""
+    """docs/performance.md bytes of an in-place call (benchmarks/run.py bytes_per_call)."""
     rotated = tokens * (shape.num_q_heads + shape.num_kv_heads) * shape.rotary_dim * 2
     return 2 * rotated + 8 * tokens + tokens * shape.rotary_dim * cache_itemsize
 

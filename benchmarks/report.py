@@ -473,7 +473,7 @@ def plot_bandwidth(results: dict, path: Path) -> None:
         title = shape["name"] if len(fams) == 1 else f"{fname} · {shape['name']}"
         ax.set_title(f"{title}: {shape['description']}", fontsize=9)
         ax.set_xlabel("tokens")
-        ax.set_ylabel("achieved bandwidth (TB/s, SPEC bytes)")
+        ax.set_ylabel("achieved bandwidth (TB/s, docs/performance.md bytes)")
         ax.grid(True, which="both", alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)

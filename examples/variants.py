@@ -14,7 +14,7 @@ GPT-J style, Qwen2-VL and Qwen3-VL mRoPE) it prints:
 * on a GPU, the largest error of ``rope.forward`` (bf16 q/k) against the float64
   reference fed the same cache rows, in bf16 ulps; elements whose result cancels to a
   tiny fraction of their inputs are counted apart (there the fp32 arithmetic's rounding,
-  about 2^-24 of the inputs, is more than an ulp of the result; SPEC section 1).
+  about 2^-24 of the inputs, is more than an ulp of the result; docs/math.md#precision).
 
 Needs transformers (and torch) for the comparisons; applying needs an NVIDIA GPU.
 """

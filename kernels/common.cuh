@@ -22,7 +22,7 @@ __device__ __forceinline__ float to_float(bf16_t x) {
   return __uint_as_float(((unsigned int)x.bits) << 16);
 }
 
-// Rounding to the storage type: round to nearest even, once, as SPEC section 1 asks.
+// Rounding to the storage type: round to nearest even, once, as docs/math.md#precision asks.
 template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <> __device__ __forceinline__ f16_t from_float<f16_t>(float x) {

@@ -1,4 +1,4 @@
-"""The math of SPEC section 1 in NumPy float64: the oracle every test compares against.
+"""The math of docs/math.md in NumPy float64: the oracle every test compares against.
 
 Written for clarity, not speed, and independently of the kernels' formulation (the
 Llama 3.1 frequencies, for instance, follow transformers' piecewise definition while the
@@ -101,7 +101,7 @@ def apply_rotary(x, cos: np.ndarray, sin: np.ndarray, is_neox: bool) -> np.ndarr
 
 
 def positions_from_offsets(indptr, offsets, nnz=None) -> np.ndarray:
-    """Token j of request b sits at offsets[b] + (j - indptr[b]) (SPEC section 2).
+    """Token j of request b sits at offsets[b] + (j - indptr[b]) (docs/conventions.md).
 
     One entry per token 0 .. nnz-1 (nnz defaults to indptr[-1]); tokens no request owns
     get -1. Same dtype as offsets.

@@ -1,4 +1,4 @@
-"""The public API on a machine with no GPU (SPEC sections 3 and 7).
+"""The public API on a machine with no GPU (docs/api.md and docs/errors.md).
 
 * ``import rope_jit`` needs only NumPy: it imports neither CuPy nor torch;
 * every entry point has FlashInfer's / vLLM's exact parameter names and defaults;
@@ -47,7 +47,7 @@ def test_import_does_not_import_cupy():
 
 
 def test_public_names():
-    """__all__ lists what SPEC section 3 requires, and every name exists."""
+    """__all__ lists what docs/api.md requires, and every name exists."""
     required = {
         "apply_rope_inplace_with_cache", "apply_rope_with_cos_sin_cache",
         "apply_rope_with_cos_sin_cache_inplace", "apply_rope", "apply_rope_inplace",
@@ -311,7 +311,7 @@ def test_on_the_fly_parameter_errors(theta, scale, llama, match):
         _fly_values(128, theta, scale, llama)
 
 
-# ------------------------------------------------------------------ devices (SPEC section 6)
+# ------------------------------------------------------------------ devices (docs/api.md)
 
 def _desc(shape, dtype="bfloat16", device=0, ptr=0):
     from rope_jit.arrays import ArrayDesc, contiguous_strides

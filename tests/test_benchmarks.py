@@ -1,4 +1,4 @@
-"""The benchmark's pure parts, on the CPU: byte counting (SPEC section 8), the pattern
+"""The benchmark's pure parts, on the CPU: byte counting (docs/performance.md), the pattern
 ceiling's geometry, the correctness check and the peer adapters it guards, the report
 rendered from results dicts, the per-GPU folders, the arguments, a dry run end to end, and
 a new op family going through the sweep and the report unchanged."""

@@ -1,5 +1,5 @@
 """NVRTC compiles every kernel template for sm_80 and sm_90 over a covering set of
-specializations (SPEC section 5). Needs CuPy's NVRTC, not a GPU: the tests that compile
+specializations (docs/jit.md). Needs CuPy's NVRTC, not a GPU: the tests that compile
 are marked ``nvrtc`` (conftest skips them where NVRTC is missing); rendering checks run
 everywhere.
 

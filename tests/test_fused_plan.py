@@ -2,7 +2,7 @@
 on ArrayDesc values: no GPU, no CuPy.
 
 * every error path: the exception type and a message naming the argument as the public
-  function calls it (SPEC section 7), raised by planning, i.e. before any launch;
+  function calls it (docs/errors.md), raised by planning, i.e. before any launch;
 * what each public function maps to in the kernel (spec fields, strides, offsets, scales);
 * vector widths, item counts and the launch shape.
 """
@@ -135,7 +135,7 @@ ERRORS = [
 @pytest.mark.parametrize("kind, overrides, exc, match", [e[1:] for e in ERRORS],
                          ids=[e[0] for e in ERRORS])
 def test_invalid_call(kind, overrides, exc, match):
-    """SPEC section 7: the exception type and a message naming the argument."""
+    """docs/errors.md: the exception type and a message naming the argument."""
     with pytest.raises(exc, match=match):
         plan(kind, **overrides)
 

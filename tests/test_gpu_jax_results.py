@@ -1,4 +1,4 @@
-"""JAX in, JAX out (marker: gpu; skipped without jax): SPEC section 3, README "Frameworks",
+"""JAX in, JAX out (marker: gpu; skipped without jax): docs/api.md, README "Frameworks",
 issue 12 item 2.
 
 Every out-of-place entry point, called with ``jax.Array`` inputs however they were made

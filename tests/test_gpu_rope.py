@@ -2,7 +2,7 @@
 
 Fresh random inputs (seeded per case, never zeros), q/k as strided views of one fused QKV
 buffer so bytes outside the views are checked untouched, poisoned outputs out of place,
-pass-through dims bit-identical, ulp-level tolerances (SPEC section 1).
+pass-through dims bit-identical, ulp-level tolerances (docs/math.md#precision).
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ def test_on_the_fly_custom_scale_and_theta():
 
 
 def test_on_the_fly_as_accurate_as_fp32_cache_at_long_context():
-    """SPEC section 1: on the fly must be no less accurate than an fp32 cache, to 2^20."""
+    """docs/math.md#precision: on the fly must be no less accurate than an fp32 cache, to 2^20."""
     T, H, D = 4096, 8, 128
     max_pos = 2 ** 20
     g = torch.Generator(device="cuda").manual_seed(3)

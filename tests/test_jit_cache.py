@@ -1,4 +1,4 @@
-"""The on-disk kernel cache of rope_jit.jit (SPEC section 5): compile once, read back,
+"""The on-disk kernel cache of rope_jit.jit (docs/jit.md): compile once, read back,
 detect corruption, tolerate an unusable directory, key on everything that changes the
 binary, and stay consistent when processes and threads race on one key. ``build`` needs
 NVRTC (CuPy), not a GPU; those tests are marked ``nvrtc``.

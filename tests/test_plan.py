@@ -1,6 +1,6 @@
 """Validation and launch planning (rope_jit.plan) on ArrayDesc values: no GPU, no CuPy.
 
-* every error of SPEC section 7: exception type AND a message that names the argument;
+* every error of docs/errors.md: exception type AND a message that names the argument;
 * layouts and strides landing in the right named kernel parameters (specs.ROPE_STATIC);
 * vector widths (choose_vec), cache vector widths, and the dispatch rules (choose_launch).
 """
@@ -80,7 +80,7 @@ def test_valid_baselines():
     assert p.spec is not None and p.spec.cache_dtype is None and p.spec.indptr
 
 
-# ------------------------------------------------------------------ SPEC section 7
+# ------------------------------------------------------------------ docs/errors.md
 
 ERRORS = [
     # rotary dim
@@ -181,7 +181,7 @@ ERRORS = [
 @pytest.mark.parametrize("fn, overrides, exc, match", [e[1:] for e in ERRORS],
                          ids=[e[0] for e in ERRORS])
 def test_invalid_call(fn, overrides, exc, match):
-    """SPEC section 7: the exception type and a message naming the argument."""
+    """docs/errors.md: the exception type and a message naming the argument."""
     with pytest.raises(exc, match=match):
         fn(**overrides)
 

@@ -1,5 +1,5 @@
 """The float64 oracle (rope_jit.reference) and the host cache builder, checked against
-values computed by hand in this file (SPEC sections 1, 2 and 4's default cache).
+values computed by hand in this file (docs/math.md, docs/conventions.md and the default cache of docs/variants.md).
 
 Everything here runs on the CPU: no CuPy, no GPU.
 """
@@ -197,7 +197,7 @@ SEED_POSITIONS = [4, 6, 7, 8, 9, 3, 4, 5, 6, 7]
 @pytest.mark.parametrize("fn", [reference.positions_from_offsets, rope_jit.positions_from_offsets],
                          ids=["reference", "public"])
 def test_positions_from_offsets_seed_example(fn, dtype):
-    """SPEC section 2's worked example, NumPy in, NumPy out, dtype of offsets."""
+    """The worked example of docs/conventions.md, NumPy in, NumPy out, dtype of offsets."""
     got = fn(np.array(SEED_INDPTR, dtype=dtype), np.array(SEED_OFFSETS, dtype=dtype))
     assert isinstance(got, np.ndarray)
     assert got.dtype == dtype

@@ -1,4 +1,4 @@
-"""torch.library ops behind the entry points, on a machine with no GPU (SPEC section 6).
+"""torch.library ops behind the entry points, on a machine with no GPU (docs/api.md).
 
 Nothing here runs a kernel: torch.compile traces with a backend that records the graph
 and never runs it, FakeTensorMode / meta tensors / make_fx(tracing_mode="fake") exercise
