@@ -201,8 +201,11 @@ def cupy_empty(shape, dtype: str, device: int):
     from .dtypes import numpy_dtype
 
     cp = cupy_module()
+    # CuPy has no float8 dtype: FP8 results are uint8 arrays of the FP8 bits (view them
+    # with ml_dtypes' float8 types on the host)
+    np_dtype = "uint8" if dtype.startswith("float8") else numpy_dtype(dtype)
     with cp.cuda.Device(device):
-        return cp.empty(shape, dtype=numpy_dtype(dtype))
+        return cp.empty(shape, dtype=np_dtype)
 
 
 def cupy_from_host(host: np.ndarray, device: int):

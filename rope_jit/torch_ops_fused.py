@@ -97,10 +97,12 @@ def rope_fused(call: FusedRopeCall, arrays: tuple):
                                None if a.k_nope is None else a.k_nope.shape)
         a = a._replace(**{f: a.q_rope.new_empty(shapes[f], dtype=dtype)
                           for f in returns if getattr(a, f) is None})
-    getattr(torch.ops.rope_jit, _OP_OF.get(call.op, "rope_cache_"))(*a, *call)
+    # call[:]: a plain tuple slice, which Dynamo unpacks (it cannot iterate a NamedTuple
+    # directly in every torch version)
+    getattr(torch.ops.rope_jit, _OP_OF.get(call.op, "rope_cache_"))(*a, *call[:])
     return tuple(getattr(a, f) for f in returns) if returns else None
 
 
 def qk_norm_rope(call: QKNormRopeCall, arrays: tuple) -> None:
     args = [tensor_arg(x, f) for x, f in zip(arrays, QKNormRopeArrays._fields)]
-    torch.ops.rope_jit.qk_norm_rope_(*args, *call)
+    torch.ops.rope_jit.qk_norm_rope_(*args, *call[:])

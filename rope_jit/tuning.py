@@ -90,6 +90,20 @@ class TuningTable:
             t = self._knobs[k] = tuning_from_dict(self.entries[k]["tuning"])
         return t
 
+    def nearest(self, shape: ShapeClass, bucket: int) -> Tuning | None:
+        """The entry of this shape class at `bucket`, else at the tuned bucket nearest to it
+        (in powers of two; the smaller on a tie): knobs change gradually with the token
+        count, so a neighbour's are a better guess than the untuned defaults."""
+        t = self.get(shape, bucket)
+        if t is not None:
+            return t
+        prefix = json.dumps([list(shape)])[:-1] + ", "
+        tuned = [int(k[len(prefix):-1]) for k in self.entries if k.startswith(prefix)]
+        if not tuned:
+            return None
+        log = bucket.bit_length()
+        return self.get(shape, min(tuned, key=lambda b: (abs(b.bit_length() - log), b)))
+
     def put(self, shape: ShapeClass, bucket: int, tuning: Tuning, **measured) -> None:
         k = _entry_key(shape, bucket)
         self.entries[k] = {"tuning": asdict(tuning), **measured}
@@ -217,12 +231,14 @@ class _TableLookup:
         self.table, self.fallback = table, fallback
 
     def __call__(self, shape: ShapeClass, num_tokens: int) -> Tuning:
-        return self.table.get(shape, token_bucket(num_tokens)) or self.fallback
+        return self.table.nearest(shape, token_bucket(num_tokens)) or self.fallback
 
 
 class DeviceTuning:
-    """The knob lookup the planner calls once it knows the call's shape class:
-    tuned entry, else this GPU model's built-in knobs, else the defaults."""
+    """The knob lookup the planner calls once it knows the call's shape class: this
+    machine's tuned entry (measured on the spot first with ROPE_JIT_AUTOTUNE=1), else the
+    shipped table's entry, else the nearest tuned bucket of this machine's table, then of
+    the shipped one, else this GPU model's built-in knobs, else the defaults."""
 
     def __init__(self, device: int, autotune=None):
         self.device = device
@@ -236,4 +252,5 @@ class DeviceTuning:
         t = self.table.get(shape, bucket)
         if t is None and self.autotune is not None:
             t = self.autotune(self.device, shape, bucket)
-        return t or self.shipped.get(shape, bucket) or self.built_in
+        return (t or self.shipped.get(shape, bucket) or self.table.nearest(shape, bucket)
+                or self.shipped.nearest(shape, bucket) or self.built_in)

@@ -236,8 +236,11 @@ def test_rope_quantize_zero_tokens_and_cupy_arrays():
     pos = cp.arange(9, dtype=cp.int32)
     outs = rope_jit.rope_quantize_fp8(qc, kc, None, None, None, pos, False)
     assert all(isinstance(o, cp.ndarray) for o in outs)
+    assert outs[0].dtype == cp.uint8  # CuPy has no float8 dtype: the FP8 bits
     cos, sin = reference.cos_sin(np.arange(9), reference.inv_frequencies(64))
-    got = cp.asnumpy(outs[0]).astype(np.float64)
+    import ml_dtypes
+
+    got = cp.asnumpy(outs[0]).view(ml_dtypes.float8_e4m3fn).astype(np.float64)
     ref = reference.rope_quantize(cp.asnumpy(qc), cp.asnumpy(kc), None, None, cos, sin, False)[0]
     assert_fp8_close(got, ref, "float8_e4m3fn", "cupy q_rope_out",
                      pair_magnitude(cp.asnumpy(qc).astype(np.float64), False))

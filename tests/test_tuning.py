@@ -72,7 +72,9 @@ def test_read_only_table_is_read(cache_dir):
         path.parent.chmod(0o755)
 
 
-def _device_tuning(monkeypatch, name="NVIDIA H200", built_in=None, entries=()):
+def _device_tuning(monkeypatch, name="NVIDIA H200", built_in=None, entries=(), shipped_dir=None):
+    """A DeviceTuning of a pretend GPU; no shipped table unless `shipped_dir` holds one."""
+    monkeypatch.setattr(tuning, "SHIPPED_DIR", shipped_dir or tuning.SHIPPED_DIR / "none")
     monkeypatch.setattr(tuning, "device_name", lambda d: name)
     monkeypatch.setattr(tuning, "device_arch", lambda d: "90")
     monkeypatch.setattr(tuning, "num_sms", lambda d: 132)
@@ -92,11 +94,11 @@ def test_order_of_preference(cache_dir, monkeypatch):
     lookup = _device_tuning(monkeypatch, built_in={"NVIDIA H200": built},
                             entries=[(SHAPE, 8192, tuned)])
     assert lookup(SHAPE, 8000) is tuned          # same bucket
-    assert lookup(SHAPE, 9000) == built          # another bucket: built-in
+    assert lookup(SHAPE, 9000) == tuned          # another bucket: the nearest tuned one
     assert lookup(OTHER, 8192) == built          # another shape class: built-in
     other_gpu = _device_tuning(monkeypatch, name="NVIDIA H100 80GB HBM3",
                                built_in={"NVIDIA H200": built})
-    assert other_gpu(SHAPE, 9000) is DEFAULT_TUNING
+    assert other_gpu(OTHER, 9000) is DEFAULT_TUNING
     tuning.forget_tables()
 
 
@@ -163,10 +165,26 @@ def test_shipped_table_sits_between_the_user_table_and_the_built_in(cache_dir, m
     data = json.loads(table.to_json())
     data["rope_jit"] = "0.0.1"  # measured by an older version: still valid (ships with the code)
     tuning.shipped_path(KEY).write_text(json.dumps(data))
-    lookup = _device_tuning(monkeypatch, entries=[(SHAPE, 8192, mine)])
+    lookup = _device_tuning(monkeypatch, entries=[(SHAPE, 8192, mine)], shipped_dir=tmp_path)
     assert lookup(SHAPE, 8192) == mine          # this machine's table first
-    assert lookup(SHAPE, 1000) == shipped       # then the shipped one
-    assert lookup(SHAPE, 4) is DEFAULT_TUNING   # then built-in / defaults
+    assert lookup(SHAPE, 1000) == shipped       # then the shipped one's entry
+    assert lookup(SHAPE, 16384) == mine         # then this machine's nearest bucket
+    assert lookup(OTHER, 4) is DEFAULT_TUNING   # then built-in / defaults
     choices = tuning.knob_choices(["sm_90"])
     assert any(callable(c) and c(SHAPE, 1024) == shipped for c in choices)
+    tuning.forget_tables()
+
+
+def test_untuned_buckets_take_the_nearest_tuned_one(cache_dir, monkeypatch):
+    """A bucket the table lacks gets the knobs of the nearest tuned bucket of its shape
+    class (powers of two; the smaller on a tie); another shape class gets none."""
+    a, b = (dataclasses.replace(DEFAULT_TUNING, block=n) for n in (128, 512))
+    t = tuning.TuningTable(KEY)
+    t.put(SHAPE, 16, a)
+    t.put(SHAPE, 1024, b)
+    assert t.nearest(SHAPE, 16) == a and t.nearest(SHAPE, 32) == a and t.nearest(SHAPE, 128) == a
+    assert t.nearest(SHAPE, 256) == b and t.nearest(SHAPE, 65536) == b and t.nearest(SHAPE, 1) == a
+    assert t.nearest(OTHER, 16) is None
+    lookup = _device_tuning(monkeypatch, entries=[(SHAPE, 16, a), (SHAPE, 1024, b)])
+    assert lookup(SHAPE, 100) == a and lookup(SHAPE, 5000) == b
     tuning.forget_tables()
