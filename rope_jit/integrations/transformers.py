@@ -137,17 +137,21 @@ def apply_rope_jit(model_or_family) -> tuple:
 def revert_rope_jit(model_or_family) -> tuple:
     """Undo ``apply_rope_jit`` for the same families: each patched function is replaced by
     the exact object it replaced. A function someone replaced again after rope_jit is left
-    alone, with a warning. Returns the names of the restored functions (none when nothing
-    was patched)."""
+    alone, with a warning (its original is kept for a later revert). Returns the names of
+    the restored functions (none when nothing was patched)."""
     names = []
     for _, module in _modules_of(model_or_family):
-        for name, (original, replacement) in _patched.pop(module.__name__, {}).items():
+        saved = _patched.get(module.__name__, {})
+        for name, (original, replacement) in list(saved.items()):
             if getattr(module, name, None) is not replacement:
                 warnings.warn(f"{module.__name__}.{name} was replaced after rope_jit patched "
                               "it; left as it is", stacklevel=2)
-                continue
+                continue  # the original stays saved, for when that replacement is undone
             setattr(module, name, original)
+            del saved[name]
             names.append(f"{module.__name__}.{name}")
+        if not saved:
+            _patched.pop(module.__name__, None)
     return tuple(names)
 
 
