@@ -24,7 +24,7 @@ import rope_jit  # noqa: E402
 from rope_jit.integrations import transformers as integration  # noqa: E402
 from rope_jit.integrations.transformers import FAMILIES, apply_rope_jit, revert_rope_jit  # noqa: E402
 
-from transformers_models import MODELS, VOCAB  # noqa: E402
+from transformers_models import MODELS, VOCAB, multimodal_rotary_pos_emb_v4  # noqa: E402
 
 REQUIRED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "phi", "phi3", "gpt_neox",
             "deepseek_v3", "qwen2_vl"}
@@ -222,17 +222,6 @@ def test_revert_leaves_a_later_replacement_alone():
 
 # ------------------------------------------------------------------ transformers 4 signatures
 
-def _multimodal_v4(q, k, cos, sin, mrope_section, unsqueeze_dim=1):
-    """transformers 4's Qwen2-VL function, as it was (the oracle for the replacement)."""
-    mrope_section = mrope_section * 2
-    cos = torch.cat([m[i % 3] for i, m in enumerate(cos.split(mrope_section, dim=-1))],
-                    dim=-1).unsqueeze(unsqueeze_dim)
-    sin = torch.cat([m[i % 3] for i, m in enumerate(sin.split(mrope_section, dim=-1))],
-                    dim=-1).unsqueeze(unsqueeze_dim)
-    rot = lambda x: torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), -1)  # noqa: E731
-    return q * cos + rot(q) * sin, k * cos + rot(k) * sin
-
-
 def test_transformers_4_signatures_get_adapters(monkeypatch):
     """transformers 4's apply_rotary_pos_emb(q, k, cos, sin, position_ids, unsqueeze_dim) and
     Qwen2-VL's apply_multimodal_rotary_pos_emb get replacements of their signatures."""
@@ -240,8 +229,8 @@ def test_transformers_4_signatures_get_adapters(monkeypatch):
         return q, k
 
     monkeypatch.setattr(_module("mistral"), "apply_rotary_pos_emb", old_rotary)
-    monkeypatch.setattr(_module("qwen2_vl"), "apply_multimodal_rotary_pos_emb", _multimodal_v4,
-                        raising=False)
+    monkeypatch.setattr(_module("qwen2_vl"), "apply_multimodal_rotary_pos_emb",
+                        multimodal_rotary_pos_emb_v4, raising=False)
     apply_rope_jit("mistral")
     apply_rope_jit("qwen2_vl")
     assert (_module("mistral").apply_rotary_pos_emb
@@ -251,7 +240,7 @@ def test_transformers_4_signatures_get_adapters(monkeypatch):
     revert_rope_jit("mistral")
     revert_rope_jit("qwen2_vl")
     assert _module("mistral").apply_rotary_pos_emb is old_rotary
-    assert _module("qwen2_vl").apply_multimodal_rotary_pos_emb is _multimodal_v4
+    assert _module("qwen2_vl").apply_multimodal_rotary_pos_emb is multimodal_rotary_pos_emb_v4
 
 
 def test_multimodal_adapter_selects_sections_as_transformers_4():
@@ -275,7 +264,7 @@ def test_multimodal_adapter_selects_sections_as_transformers_4():
         got = integration._multimodal_rotary_pos_emb(q, k, cos, sin, [4, 6, 6])
     finally:
         integration.apply_rotary_pos_emb = original
-    want = _multimodal_v4(q, k, cos, sin, [4, 6, 6])
+    want = multimodal_rotary_pos_emb_v4(q, k, cos, sin, [4, 6, 6])
     assert seen["cos"].shape == (2, 5, 32)
     for g_, w in zip(got, want):
         assert torch.equal(g_, w)

@@ -11,6 +11,7 @@ layers with their own rope (Gemma 3), MLA with interleaved pairs (DeepSeek-V3), 
 
 from __future__ import annotations
 
+import torch
 import transformers
 
 VOCAB = 256
@@ -69,3 +70,19 @@ MODELS = {
     "deepseek_v3": _deepseek_v3,
     "qwen2_vl": _qwen2_vl,
 }
+
+
+def multimodal_rotary_pos_emb_v4(q, k, cos, sin, mrope_section, unsqueeze_dim=1):
+    """transformers 4's Qwen2-VL ``apply_multimodal_rotary_pos_emb``, as it was (transformers
+    5 folds the section selection into the rotary embedding): the oracle of rope_jit's
+    replacement for it."""
+    mrope_section = mrope_section * 2
+    cos = torch.cat([m[i % 3] for i, m in enumerate(cos.split(mrope_section, dim=-1))],
+                    dim=-1).unsqueeze(unsqueeze_dim)
+    sin = torch.cat([m[i % 3] for i, m in enumerate(sin.split(mrope_section, dim=-1))],
+                    dim=-1).unsqueeze(unsqueeze_dim)
+
+    def rotate_half(x):
+        return torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
