@@ -360,3 +360,31 @@ def test_family_kernels_compile_for_sm_90(family, monkeypatch):
     assert {s.dtype for s in specs} == {"float32", "bfloat16"} and any(s.inverse for s in specs)
     for spec in specs:
         assert jit.build(spec, "sm_90")[:4] == b"\x7fELF", spec.words()
+
+
+class _Traced(Exception):
+    pass
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_patched_model_compiles_to_one_graph(family):
+    """torch.compile(fullgraph=True) of a patched model: no graph break, one rope_jit op
+    per layer (traced with a backend that records the graph and never runs it)."""
+    model = _small(family)
+    apply_rope_jit(model)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+
+        def run(*args):
+            raise _Traced
+        return run
+
+    torch._dynamo.reset()
+    with pytest.raises(_Traced):
+        torch.compile(model, backend=backend, fullgraph=True)(torch.randint(3, VOCAB, (2, 9)),
+                                                              use_cache=False)
+    (gm,) = graphs
+    ops = [str(n.target) for n in gm.graph.nodes if "rope_jit" in str(n.target)]
+    assert ops == ["rope_jit.rope"] * 2
