@@ -765,9 +765,8 @@ def _bhsd_view(heads, dtype="bfloat16", head_size=DT, row=None, offset=0):
 def cos_sin_call(**overrides):
     """plan_rope of transformers' apply_rotary_pos_emb: q/k [B, H, S, D] views, cos/sin
     [1, S, D] fp32 (a position_ids of batch 1), heads at dim 1, out of place."""
-    from rope_jit.call import clear_call_caches, token_cos_sin_call
+    from rope_jit.call import token_cos_sin_call
 
-    clear_call_caches()  # the builder is memoized, and 1.0 == 1: check what it is given
     args = dict(query=_bhsd_view(HQ_T), key=_bhsd_view(HK_T), cos=desc((1, S, DT), "float32"),
                 sin=desc((1, S, DT), "float32", ptr=BASE + 4096), convention="cos_sin",
                 is_neox=True, inplace=False, heads_dim=1, out_neox=None, num_sms=132)
