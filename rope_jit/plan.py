@@ -512,9 +512,11 @@ def plan_rope(call: RopeCall, arrays: RopeArrays, *, tuning=DEFAULT_TUNING,
     if num_tokens == 0 or nq + nk == 0:
         return RopePlan(None, None, (), a.query.device, q_out_shape, k_out_shape)
 
-    shape = ShapeClass(a.query.dtype, "on-the-fly" if not call.from_cache else
-                       a.cos_sin_cache.dtype, head_size, rot.dim, nq + nk, call.is_neox,
-                       call.inplace)
+    # per-token cos/sin dispatches as a cache of its dtype does (read, not computed): it
+    # takes that class's knobs
+    shape = ShapeClass(a.query.dtype, a.cos_sin_cache.dtype if call.from_cache
+                       else a.cos.dtype if call.token_cos_sin else "on-the-fly", head_size,
+                       rot.dim, nq + nk, call.is_neox, call.inplace)
     if not isinstance(tuning, Tuning):
         tuning = tuning(shape, num_tokens)
     qo, ko = _outputs(call, a, tokens, head_size, q, k)

@@ -968,3 +968,21 @@ def test_cos_sin_specializations_compile_for_sm_90(dtype, cos_dtype):
     assert any(s.vec == 1 for s in seen) and any(s.out_neox is not None for s in seen)
     for spec in seen:
         assert jit.build(spec, "sm_90")[:4] == b"\x7fELF", spec.words()
+
+
+def test_cos_sin_shape_class_is_the_cache_one():
+    """Tuned knobs are looked up by shape class: per-token cos/sin takes those of a cache of
+    its dtype (read, not computed on the fly)."""
+    seen = []
+
+    def lookup(shape, num_tokens):
+        seen.append((shape, num_tokens))
+        return TUNING
+
+    from rope_jit.call import token_cos_sin_call
+
+    plan_call(token_cos_sin_call("cos_sin", True, False, 1),
+              RopeArrays(_bhsd_view(HQ_T), _bhsd_view(HK_T), cos=desc((1, S, DT), "float16"),
+                         sin=desc((1, S, DT), "float16")), tuning=lookup)
+    ((shape, tokens),) = seen
+    assert shape.cos_sin == "float16" and tokens == B * S and shape.num_heads == HQ_T + HK_T
