@@ -165,12 +165,16 @@ def main() -> None:
         if patched:
             revert_rope_jit(model)
 
+    def share(rope_us, kernels_us) -> str:
+        if not kernels_us:
+            return f"{'n/a (no GPU kernels profiled)':>24s}"
+        return f"{100 * rope_us / kernels_us:7.2f}% ({rope_us / 1000:6.2f} ms GPU)"
+
     print(f"\n{'':16s} {'transformers':>24s} {'rope_jit':>24s} {'speedup':>8s}")
     for name in ("prefill forward", "training step"):
         (t0, r0, k0), (t1, r1, k1) = rows[name, False], rows[name, True]
         print(f"{name:16s} {t0:21.2f} ms {t1:21.2f} ms {t0 / t1:7.3f}x")
-        print(f"{'  RoPE share':16s} {100 * r0 / k0:7.2f}% ({r0 / 1000:6.2f} ms GPU) "
-              f"{100 * r1 / k1:7.2f}% ({r1 / 1000:6.2f} ms GPU)")
+        print(f"{'  RoPE share':16s} {share(r0, k0)} {share(r1, k1)}")
     print("\n(median of 10 steps after 3 warm-up steps; RoPE share: torch profiler, RoPE "
           "kernels' GPU time over all kernels' GPU time in one step)")
 
