@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from rope_jit.arrays import HOST, ArrayDesc, contiguous_strides
@@ -966,8 +968,32 @@ def test_cos_sin_specializations_compile_for_sm_90(dtype, cos_dtype):
         spec = p.spec if not inverse else p.spec.__class__(**{**p.spec.__dict__, "inverse": True})
         seen.add(spec)
     assert any(s.vec == 1 for s in seen) and any(s.out_neox is not None for s in seen)
+    assert {s.index_bits for s in seen} == {32}
+    seen.add(dataclasses.replace(min(seen, key=lambda s: s.vec), index_bits=64))
     for spec in seen:
         assert jit.build(spec, "sm_90")[:4] == b"\x7fELF", spec.words()
+
+
+@pytest.mark.nvrtc
+@pytest.mark.parametrize("knob", [dict(staging=1), dict(staging=2), dict(pdl=True)])
+@pytest.mark.parametrize("what", ["per-token", "reordered"])
+def test_cos_sin_kernels_refuse_staging_and_pdl(knob, what):
+    """Per-token cos/sin and reordered pairs exist in the register path only, and PDL's
+    prologue would read cos/sin before the previous kernel is done: such a spec fails to
+    compile (a static_assert), so no planner or tuner change can launch one."""
+    from rope_jit import jit
+    from rope_jit.jit import CompileError
+
+    spec = cos_sin_call(is_neox=what == "per-token", out_neox=None if what == "per-token" else True).spec
+    with pytest.raises(CompileError, match="STAGING 0, no PDL"):
+        jit.build(dataclasses.replace(spec, **knob), "sm_90")
+
+
+def test_cos_sin_reach_sets_the_index_width():
+    """cos/sin are arrays the kernel indexes: their reach counts for 32-bit offsets."""
+    assert cos_sin_call().spec.index_bits == 32
+    far = desc((B, S, DT), "float32", strides=(2 ** 31, 64, 1))  # batch rows 2^31 apart
+    assert cos_sin_call(cos=far, sin=far).spec.index_bits == 64
 
 
 def test_cos_sin_shape_class_is_the_cache_one():
