@@ -142,25 +142,23 @@ def test_against_reference(dtype, cos_dtype, layout, cos_kind, rot, is_neox, out
 
 
 def test_many_tokens_batched_heads():
-    """Enough tokens for the dispatch that batches heads per thread and prefetches: bf16,
-    [B, H, S, D] views, per-batch fp32 cos, out of place and in place."""
-    batch, seq, hq, hk, d = 2, 1600, 8, 4, 128
-    from rope_jit.plan import RopeArrays, plan_rope
-    from rope_jit.arrays import describe
+    """Enough tokens for the dispatch that batches heads per thread (the default knobs,
+    whatever this GPU's tuned table says): bf16, [B, H, S, D] views, per-batch fp32 cos,
+    out of place and in place."""
+    from rope_jit import launch
+    from rope_jit.plan import DEFAULT_TUNING
 
+    batch, seq, hq, hk, d = 2, 1600, 8, 4, 128
     for inplace in (False, True):
         buf, q, k = qkv("bhsd", "bfloat16", batch, seq, hq, hk, d, seed=3)
         cos, sin = make_cos_sin((batch, seq), d, "float32", seed=4)
         call = token_cos_sin_call(COS_SIN, True, inplace, 1)
-        plan = plan_rope(call, RopeArrays(describe(q), describe(k), cos=describe(cos),
-                                          sin=describe(sin)),
-                         num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
+        plan = launch.plan_of(call, q, k, cos=cos, sin=sin, tuning=DEFAULT_TUNING)
         assert plan.spec.head_batch > 1, "expected the batched-heads dispatch"
         c64, s64 = reference_cos_sin(cos, sin, d, (batch, seq))
-        refs = [reference.apply_rotary(to_numpy64(heads_last(x, "bhsd")), c64, s64, True)
-                for x in (q, k)]
         xs = [to_numpy64(heads_last(x, "bhsd")) for x in (q, k)]
-        res = route.rope(call, q, k, cos=cos, sin=sin)
+        refs = [reference.apply_rotary(x64, c64, s64, True) for x64 in xs]
+        res = launch.run_rope(call, q, k, cos=cos, sin=sin, tuning=DEFAULT_TUNING)
         outs = (q, k) if inplace else res
         for out, x64, ref in zip(outs, xs, refs):
             assert_rope_close(heads_last(out, "bhsd"), x64, ref, "bfloat16", d, d, 2)
