@@ -43,7 +43,6 @@ pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import rope_jit  # noqa: E402
 from rope_jit import reference, route  # noqa: E402
 from rope_jit.integrations import transformers as integration  # noqa: E402
 from rope_jit.integrations.transformers import FAMILIES, apply_rope_jit, revert_rope_jit  # noqa: E402
