@@ -89,7 +89,7 @@ SEED = 20250117
 # ====================================================================== the kernel spec
 
 # rope_jit/specs.py: RopeParams, every field 8 bytes ('q' long long or pointer, 'd' double).
-ROPE_POINTERS = ("q", "k", "q_out", "k_out", "positions", "offsets", "cache")
+ROPE_POINTERS = ("q", "k", "q_out", "k_out", "positions", "offsets", "cache", "cos", "sin")
 ROPE_FREQ = ("freq_exponent", "inv_scale", "ramp_a", "ramp_b", "attention_factor")
 ROPE_STATIC = (
     "num_tokens", "inner_tokens", "num_q_heads", "num_k_heads", "batch_size",
@@ -100,6 +100,7 @@ ROPE_STATIC = (
     "ko_stride_outer", "ko_stride_inner", "ko_stride_head",
     "pos_stride_outer", "pos_stride_inner", "pos_stride_row",
     "rot_offset",
+    "cos_stride_outer", "cos_stride_inner", "sin_stride_outer", "sin_stride_inner",
 )
 PARAM_FIELDS = ([(n, "q") for n in ROPE_POINTERS] + [(n, "d") for n in ROPE_FREQ]
                 + [(n, "q") for n in ROPE_STATIC])
@@ -169,9 +170,11 @@ class KSpec:
             f"constexpr int HEAD_BATCH = {self.head_batch};",
             f"constexpr bool PREFETCH = {_c_bool(self.prefetch)};",
             f"constexpr bool NEOX = {_c_bool(self.neox)};",
+            "constexpr bool OUT_NEOX = NEOX;",  # pairs written in the order they are read
             f"constexpr bool OUT_OF_PLACE = {_c_bool(self.out_of_place)};",
             f"constexpr bool INDPTR = {_c_bool(self.indptr)};",
             f"constexpr bool COS_SIN_FROM_CACHE = {_c_bool(self.cache_dtype is not None)};",
+            "constexpr bool COS_SIN_PER_TOKEN = false;",  # the lab measures cache and on the fly
             "constexpr int SCALING_LINEAR = 0, SCALING_LLAMA3 = 1, SCALING_YARN = 2;",
             f"constexpr int SCALING = SCALING_{self.scaling.upper()};",
             f"constexpr bool MROPE = {_c_bool(self.mrope_section is not None)};",
@@ -815,14 +818,17 @@ def plan_layout(case: Case, t: Tensors) -> Layout:
         k_stride_outer=k[0], k_stride_inner=k[1], k_stride_head=k[2],
         qo_stride_outer=qo[0], qo_stride_inner=qo[1], qo_stride_head=qo[2],
         ko_stride_outer=ko[0], ko_stride_inner=ko[1], ko_stride_head=ko[2],
-        pos_stride_outer=pos_strides[0], pos_stride_inner=pos_strides[1], pos_stride_row=pos_row, rot_offset=0)
+        pos_stride_outer=pos_strides[0], pos_stride_inner=pos_strides[1], pos_stride_row=pos_row,
+        rot_offset=0, cos_stride_outer=0, cos_stride_inner=0, sin_stride_outer=0,
+        sin_stride_inner=0)
     return Layout(vec, cache_vec, R // 2 // vec, tuple(values[n] for n in ROPE_STATIC))
 
 
 def pack_params(case: Case, t: Tensors, layout: Layout) -> bytes:
     ptr = lambda x: x.data_ptr() if x is not None else 0  # noqa: E731
     pointers = (ptr(t.q), ptr(t.k), ptr(t.q_out), ptr(t.k_out),
-                ptr(t.indptr) if case.indptr else ptr(t.positions), ptr(t.offsets), ptr(t.cache))
+                ptr(t.indptr) if case.indptr else ptr(t.positions), ptr(t.offsets), ptr(t.cache),
+                0, 0)  # no per-token cos/sin
     return PARAM_PACKER.pack(*pointers, *freq_values(case), *layout.static)
 
 

@@ -4,7 +4,8 @@
 // compile-time constants: scalar_t (q/k storage), cache_t (cos/sin cache storage),
 // index_t (positions, indptr and offsets), HEAD_SIZE, ROT_DIM, VEC (elements per vector
 // access), CACHE_VEC, HEAD_BATCH (heads whose loads are issued together), NEOX,
-// OUT_OF_PLACE, INDPTR, COS_SIN_FROM_CACHE, SCALING (on-the-fly frequency variant),
+// OUT_OF_PLACE, INDPTR, COS_SIN_FROM_CACHE, COS_SIN_PER_TOKEN (cos and sin arrays given per
+// token, no positions), OUT_NEOX (the outputs' pair order), SCALING (on-the-fly frequency variant),
 // MROPE with MROPE_T/H/W/MROPE_INTERLEAVED (multimodal sections), INVERSE (rotate by the
 // negative angle: the backward pass), and the RopeParams struct
 // (every field 8 bytes; its order is fixed by rope_jit/specs.py, which also packs it on the
@@ -75,6 +76,10 @@ constexpr int PASS_PER_THREAD = (PASS_VECS + CHUNKS - 1) / CHUNKS;
 constexpr int OFF_A = 0;                           // first vector of a chunk, per chunk index
 constexpr int OFF_B = NEOX ? HALF : VEC;           // its partner vector
 constexpr int CHUNK_STRIDE = NEOX ? VEC : 2 * VEC; // elements between consecutive chunks
+// The outputs' pair order: the input's, or the other one (DeepSeek's interleaved RoPE writes
+// GPT-J pairs de-interleaved into NeoX order; its backward does the reverse).
+constexpr int OUT_OFF_B = OUT_NEOX ? HALF : VEC;
+constexpr int OUT_CHUNK_STRIDE = OUT_NEOX ? VEC : 2 * VEC;
 
 static_assert(ROT_DIM % 2 == 0 && ROT_DIM <= HEAD_SIZE, "rotary dim");
 static_assert(HALF % VEC == 0, "VEC must divide ROT_DIM/2");
@@ -83,6 +88,11 @@ static_assert(!MROPE || MROPE_T + MROPE_H + MROPE_W == HALF, "mrope sections mus
 static_assert(INDEX_BITS == 32 || INDEX_BITS == 64, "INDEX_BITS is 32 or 64");
 static_assert(STAGING >= 0 && STAGING <= 2, "STAGING is 0, 1 or 2");
 static_assert(STAGE_TOKENS >= 1 && STAGES >= 1 && STAGES <= 4, "STAGE_TOKENS, STAGES");
+static_assert(OUT_NEOX == NEOX || OUT_OF_PLACE, "reordering pairs needs separate outputs");
+// Per-token cos/sin and reordered pairs are served by the register path; PDL's prologue
+// would read cos/sin that the previous kernel may still be writing.
+static_assert(!(COS_SIN_PER_TOKEN || OUT_NEOX != NEOX) || (STAGING == 0 && !PDL),
+              "per-token cos/sin and reordered pairs: STAGING 0, no PDL");
 
 // Element offsets: 64-bit, or 32-bit where the host has checked the extents (INDEX_BITS).
 template <int BITS> struct OffsetType { typedef long long type; };
@@ -109,6 +119,21 @@ __device__ __forceinline__ int mrope_row(int j) {
 
 typedef Vec<scalar_t, VEC> vec_t;
 
+// cos/sin of the VEC frequencies starting at crow / srow, converted to fp32.
+__device__ __forceinline__ void load_cos_sin(const cache_t* crow, const cache_t* srow,
+                                             float (&c)[VEC], float (&s)[VEC]) {
+#pragma unroll
+  for (int i = 0; i < VEC; i += CACHE_VEC) {
+    const Vec<cache_t, CACHE_VEC> cv = load_vec<cache_t, CACHE_VEC>(crow + i);
+    const Vec<cache_t, CACHE_VEC> sv = load_vec<cache_t, CACHE_VEC>(srow + i);
+#pragma unroll
+    for (int j = 0; j < CACHE_VEC; ++j) {
+      c[i + j] = to_float(cv.e[j]);
+      s[i + j] = to_float(sv.e[j]);
+    }
+  }
+}
+
 // cos/sin of the VEC frequencies of chunk `chunk` at position `pos`, from the cache.
 // `valid` false, or a position outside the cache, gives the identity rotation: the cache
 // is never read out of bounds.
@@ -120,16 +145,7 @@ __device__ __forceinline__ void cos_sin(const RopeParams& p, i64 pos, bool valid
     return;
   }
   const cache_t* row = (const cache_t*)p.cache + (idx_t)pos * (idx_t)p.cache_stride + chunk * VEC;
-#pragma unroll
-  for (int i = 0; i < VEC; i += CACHE_VEC) {
-    const Vec<cache_t, CACHE_VEC> cv = load_vec<cache_t, CACHE_VEC>(row + i);
-    const Vec<cache_t, CACHE_VEC> sv = load_vec<cache_t, CACHE_VEC>(row + HALF + i);
-#pragma unroll
-    for (int j = 0; j < CACHE_VEC; ++j) {
-      c[i + j] = to_float(cv.e[j]);
-      s[i + j] = to_float(sv.e[j]);
-    }
-  }
+  load_cos_sin(row, row + HALF, c, s);
 }
 
 // One pair (x1, x2) -> (x1*c - x2*s, x2*c + x1*s), in fp32, rounded once.
@@ -217,9 +233,10 @@ struct Batch {
   scalar_t* dst[HEAD_BATCH];
 };
 
-// Element offsets of one token's q, k, q_out and k_out rows.
+// Element offsets of one token's q, k, q_out and k_out rows (and, per-token cos/sin, of its
+// cos and sin rows).
 struct TokenRows {
-  idx_t q, k, qo, ko;
+  idx_t q, k, qo, ko, cos_row, sin_row;
 };
 
 // Token dims are [tokens] or [batch, seq] with independent strides.
@@ -242,7 +259,43 @@ __device__ __forceinline__ TokenRows token_rows(const RopeParams& p, idx_t t) {
   return {outer * (idx_t)p.q_stride_outer + inner * (idx_t)p.q_stride_inner + off,
           outer * (idx_t)p.k_stride_outer + inner * (idx_t)p.k_stride_inner + off,
           outer * (idx_t)p.qo_stride_outer + inner * (idx_t)p.qo_stride_inner + off,
-          outer * (idx_t)p.ko_stride_outer + inner * (idx_t)p.ko_stride_inner + off};
+          outer * (idx_t)p.ko_stride_outer + inner * (idx_t)p.ko_stride_inner + off,
+          outer * (idx_t)p.cos_stride_outer + inner * (idx_t)p.cos_stride_inner,
+          outer * (idx_t)p.sin_stride_outer + inner * (idx_t)p.sin_stride_inner};
+}
+
+// cos/sin given per token (transformers' apply_rotary_pos_emb, flash-attn): frequency j at
+// index j of the token's cos and sin rows. A row of width ROT_DIM repeats its halves (as
+// transformers builds it); only the first is read.
+__device__ __forceinline__ void token_cos_sin(const RopeParams& p, const TokenRows& r, int chunk,
+                                              float (&c)[VEC], float (&s)[VEC]) {
+  load_cos_sin((const cache_t*)p.cos + r.cos_row + chunk * VEC,
+               (const cache_t*)p.sin + r.sin_row + chunk * VEC, c, s);
+}
+
+// The rotated pairs of a chunk moved from the input's order into the outputs' (OUT_NEOX).
+// NeoX holds pair v of the chunk as (va[v], vb[v]); GPT-J as adjacent elements, pairs
+// 0 .. VEC/2-1 in va and the rest in vb. With VEC == 1 both hold it as (va[0], vb[0]).
+__device__ __forceinline__ void reorder_pairs(vec_t& va, vec_t& vb) {
+  if constexpr (OUT_NEOX != NEOX && VEC > 1) {
+    vec_t a, b;
+#pragma unroll
+    for (int u = 0; u < VEC / 2; ++u) {
+      if constexpr (NEOX) {  // interleave into GPT-J order
+        a.e[2 * u] = va.e[u];
+        a.e[2 * u + 1] = vb.e[u];
+        b.e[2 * u] = va.e[VEC / 2 + u];
+        b.e[2 * u + 1] = vb.e[VEC / 2 + u];
+      } else {               // de-interleave into NeoX order
+        a.e[u] = va.e[2 * u];
+        b.e[u] = va.e[2 * u + 1];
+        a.e[VEC / 2 + u] = vb.e[2 * u];
+        b.e[VEC / 2 + u] = vb.e[2 * u + 1];
+      }
+    }
+    va = a;
+    vb = b;
+  }
 }
 
 __device__ __forceinline__ void load_batch(const RopeParams& p, const TokenRows& r, int h0,
@@ -274,13 +327,14 @@ __device__ __forceinline__ void load_batch(const RopeParams& p, const TokenRows&
 
 __device__ __forceinline__ void rotate_store_batch(int h0, int num_heads, int chunk, Batch& b,
                                                    const float (&c)[VEC], const float (&s)[VEC]) {
-  const int off = chunk * CHUNK_STRIDE;
+  const int off = chunk * OUT_CHUNK_STRIDE;
 #pragma unroll
   for (int i = 0; i < HEAD_BATCH; ++i) {
     if (h0 + i < num_heads) {
       rotate_chunk(b.va[i], b.vb[i], c, s);
+      reorder_pairs(b.va[i], b.vb[i]);
       store_vec<scalar_t, VEC>(b.dst[i] + off + OFF_A, b.va[i]);
-      store_vec<scalar_t, VEC>(b.dst[i] + off + OFF_B, b.vb[i]);
+      store_vec<scalar_t, VEC>(b.dst[i] + off + OUT_OFF_B, b.vb[i]);
 #pragma unroll
       for (int m = 0; m < PASS_PER_THREAD; ++m) {
         const int pv = chunk + m * CHUNKS;
@@ -321,6 +375,9 @@ __device__ __forceinline__ void register_rope(const RopeParams& p) {
       const i64 pos = token_position(p, t, valid);
       cos_sin(p, pos, valid, chunk, c, s);
     }
+  } else if constexpr (COS_SIN_PER_TOKEN) {
+    if (!active) return;
+    token_cos_sin(p, rows, chunk, c, s);
   } else {
     float2* fly_tile = (float2*)dynamic_smem;
     const int tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);

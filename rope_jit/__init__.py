@@ -22,6 +22,10 @@ from .api import (
     apply_rope_pos_ids_inplace,
     apply_rope_with_cos_sin_cache,
     apply_rope_with_cos_sin_cache_inplace,
+    apply_rotary_emb,
+    apply_rotary_pos_emb,
+    apply_rotary_pos_emb_inplace,
+    apply_rotary_pos_emb_interleave,
     positions_from_offsets,
 )
 from .api_fused import (
@@ -63,6 +67,10 @@ __all__ = [
     "apply_rope_pos_ids_inplace",
     "apply_rope_with_cos_sin_cache",
     "apply_rope_with_cos_sin_cache_inplace",
+    "apply_rotary_emb",
+    "apply_rotary_pos_emb",
+    "apply_rotary_pos_emb_inplace",
+    "apply_rotary_pos_emb_interleave",
     "clear_caches",
     "compute_cos_sin_cache",
     "concat_and_cache_mla_rope_fused",

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from . import route
 from .api_fused import rope_with_kv_buffer
-from .call import (INDPTR, POSITIONS, cache_call, check_bool, frequencies_json, on_the_fly_call,
-                   with_rope_dim_offset)
+from .arrays import describe
+from .call import (COS_SIN, COS_SIN_HALF, INDPTR, POSITIONS, cache_call, check_bool, check_int,
+                   frequencies_json, on_the_fly_call, token_cos_sin_call, with_rope_dim_offset)
 
 # ------------------------------------------------------------------ from a cos/sin cache
 
@@ -210,6 +211,95 @@ def apply_mrope_pos_ids_inplace(q, k, pos_ids, mrope_section, rotary_dim=None, i
     _fly(q, k, True, rotary_dim, interleave, frequencies_json(rope_theta, rope_scale, rope_scaling), enable_pdl,
          pos_ids=pos_ids, mrope_section=_section(mrope_section),
          mrope_interleaved=mrope_interleaved)
+
+
+# ------------------------------------------------------------------ cos/sin per token
+
+def _cos_sin_without_grad(cos, sin) -> None:
+    """cos and sin get no gradient: refuse them where autograd would expect one (a
+    learnable cos/sin would otherwise silently stay untrained)."""
+    for x, name in ((cos, "cos"), (sin, "sin")):
+        if getattr(x, "requires_grad", False):
+            import torch
+
+            if torch.is_grad_enabled():
+                raise ValueError(f"{name}: requires grad, but rope_jit gives cos and sin no "
+                                 "gradient (only query and key get one); pass it detached, or "
+                                 "call under torch.no_grad()")
+
+
+def _shape(obj, name: str) -> tuple:
+    """An array's shape from its metadata (no data pointer: fake and meta tensors have
+    none)."""
+    shape = getattr(obj, "shape", None)
+    return tuple(shape) if shape is not None else describe(obj, name).shape
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' ``apply_rotary_pos_emb``: returns ``(q_embed, k_embed)``.
+
+    q, k: ``[batch, heads, seq, head_dim]`` (``unsqueeze_dim=1``, transformers' attention
+    layout), ``[batch, seq, heads, head_dim]`` (``unsqueeze_dim=2``) or ``[seq, heads,
+    head_dim]`` (``unsqueeze_dim=-2``): the heads dim is where transformers unsqueezes
+    cos/sin. Any strides with a contiguous last dim (transposed and sliced views are read
+    in place); k may have its own head count, or be None.
+    cos, sin: ``[batch, seq, rotary_dim]`` as transformers' rotary embeddings return them
+    (``cat((freqs, freqs), -1)``; only the first half is read), or any leading dims that
+    broadcast to the token dims (``[1, seq, rotary_dim]``, ``[seq, rotary_dim]``); fp16,
+    bf16 or fp32 whatever q's dtype. rotary_dim below head_dim: the rest of each head passes
+    through (partial rotary). NeoX pairs (``rotate_half``); arithmetic in fp32, rounded
+    once. Returns new contiguous arrays of q's and k's shapes.
+
+    Differentiable w.r.t. q and k; cos and sin get no gradient (a ValueError if they
+    require one under grad mode).
+    """
+    _cos_sin_without_grad(cos, sin)
+    return route.rope(token_cos_sin_call(COS_SIN, True, False, unsqueeze_dim), q, k,
+                      cos=cos, sin=sin)
+
+
+def apply_rotary_pos_emb_inplace(q, k, cos, sin, unsqueeze_dim=1) -> None:
+    """In-place ``apply_rotary_pos_emb``: rotates q and k (may be None) in place, returns
+    None. Not differentiable."""
+    _cos_sin_without_grad(cos, sin)
+    route.rope(token_cos_sin_call(COS_SIN, True, True, unsqueeze_dim), q, k, cos=cos, sin=sin)
+
+
+def apply_rotary_pos_emb_interleave(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+    """transformers' (DeepSeek-V3's) ``apply_rotary_pos_emb_interleave``: returns
+    ``(q_embed, k_embed)``.
+
+    Pairs are adjacent elements ``(x[2i], x[2i+1])`` (GPT-J style), and the outputs hold
+    them de-interleaved, in NeoX order: ``[x1*c - x2*s for every pair, x2*c + x1*s for every
+    pair]``, as transformers writes them. Layouts and cos/sin as ``apply_rotary_pos_emb``;
+    ``position_ids`` is unused, as in transformers. Differentiable w.r.t. q and k.
+    """
+    _cos_sin_without_grad(cos, sin)
+    return route.rope(token_cos_sin_call(COS_SIN, False, False, unsqueeze_dim, True), q, k,
+                      cos=cos, sin=sin)
+
+
+def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0):
+    """flash-attn's ``apply_rotary_emb``: x ``[batch, seqlen, nheads, headdim]``, cos and sin
+    ``[seqlen_ro, rotary_dim / 2]``; token s of every sequence takes row
+    ``s + seqlen_offsets`` (an int; flash-attn's per-sequence offset tensors and
+    ``cu_seqlens`` are not offered: use ``apply_rope_with_cos_sin_cache`` with positions).
+    ``interleaved=True``: GPT-J pairs. Returns the rotated x (x itself when ``inplace``,
+    as flash-attn). Differentiable w.r.t. x out of place; cos and sin get no gradient."""
+    offset = check_int(seqlen_offsets, "seqlen_offsets")
+    _cos_sin_without_grad(cos, sin)
+    x_shape, cos_shape = _shape(x, "x"), _shape(cos, "cos")
+    if len(x_shape) != 4:
+        raise ValueError(f"x: expected shape [batch, seqlen, nheads, headdim], got {list(x_shape)}")
+    seqlen = x_shape[1]
+    if len(cos_shape) != 2 or not 0 <= offset <= cos_shape[0] - seqlen:
+        raise ValueError(f"cos: expected shape [seqlen_ro, rotary_dim / 2] with seqlen_ro >= "
+                         f"seqlen_offsets + seqlen = {offset + seqlen}, got {list(cos_shape)}")
+    if cos_shape[0] != seqlen:  # the rows of this call's tokens (a view)
+        cos, sin = cos[offset:offset + seqlen], sin[offset:offset + seqlen]
+    call = token_cos_sin_call(COS_SIN_HALF, not interleaved, inplace)
+    out = route.rope(call, x, None, cos=cos, sin=sin)
+    return x if inplace else out[0]
 
 
 # ------------------------------------------------------------------ positions

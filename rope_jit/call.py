@@ -22,6 +22,10 @@ import numpy as np
 
 POSITIONS = "positions"  # one position per token (vLLM; FlashInfer's pos_ids)
 INDPTR = "indptr"        # a ragged batch: indptr + offsets (FlashInfer)
+# cos and sin given per token as two arrays, no positions: frequency j of a token at index j.
+COS_SIN = "cos_sin"            # [tokens..., rotary_dim], halves repeated (transformers)
+COS_SIN_HALF = "cos_sin_half"  # [tokens..., rotary_dim / 2] (flash-attn)
+TOKEN_COS_SIN = (COS_SIN, COS_SIN_HALF)
 
 _DEFAULT_THETA = 1e4     # FlashInfer's rope_theta default
 
@@ -36,8 +40,10 @@ class RopeCall(NamedTuple):
     rotary_dim: rotated elements per head; None: the cache's width with a cache, the
         whole head on the fly.
     is_neox: NeoX pairs (i, i + R/2); False: GPT-J pairs (2i, 2i + 1).
-    convention: POSITIONS (one per token) or INDPTR (indptr + offsets).
-    frequencies: None when cos/sin come from a cache; else the on-the-fly frequencies as
+    convention: POSITIONS (one per token), INDPTR (indptr + offsets), or COS_SIN /
+        COS_SIN_HALF (per-token cos and sin arrays of width rotary_dim / rotary_dim/2).
+    frequencies: None when cos/sin come from a cache or per-token arrays; else the
+        on-the-fly frequencies as
         canonical JSON: ``{"rope_theta", "rope_scaling": HuggingFace-style dict, "names":
         {dict key: public argument name}}`` (``rope_jit.scaling.on_the_fly_values`` reads
         it; the names make its errors speak of ``rope_scale`` or ``old_context_len`` when
@@ -52,6 +58,12 @@ class RopeCall(NamedTuple):
         the previous kernel must not write the positions or the cache. sm_90 and newer.
     rope_dim_offset: the rotated dims of each head are [offset, offset + rotary_dim)
         (vLLM's rope_dim_offset); in place only.
+    heads_dim: the dim of query and key that holds the heads (transformers' unsqueeze_dim:
+        1 for [batch, heads, seq, head_dim]); None: the dim before the last, or the last
+        one packed as heads * head_size.
+    out_neox: the pair order the outputs are written in; None: the input's (is_neox).
+        ``is_neox=False, out_neox=True`` reads GPT-J pairs and writes them de-interleaved
+        into NeoX order (DeepSeek's ``apply_rotary_pos_emb_interleave``). Out of place only.
     """
 
     inplace: bool
@@ -66,14 +78,34 @@ class RopeCall(NamedTuple):
     check_positions: bool = False
     pdl: bool = False
     rope_dim_offset: int = 0
+    heads_dim: int | None = None
+    out_neox: bool | None = None
 
     @property
     def from_cache(self) -> bool:
-        return self.frequencies is None
+        """cos/sin read from a cache at each token's position."""
+        return self.frequencies is None and self.convention not in TOKEN_COS_SIN
+
+    @property
+    def token_cos_sin(self) -> bool:
+        """cos/sin given per token (no positions)."""
+        return self.convention in TOKEN_COS_SIN
+
+    def transpose(self) -> "RopeCall":
+        """The call that applies the transpose of this call's linear map: the backward pass.
+        The rotation by the negative angle, reading pairs in the order this call writes them
+        and writing them in the order it reads them."""
+        call = self._replace(inverse=not self.inverse, check_positions=False)
+        if self.out_neox is not None and self.out_neox != self.is_neox:
+            call = call._replace(is_neox=self.out_neox, out_neox=self.is_neox)
+        return call
 
     def words(self) -> str:
-        cs = "cache" if self.from_cache else f"on the fly {self.frequencies}"
-        return (f"{'neox' if self.is_neox else 'gptj'} {cs} {self.convention} "
+        cs = ("cache" if self.from_cache else "cos/sin per token" if self.token_cos_sin
+              else f"on the fly {self.frequencies}")
+        order = ("" if self.out_neox in (None, self.is_neox)
+                 else f" -> {'neox' if self.out_neox else 'gptj'} order")
+        return (f"{'neox' if self.is_neox else 'gptj'}{order} {cs} {self.convention} "
                 f"{'in place' if self.inplace else 'out of place'}"
                 f"{' inverse' if self.inverse else ''}")
 
@@ -85,6 +117,7 @@ OP_FIELDS = (
     ("convention", "str"), ("frequencies", "str?"), ("mrope_section", "int[]?"),
     ("mrope_interleaved", "bool"), ("inverse", "bool"), ("check_positions", "bool"),
     ("pdl", "bool"), ("rope_dim_offset", "int"),
+    ("heads_dim", "int?"), ("out_neox", "bool?"),
 )
 assert tuple(n for n, _ in OP_FIELDS) == RopeCall._fields[1:], "OP_FIELDS must follow RopeCall"
 OP_SCHEMA_ARGS = ", ".join(f"{t} {n}" for n, t in OP_FIELDS)
@@ -332,6 +365,28 @@ def frequencies_json(rope_theta=_DEFAULT_THETA, rope_scale=1.0, rope_scaling=Non
                                    (("factor", "rope_scale"),))
 
 
+_token_calls: dict = {}
+
+
+@_constant_for_dynamo
+def token_cos_sin_call(convention: str, is_neox, inplace: bool, heads_dim=None,
+                       out_neox=None) -> RopeCall:
+    """A call whose cos/sin arrive per token (transformers' and flash-attn's convention:
+    no positions; the head size is the last dim of q, the rotary dim the cos/sin width)."""
+    key = (convention, is_neox, inplace, heads_dim, out_neox)
+    if (type(is_neox) is bool and (heads_dim is None or type(heads_dim) is int)
+            and (out_neox is None or type(out_neox) is bool)):
+        call = _token_calls.get(key)
+        if call is not None:
+            return call
+    if convention not in TOKEN_COS_SIN:
+        raise ValueError(f"convention: expected one of {TOKEN_COS_SIN}, got {convention!r}")
+    return _remember(_token_calls, key, RopeCall(
+        inplace, None, None, check_bool(is_neox, "is_neox"), convention,
+        heads_dim=_optional_int(heads_dim, "unsqueeze_dim"),
+        out_neox=None if out_neox is None else check_bool(out_neox, "out_neox")))
+
+
 def clear_call_caches() -> None:
-    for memo in (_cache_calls, _fly_calls, _frequencies):
+    for memo in (_cache_calls, _fly_calls, _token_calls, _frequencies):
         memo.clear()

@@ -124,7 +124,7 @@ def plan_buffer(prep, params=ROPE_PARAMS) -> tuple:
 
 
 def plan_of(call: RopeCall, query, key, positions=None, indptr=None, offsets=None, cache=None,
-            *, tuning=None):
+            cos=None, sin=None, *, tuning=None):
     """The plan of a call on arrays of any native framework (validation included). tuning:
     knobs, a ShapeClass -> Tuning lookup, or None for the device's (rope_jit.tuning)."""
     qd = describe(query, "query")
@@ -133,7 +133,9 @@ def plan_of(call: RopeCall, query, key, positions=None, indptr=None, offsets=Non
         describe(positions, "positions") if positions is not None else None,
         describe(indptr, "indptr") if indptr is not None else None,
         describe(offsets, "offsets") if offsets is not None else None,
-        describe(cache, "cos_sin_cache") if cache is not None else None)
+        describe(cache, "cos_sin_cache") if cache is not None else None,
+        describe(cos, "cos") if cos is not None else None,
+        describe(sin, "sin") if sin is not None else None)
     on_gpu = qd.device >= 0
     if tuning is None:
         # a new lookup per plan miss: entries tuned since are seen; ROPE_JIT_AUTOTUNE=1
@@ -142,8 +144,9 @@ def plan_of(call: RopeCall, query, key, positions=None, indptr=None, offsets=Non
     return plan_rope(call, arrays, tuning=tuning, num_sms=num_sms(qd.device) if on_gpu else 132)
 
 
-def _prepare(call: RopeCall, query, key, positions, indptr, offsets, cache, tuning) -> _Prepared:
-    plan = plan_of(call, query, key, positions, indptr, offsets, cache, tuning=tuning)
+def _prepare(call: RopeCall, query, key, positions, indptr, offsets, cache, cos, sin,
+             tuning) -> _Prepared:
+    plan = plan_of(call, query, key, positions, indptr, offsets, cache, cos, sin, tuning=tuning)
     if call.pdl and plan.device >= 0 and int(device_arch(plan.device)) < 90:
         raise ValueError(f"enable_pdl: programmatic dependent launch needs sm_90 or newer, "
                          f"cuda:{plan.device} is sm_{device_arch(plan.device)}")
@@ -167,9 +170,10 @@ def fingerprint_of(obj, name: str):
 
 
 def run_rope(call: RopeCall, query, key, positions=None, indptr=None, offsets=None, cache=None,
-             *, tuning: Tuning | None = None, fw: Framework | None = None):
+             cos=None, sin=None, *, tuning: Tuning | None = None, fw: Framework | None = None):
     """Apply RoPE as `call` says to arrays of any supported framework. In place: returns
     None. Out of place: (q_out, k_out) of the caller's array type (k_out None without key).
+    cos, sin: per-token cos/sin (``call.token_cos_sin``).
 
     tuning: the dispatch knobs; None: this device's (``rope_jit.tuning``).
     fw: query's Framework when the caller already knows it.
@@ -177,7 +181,8 @@ def run_rope(call: RopeCall, query, key, positions=None, indptr=None, offsets=No
     if fw is None:
         fw = _BY_TYPE.get(type(query)) or framework_of(query, "query")
     if not fw.native:
-        return _run_foreign(fw, call, query, key, positions, indptr, offsets, cache, tuning)
+        return _run_foreign(fw, call, query, key, positions, indptr, offsets, cache, cos, sin,
+                            tuning)
     fp, qt = fw.fingerprint, type(query)
     fq, q_ptr = fp(query)
     # Absent arguments are tested inline and arguments of query's type go straight to its
@@ -192,10 +197,14 @@ def run_rope(call: RopeCall, query, key, positions=None, indptr=None, offsets=No
                      else fingerprint_of(offsets, "offsets"))
     fc, c_ptr = (ABSENT if cache is None else fp(cache) if type(cache) is qt
                  else fingerprint_of(cache, "cos_sin_cache"))
-    sig = (call, fq, fk, fpos, find, foff, fc, tuning)
+    fcos, cos_ptr = (ABSENT if cos is None else fp(cos) if type(cos) is qt
+                     else fingerprint_of(cos, "cos"))
+    fsin, sin_ptr = (ABSENT if sin is None else fp(sin) if type(sin) is qt
+                     else fingerprint_of(sin, "sin"))
+    sig = (call, fq, fk, fpos, find, foff, fc, fcos, fsin, tuning)
     prep = _plans.get(sig) or _plans.miss(sig)
     if prep is None:
-        prep = _prepare(call, query, key, positions, indptr, offsets, cache, tuning)
+        prep = _prepare(call, query, key, positions, indptr, offsets, cache, cos, sin, tuning)
         _plans.put(sig, prep)
         note_devices()
     if call.check_positions and cache is not None and prep.func:
@@ -210,7 +219,8 @@ def run_rope(call: RopeCall, query, key, positions=None, indptr=None, offsets=No
         outs = (q_out, k_out)
     if prep.func:
         buf, argv, _keep = plan_buffer(prep)
-        _POINTERS.pack_into(buf, 0, q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr or ind_ptr, off_ptr, c_ptr)
+        _POINTERS.pack_into(buf, 0, q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr or ind_ptr, off_ptr, c_ptr,
+                            cos_ptr, sin_ptr)
         dev = prep.device  # launch_plan's body, inline: one call less on the warm path
         if _single_device or dev == current_device():
             _launch_prepared(prep, fw.stream(dev), argv)
@@ -252,11 +262,11 @@ def _launch_prepared(prep, stream: int, argv: int) -> None:
 
 
 def _run_foreign(fw: Framework, call: RopeCall, query, key, positions, indptr, offsets, cache,
-                 tuning):
+                 cos, sin, tuning):
     """Arrays that arrive through __cuda_array_interface__ or __dlpack__ (``foreign_views``):
     run on CuPy's current stream of their device, results in the caller's type."""
     arrays = (("query", query), ("key", key), ("positions", positions), ("indptr", indptr),
-              ("offsets", offsets), ("cos_sin_cache", cache))
+              ("offsets", offsets), ("cos_sin_cache", cache), ("cos", cos), ("sin", sin))
     mutated = ("query", "key") if call.inplace else ()
     with foreign_views(arrays, mutated, "use the out-of-place function, which returns new "
                        "arrays") as views:

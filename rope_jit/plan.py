@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from .arrays import HOST, ArrayDesc, contiguous_strides
-from .call import INDPTR, RopeCall, check_int
+from .call import COS_SIN, INDPTR, RopeCall, check_int
 from .dtypes import FLOAT_DTYPES, INDEX_DTYPES
 from .scaling import OnTheFly, on_the_fly_values
 from .specs import ROPE_FREQ, ROPE_STATIC, RopeSpec
@@ -30,6 +30,8 @@ class RopeArrays(NamedTuple):
     indptr: ArrayDesc | None = None
     offsets: ArrayDesc | None = None
     cos_sin_cache: ArrayDesc | None = None
+    cos: ArrayDesc | None = None    # per-token cos/sin (transformers, flash-attn)
+    sin: ArrayDesc | None = None
 
 
 @dataclass(frozen=True)
@@ -132,10 +134,39 @@ class _Tokens(NamedTuple):
     pos_strides: tuple    # (outer, inner) element strides of positions
     pos_row_stride: int   # mRoPE: stride between the t, h, w rows
     batch_size: int       # indptr + offsets: requests; else 0
+    source: str = "positions"  # what the token dims were read from (for errors)
+
+
+def _heads_axis(heads_dim: int, d: ArrayDesc, name: str) -> int:
+    """The dim of `d` that holds its heads, from transformers' unsqueeze_dim (cos gets a
+    heads dim inserted there, so it counts from the left or the right of d's dims)."""
+    h = check_int(heads_dim, "unsqueeze_dim")
+    h_norm = h + d.ndim if h < 0 else h
+    if not 0 <= h_norm <= d.ndim - 2:
+        raise ValueError(f"unsqueeze_dim: {h} does not name a heads dim of {name} with shape "
+                         f"{list(d.shape)} (expected {-d.ndim} .. -2 or 0 .. {d.ndim - 2}: "
+                         "any dim but the last)")
+    return h_norm
 
 
 def _token_layout(call: RopeCall, a: RopeArrays) -> _Tokens:
     mrope = call.mrope_section is not None
+    if call.heads_dim is not None and not call.token_cos_sin:
+        raise ValueError("unsqueeze_dim: a heads dim other than the one before head_size is "
+                         "supported with per-token cos/sin only")
+    if call.token_cos_sin:
+        # No positions: the token dims are those of query other than heads and head_size.
+        q = a.query
+        if mrope:
+            raise ValueError("mrope_section: not supported with per-token cos/sin; select each "
+                             "frequency's position row into cos and sin first")
+        if q.ndim not in (3, 4):
+            raise ValueError(f"query: expected [num_tokens, num_heads, head_size] or [batch, seq, "
+                             f"num_heads, head_size] (heads at unsqueeze_dim), got shape "
+                             f"{list(q.shape)}")
+        h = q.ndim - 2 if call.heads_dim is None else _heads_axis(call.heads_dim, q, "query")
+        shape = tuple(n for i, n in enumerate(q.shape[:-1]) if i != h)
+        return _Tokens(shape, "int32", (0, 0), 0, 0, "query")  # index dtype unused
     if call.convention == INDPTR:
         if mrope:
             raise TypeError("positions: mRoPE needs positions of shape [3, num_tokens]; "
@@ -188,8 +219,19 @@ class _Heads(NamedTuple):
 _NO_HEADS = _Heads(0, (0, 0), 0)
 
 
-def _as_heads(d: ArrayDesc, name: str, tok_shape: tuple, head_size: int) -> _Heads:
+def _as_heads(d: ArrayDesc, name: str, tok_shape: tuple, head_size: int,
+              heads_dim: int | None = None, source: str = "positions") -> _Heads:
     nt = len(tok_shape)
+    if heads_dim is not None:
+        # Heads elsewhere (transformers' [batch, heads, seq, head_dim]): the same array seen
+        # with its dims permuted to [tokens..., heads, head_size], no copy.
+        if d.ndim != nt + 2:
+            raise ValueError(f"{name}: expected {nt} token dims, a heads dim and head_size, "
+                             f"got shape {list(d.shape)}")
+        h = _heads_axis(heads_dim, d, name)
+        perm = [i for i in range(d.ndim - 1) if i != h] + [h, d.ndim - 1]
+        d = ArrayDesc(d.ptr, tuple(d.shape[i] for i in perm), tuple(d.strides[i] for i in perm),
+                      d.dtype, d.device, d.readonly)
     if d.ndim not in (nt + 1, nt + 2):
         layouts = ("[num_tokens, num_heads * head_size] or [num_tokens, num_heads, head_size]"
                    if nt == 1 else
@@ -197,7 +239,7 @@ def _as_heads(d: ArrayDesc, name: str, tok_shape: tuple, head_size: int) -> _Hea
         raise ValueError(f"{name}: expected {layouts}, got shape {list(d.shape)}")
     if tuple(d.shape[:nt]) != tuple(tok_shape):
         raise ValueError(f"{name}: token dims {list(d.shape[:nt])} do not match the "
-                         f"{'positions' if nt else 'token'} shape {list(tok_shape)}")
+                         f"{source if nt else 'token'} shape {list(tok_shape)}")
     strides = norm_strides(d)
     if d.shape[-1] > 1 and strides[-1] != 1:
         raise ValueError(f"{name}: the last dim must be contiguous (stride 1), got stride {d.strides[-1]}")
@@ -220,14 +262,16 @@ def _head_layouts(call: RopeCall, a: RopeArrays, tokens: _Tokens) -> tuple:
     if head_size is None:
         for d, name in ((a.query, "query"), (a.key, "key")):
             if d is not None and d.ndim != len(tokens.shape) + 2:
-                raise ValueError(f"{name}: expected shape [nnz, num_heads, head_dim], "
-                                 f"got {list(d.shape)}")
+                layout = ("[nnz, num_heads, head_dim]" if len(tokens.shape) == 1
+                          else "[batch, seq, num_heads, head_dim] (heads at unsqueeze_dim)")
+                raise ValueError(f"{name}: expected shape {layout}, got {list(d.shape)}")
         head_size = a.query.shape[-1]
     head_size = check_int(head_size, "head_size")
     if head_size <= 0:
         raise ValueError(f"head_size: expected a positive integer, got {head_size}")
-    q = _as_heads(a.query, "query", tokens.shape, head_size)
-    k = _as_heads(a.key, "key", tokens.shape, head_size) if a.key is not None else None
+    q = _as_heads(a.query, "query", tokens.shape, head_size, call.heads_dim, tokens.source)
+    k = (_as_heads(a.key, "key", tokens.shape, head_size, call.heads_dim, tokens.source)
+         if a.key is not None else None)
     return head_size, q, k
 
 
@@ -238,12 +282,52 @@ class _Rotary(NamedTuple):
     name: str            # what errors about it call it
     max_position: int    # cache rows (0 on the fly)
     cache_stride: int
+    cos_sin_strides: tuple = (0, 0, 0, 0)  # per-token cos/sin: (cos, sin) x (outer, inner)
 
 
-def _rotary(call: RopeCall, a: RopeArrays, head_size: int) -> _Rotary:
-    """The cache's width, or the argument (None: the whole head)."""
+def _token_cos_sin(call: RopeCall, a: RopeArrays, tokens: _Tokens) -> tuple:
+    """(rotary dim, token strides) of per-token cos and sin: shape [..., width] whose
+    leading dims broadcast to query's token dims (right-aligned; missing or size-1 dims
+    repeat), width rotary_dim (COS_SIN) or rotary_dim / 2 (COS_SIN_HALF)."""
+    c, s = a.cos, a.sin
+    float_array(c, "cos")
+    float_array(s, "sin")
+    same_device(a.query, c, "cos")
+    same_device(a.query, s, "sin")
+    if s.dtype != c.dtype:
+        raise TypeError(f"sin: dtype {s.dtype} differs from cos dtype {c.dtype}")
+    if tuple(s.shape) != tuple(c.shape):
+        raise ValueError(f"sin: shape {list(s.shape)} differs from cos shape {list(c.shape)}")
+    nt = len(tokens.shape)
+    lead = tuple(c.shape[:-1])
+    width = "rotary_dim" if call.convention == COS_SIN else "rotary_dim / 2"
+    if c.ndim < 1 or len(lead) > nt or any(
+            n not in (1, m) for n, m in zip(lead, tokens.shape[nt - len(lead):])):
+        raise ValueError(f"cos: expected shape [..., {width}] whose leading dims broadcast to "
+                         f"the token dims {list(tokens.shape)} of query, got {list(c.shape)}")
+    strides = []
+    for d, name in ((c, "cos"), (s, "sin")):
+        st = norm_strides(d)  # size-1 (broadcast) dims: stride 0
+        if d.shape[-1] > 1 and st[-1] != 1:
+            raise ValueError(f"{name}: the last dim must be contiguous (stride 1), got stride "
+                             f"{d.strides[-1]}")
+        tok = (0,) * (nt - len(lead)) + st[:-1]
+        strides += (0, tok[0]) if nt == 1 else (tok[0], tok[1])
+    dim = c.shape[-1] * (1 if call.convention == COS_SIN else 2)
+    if call.rotary_dim is not None and check_int(call.rotary_dim, "rotary_dim") != dim:
+        raise ValueError(f"cos: width {c.shape[-1]} does not give rotary_dim {call.rotary_dim}")
+    return dim, tuple(strides)
+
+
+def _rotary(call: RopeCall, a: RopeArrays, head_size: int, tokens: _Tokens) -> _Rotary:
+    """The cache's width, the per-token cos/sin width, or the argument (None: the whole
+    head)."""
     c = a.cos_sin_cache
-    if call.from_cache:
+    if call.token_cos_sin:
+        dim, strides = _token_cos_sin(call, a, tokens)
+        rot = _Rotary(dim, "cos width (rotary_dim)" if call.convention == COS_SIN
+                      else "2 x cos width (rotary_dim)", 0, 0, strides)
+    elif call.from_cache:
         float_array(c, "cos_sin_cache")
         same_device(a.query, c, "cos_sin_cache")
         if c.ndim != 2:
@@ -277,9 +361,9 @@ def _outputs(call: RopeCall, a: RopeArrays, tokens: _Tokens, head_size: int, q: 
     """Output layouts: the inputs themselves in place, new contiguous arrays out of place."""
     if call.inplace:
         return q, k
-    def contiguous(d: ArrayDesc, name: str) -> _Heads:
+    def contiguous(d: ArrayDesc, name: str) -> _Heads:  # in the caller's dim order
         return _as_heads(ArrayDesc(0, d.shape, contiguous_strides(d.shape), d.dtype), name,
-                         tokens.shape, head_size)
+                         tokens.shape, head_size, call.heads_dim, tokens.source)
     return contiguous(a.query, "query"), (contiguous(a.key, "key") if a.key is not None else None)
 
 
@@ -314,6 +398,10 @@ def _vector_widths(call: RopeCall, a: RopeArrays, rot: _Rotary, head_size: int,
     if call.from_cache:
         c = a.cos_sin_cache
         cache_vec = min(vec, choose_vec(c.itemsize, [vec, rot.cache_stride], [c.ptr]))
+    elif call.token_cos_sin:
+        c = a.cos
+        cache_vec = min(vec, choose_vec(c.itemsize, [vec, *rot.cos_sin_strides],
+                                        [c.ptr, a.sin.ptr]))
     chunks = rot.dim // 2 // vec
     if chunks > 512:
         raise ValueError(f"{rot.name}: {rot.dim} needs {chunks} threads per head row at this "
@@ -392,7 +480,7 @@ _FROM_CACHE = OnTheFly("linear", 0.0, 1.0, 0.0, 0.0, 1.0)  # unused by cache ker
 
 
 def _frequencies(call: RopeCall, rot: _Rotary) -> OnTheFly:
-    if call.from_cache:
+    if call.frequencies is None:
         return _FROM_CACHE
     return on_the_fly_values(call.frequencies, rot.dim)
 
@@ -408,10 +496,14 @@ def plan_rope(call: RopeCall, arrays: RopeArrays, *, tuning=DEFAULT_TUNING,
     them once the call's shape class is known (rope_jit.tuning.DeviceTuning)."""
     a = arrays
     _check_query_key(a)
+    if call.inplace and call.out_neox not in (None, call.is_neox):
+        raise ValueError("out_neox: writing the pairs in the other order needs separate "
+                         "outputs; use the out-of-place function")
     tokens = _token_layout(call, a)
     head_size, q, k = _head_layouts(call, a, tokens)
-    rot = _rotary(call, a, head_size)
+    rot = _rotary(call, a, head_size, tokens)
     fly = _frequencies(call, rot)
+    on_the_fly = call.frequencies is not None
 
     num_tokens = math.prod(tokens.shape)
     nq, nk = q.num_heads, (k.num_heads if k is not None else 0)
@@ -420,31 +512,36 @@ def plan_rope(call: RopeCall, arrays: RopeArrays, *, tuning=DEFAULT_TUNING,
     if num_tokens == 0 or nq + nk == 0:
         return RopePlan(None, None, (), a.query.device, q_out_shape, k_out_shape)
 
-    shape = ShapeClass(a.query.dtype, "on-the-fly" if not call.from_cache else
-                       a.cos_sin_cache.dtype, head_size, rot.dim, nq + nk, call.is_neox,
-                       call.inplace)
+    # per-token cos/sin dispatches as a cache of its dtype does (read, not computed): it
+    # takes that class's knobs
+    shape = ShapeClass(a.query.dtype, a.cos_sin_cache.dtype if call.from_cache
+                       else a.cos.dtype if call.token_cos_sin else "on-the-fly", head_size,
+                       rot.dim, nq + nk, call.is_neox, call.inplace)
     if not isinstance(tuning, Tuning):
         tuning = tuning(shape, num_tokens)
     qo, ko = _outputs(call, a, tokens, head_size, q, k)
     vec, cache_vec, chunks = _vector_widths(call, a, rot, head_size, [q, k, qo, ko])
     head_batch, per_group, launch = choose_launch(num_tokens, chunks, nq + nk, num_sms,
-                                                  not call.from_cache, tuning)
+                                                  on_the_fly, tuning)
     # Prefetching the next batch costs registers (occupancy); it pays only when a thread
     # has more than one batch (measured: GPT-J shapes at 8192 tokens lost 10% without
     # this rule).
     prefetch = tuning.prefetch and per_group > head_batch
-    if not call.from_cache:  # kernels/rope.cu: tokens x (R/2 float2 + NPOS x (position, flag))
+    if on_the_fly:  # kernels/rope.cu: tokens x (R/2 float2 + NPOS x (position, flag))
         npos = 3 if call.mrope_section is not None else 1
         launch = Launch(launch.grid, launch.block, launch.block[2] * (rot.dim // 2 * 8 + 16 * npos))
     spec = RopeSpec(
         head_size=head_size, rotary_dim=rot.dim, dtype=a.query.dtype,
-        cache_dtype=None if not call.from_cache else a.cos_sin_cache.dtype,
+        cache_dtype=(a.cos_sin_cache.dtype if call.from_cache
+                     else a.cos.dtype if call.token_cos_sin else None),
         index_dtype=tokens.index_dtype, indptr=call.convention == INDPTR, neox=call.is_neox,
         out_of_place=not call.inplace, vec=vec, cache_vec=cache_vec, head_batch=head_batch,
         prefetch=prefetch, scaling=fly.variant, mrope_section=call.mrope_section,
         mrope_interleaved=call.mrope_interleaved and call.mrope_section is not None,
         inverse=call.inverse, min_blocks=tuning.min_blocks,
-        index_bits=index_bits(a, rot, num_tokens), pdl=call.pdl)
+        index_bits=index_bits(a, rot, num_tokens), pdl=call.pdl,
+        token_cos_sin=call.token_cos_sin,
+        out_neox=None if call.out_neox in (None, call.is_neox) else call.out_neox)
 
     k, ko = k or _NO_HEADS, ko or _NO_HEADS
     values = dict(
@@ -459,7 +556,9 @@ def plan_rope(call: RopeCall, arrays: RopeArrays, *, tuning=DEFAULT_TUNING,
         ko_stride_outer=ko.tok_strides[0], ko_stride_inner=ko.tok_strides[1],
         ko_stride_head=ko.head_stride,
         pos_stride_outer=tokens.pos_strides[0], pos_stride_inner=tokens.pos_strides[1],
-        pos_stride_row=tokens.pos_row_stride, rot_offset=call.rope_dim_offset)
+        pos_stride_row=tokens.pos_row_stride, rot_offset=call.rope_dim_offset,
+        **dict(zip(("cos_stride_outer", "cos_stride_inner", "sin_stride_outer",
+                    "sin_stride_inner"), rot.cos_sin_strides)))
     static = tuple(values[n] for n in ROPE_FREQ + ROPE_STATIC)
     return RopePlan(spec, launch, static, a.query.device, q_out_shape, k_out_shape, shape,
                     num_tokens, tuning)

@@ -100,6 +100,28 @@ def apply_rotary(x, cos: np.ndarray, sin: np.ndarray, is_neox: bool) -> np.ndarr
     return out
 
 
+def neox_order(x, rotary_dim: int) -> np.ndarray:
+    """x with the GPT-J pairs of its rotated part, (x[2i], x[2i+1]), moved to NeoX
+    positions (i, i + R/2): DeepSeek's interleaved RoPE writes its outputs so. Elements
+    past rotary_dim stay."""
+    x = np.asarray(x)
+    out = x.copy()
+    half = rotary_dim // 2
+    out[..., :half] = x[..., 0:rotary_dim:2]
+    out[..., half:rotary_dim] = x[..., 1:rotary_dim:2]
+    return out
+
+
+def gptj_order(x, rotary_dim: int) -> np.ndarray:
+    """The inverse of neox_order: NeoX pairs (x[i], x[i + R/2]) moved to (2i, 2i+1)."""
+    x = np.asarray(x)
+    out = x.copy()
+    half = rotary_dim // 2
+    out[..., 0:rotary_dim:2] = x[..., :half]
+    out[..., 1:rotary_dim:2] = x[..., half:rotary_dim]
+    return out
+
+
 def positions_from_offsets(indptr, offsets, nnz=None) -> np.ndarray:
     """Token j of request b sits at offsets[b] + (j - indptr[b]) (docs/conventions.md).
 

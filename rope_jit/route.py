@@ -57,14 +57,15 @@ def _through_torch(query, key) -> bool:
         return False
 
 
-def rope(call: RopeCall, query, key, positions=None, indptr=None, offsets=None, cache=None):
+def rope(call: RopeCall, query, key, positions=None, indptr=None, offsets=None, cache=None,
+         cos=None, sin=None):
     """Apply RoPE as `call` says (see ``launch.run_rope`` for the return values)."""
     fw = _BY_TYPE.get(type(query)) or framework_of(query, "query")
     if fw is not _torch_fw and fw.name == "torch":
         _bind_torch(fw)
     if fw is _torch_fw and _torch_ops is not None and _through_torch(query, key):
-        return _torch_ops.rope(call, query, key, positions, indptr, offsets, cache)
-    return launch.run_rope(call, query, key, positions, indptr, offsets, cache, fw=fw)
+        return _torch_ops.rope(call, query, key, positions, indptr, offsets, cache, cos, sin)
+    return launch.run_rope(call, query, key, positions, indptr, offsets, cache, cos, sin, fw=fw)
 
 
 def positions_from_offsets(indptr, offsets, nnz):

@@ -55,7 +55,7 @@ class ParamStruct:
 # Pointers first (they change every call), then everything fixed per cached plan: the
 # on-the-fly frequency values (rope_jit.scaling.OnTheFly) and what depends only on shapes
 # and strides. A warm call packs the pointers alone.
-ROPE_POINTERS = ("q", "k", "q_out", "k_out", "positions", "offsets", "cache")
+ROPE_POINTERS = ("q", "k", "q_out", "k_out", "positions", "offsets", "cache", "cos", "sin")
 ROPE_FREQ = ("freq_exponent", "inv_scale", "ramp_a", "ramp_b", "attention_factor")
 ROPE_STATIC = (
     "num_tokens", "inner_tokens", "num_q_heads", "num_k_heads", "batch_size",
@@ -66,6 +66,7 @@ ROPE_STATIC = (
     "ko_stride_outer", "ko_stride_inner", "ko_stride_head",
     "pos_stride_outer", "pos_stride_inner", "pos_stride_row",
     "rot_offset",
+    "cos_stride_outer", "cos_stride_inner", "sin_stride_outer", "sin_stride_inner",
 )
 ROPE_PARAMS = ParamStruct(
     "RopeParams",
@@ -92,8 +93,8 @@ class RopeSpec:
     head_size: int
     rotary_dim: int
     dtype: str                 # q/k storage: float16 | bfloat16 | float32
-    cache_dtype: str | None    # cos/sin cache storage; None: computed on the fly
-    index_dtype: str           # positions, or indptr + offsets: int32 | int64
+    cache_dtype: str | None    # cos/sin cache (or per-token cos/sin) storage; None: on the fly
+    index_dtype: str           # positions, or indptr + offsets: int32 | int64 (unused per token)
     indptr: bool               # positions come from indptr + offsets
     neox: bool                 # NeoX pairs (i, i+R/2); False: GPT-J pairs (2i, 2i+1)
     out_of_place: bool         # writes whole heads to separate outputs
@@ -111,20 +112,27 @@ class RopeSpec:
     stage_tokens: int = 1      # staged paths: tokens per tile
     stages: int = 1            # staged paths: pipeline depth
     pdl: bool = False          # programmatic dependent launch: prologue before griddepcontrol.wait
+    token_cos_sin: bool = False  # cos/sin arrays per token (transformers, flash-attn), no positions
+    out_neox: bool | None = None  # pair order of the outputs; None: as the input's (neox)
 
     kernel_name = "rope_kernel"
     params = ROPE_PARAMS
 
     def words(self) -> str:
         """The spec in words, for logs and `rope-jit cache list`."""
-        cs = (f"{self.cache_dtype} cache" if self.cache_dtype
+        cs = (f"{self.cache_dtype} cos/sin per token" if self.token_cos_sin
+              else f"{self.cache_dtype} cache" if self.cache_dtype
               else "on the fly" + ("" if self.scaling == "linear" else f" {self.scaling}"))
         if self.mrope_section:
             cs += (f" mrope {'interleaved ' if self.mrope_interleaved else ''}"
                    f"{'/'.join(map(str, self.mrope_section))}")
-        pos = f"indptr+offsets {self.index_dtype}" if self.indptr else f"positions {self.index_dtype}"
+        pos = ("no positions" if self.token_cos_sin
+               else f"indptr+offsets {self.index_dtype}" if self.indptr
+               else f"positions {self.index_dtype}")
+        order = ("" if self.out_neox in (None, self.neox)
+                 else f" -> {'neox' if self.out_neox else 'gptj'} order")
         return (f"rope {self.dtype} head {self.head_size} rotary {self.rotary_dim} "
-                f"{'neox' if self.neox else 'gptj'} {cs} {pos} "
+                f"{'neox' if self.neox else 'gptj'}{order} {cs} {pos} "
                 f"{'out-of-place' if self.out_of_place else 'in-place'} "
                 f"vec {self.vec}/{self.cache_vec} heads/batch {self.head_batch}"
                 f"{' prefetch' if self.prefetch else ''}{' inverse' if self.inverse else ''}"
@@ -147,9 +155,13 @@ class RopeSpec:
             f"constexpr int HEAD_BATCH = {self.head_batch};",
             f"constexpr bool PREFETCH = {c_bool(self.prefetch)};",
             f"constexpr bool NEOX = {c_bool(self.neox)};",
+            f"constexpr bool OUT_NEOX = "
+            f"{c_bool(self.neox if self.out_neox is None else self.out_neox)};",
             f"constexpr bool OUT_OF_PLACE = {c_bool(self.out_of_place)};",
             f"constexpr bool INDPTR = {c_bool(self.indptr)};",
-            f"constexpr bool COS_SIN_FROM_CACHE = {c_bool(self.cache_dtype is not None)};",
+            f"constexpr bool COS_SIN_FROM_CACHE = "
+            f"{c_bool(self.cache_dtype is not None and not self.token_cos_sin)};",
+            f"constexpr bool COS_SIN_PER_TOKEN = {c_bool(self.token_cos_sin)};",
             f"constexpr int SCALING = SCALING_{self.scaling.upper()};",
             f"constexpr bool MROPE = {c_bool(self.mrope_section is not None)};",
             f"constexpr bool MROPE_INTERLEAVED = {c_bool(self.mrope_interleaved)};",

@@ -5,10 +5,12 @@ torch tensor; never imported without torch. Three ops in the ``rope_jit`` namesp
 
 * ``rope_jit::rope``   out of place: returns ``(q_out, k_out)`` (k_out is an empty tensor
   when there is no key: a custom op cannot return None); differentiable w.r.t. query and
-  key, the backward being the same op with the call's ``inverse`` flipped (the rotation by
-  the negative angle is the transpose of the rotation, and the out-of-place kernel copies
-  the pass-through part of a partial rotary head, so its gradient passes through
-  unchanged).
+  key, the backward being the same op with the call transposed (``RopeCall.transpose``:
+  ``inverse`` flipped, as the rotation by the negative angle is the transpose of the
+  rotation; a call that writes pairs in the other order reads them back in that order).
+  The out-of-place kernel copies the pass-through part of a partial rotary head, so its
+  gradient passes through unchanged. Positions, caches and per-token cos/sin get no
+  gradient.
 * ``rope_jit::rope_``  in place: mutates query and key (declared in the schema, so
   functionalization and CUDA graphs see the writes); not differentiable.
 * ``rope_jit::positions_from_offsets``: positions of a ragged batch (no gradient).
@@ -29,8 +31,9 @@ from .call import OP_FIELDS, OP_SCHEMA_ARGS, RopeCall, check_int, from_op_args, 
 from .plan import RopeArrays, plan_positions, plan_rope
 
 NAMESPACE = "rope_jit"
-_ARRAYS = "Tensor? positions, Tensor? indptr, Tensor? offsets, Tensor? cos_sin_cache"
-_NO_GRADS = (None,) * (4 + len(OP_FIELDS))  # positions, indptr, offsets, cache, the call
+_ARRAYS = ("Tensor? positions, Tensor? indptr, Tensor? offsets, Tensor? cos_sin_cache, "
+           "Tensor? cos, Tensor? sin")
+_NO_GRADS = (None,) * (6 + len(OP_FIELDS))  # positions, indptr, offsets, cache, cos, sin, the call
 
 
 def tensor_arg(x, name):
@@ -50,10 +53,11 @@ def tensor_arg(x, name):
         raise TypeError(f"{name}: cannot be passed to torch as a tensor ({e})") from None
 
 
-def rope(call: RopeCall, query, key, positions, indptr, offsets, cache):
+def rope(call: RopeCall, query, key, positions, indptr, offsets, cache, cos=None, sin=None):
     """route.rope for torch calls torch must see: the same call, through the ops."""
     args = (tensor_arg(positions, "positions"), tensor_arg(indptr, "indptr"),
-            tensor_arg(offsets, "offsets"), tensor_arg(cache, "cos_sin_cache"), *to_op_args(call))
+            tensor_arg(offsets, "offsets"), tensor_arg(cache, "cos_sin_cache"),
+            tensor_arg(cos, "cos"), tensor_arg(sin, "sin"), *to_op_args(call))
     if call.inplace:
         if torch.is_grad_enabled() and (query.requires_grad
                                         or (key is not None and key.requires_grad)):
@@ -61,7 +65,7 @@ def rope(call: RopeCall, query, key, positions, indptr, offsets, cache):
             raise RuntimeError(
                 f"{name}: requires grad, and the in-place RoPE functions overwrite their inputs, "
                 "so they have no backward. Use the out-of-place function "
-                "(apply_rope_with_cos_sin_cache, apply_rope, apply_rope_pos_ids, ...), which "
+                "(apply_rope_with_cos_sin_cache, apply_rope, apply_rotary_pos_emb, ...), which "
                 "returns rotated tensors and is differentiable w.r.t. query and key, or call "
                 "under torch.no_grad()")
         torch.ops.rope_jit.rope_(query, key, *args)
@@ -103,10 +107,11 @@ def fake_descs(*tensors):
     return out
 
 
-def _check_fake(inplace, query, key, positions, indptr, offsets, cos_sin_cache, call_args) -> None:
+def _check_fake(inplace, query, key, positions, indptr, offsets, cos_sin_cache, cos, sin,
+                call_args) -> None:
     """At trace time, the errors the real call would raise (named arguments, before the
     graph runs). Skipped for symbolic shapes."""
-    descs = fake_descs(query, key, positions, indptr, offsets, cos_sin_cache)
+    descs = fake_descs(query, key, positions, indptr, offsets, cos_sin_cache, cos, sin)
     if descs is not SYMBOLIC:
         plan_rope(from_op_args(inplace, call_args), RopeArrays(*descs))
 
@@ -116,25 +121,26 @@ def _check_fake(inplace, query, key, positions, indptr, offsets, cos_sin_cache, 
 @torch.library.custom_op(f"{NAMESPACE}::rope", mutates_args=(),
                          schema=f"(Tensor query, Tensor? key, {_ARRAYS}, {OP_SCHEMA_ARGS}) "
                                 "-> (Tensor, Tensor)")
-def _rope_op(query, key, positions, indptr, offsets, cos_sin_cache, *call_args):
+def _rope_op(query, key, positions, indptr, offsets, cos_sin_cache, cos, sin, *call_args):
     q_out, k_out = launch.run_rope(from_op_args(False, call_args), query, key, positions,
-                                   indptr, offsets, cos_sin_cache)
+                                   indptr, offsets, cos_sin_cache, cos, sin)
     return q_out, (k_out if key is not None else query.new_empty(0))
 
 
 @_rope_op.register_fake
-def _rope_fake(query, key, positions, indptr, offsets, cos_sin_cache, *call_args):
-    _check_fake(False, query, key, positions, indptr, offsets, cos_sin_cache, call_args)
+def _rope_fake(query, key, positions, indptr, offsets, cos_sin_cache, cos, sin, *call_args):
+    _check_fake(False, query, key, positions, indptr, offsets, cos_sin_cache, cos, sin,
+                call_args)
     # the real outputs are new contiguous tensors of the inputs' shapes and dtype
     return query.new_empty(query.shape), (key.new_empty(key.shape) if key is not None
                                           else query.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, positions, indptr, offsets, cos_sin_cache, *call_args = inputs
+    query, key, positions, indptr, offsets, cos_sin_cache, cos, sin, *call_args = inputs
     ctx.has_key = key is not None
     ctx.call = from_op_args(False, call_args)
-    ctx.save_for_backward(positions, indptr, offsets, cos_sin_cache)
+    ctx.save_for_backward(positions, indptr, offsets, cos_sin_cache, cos, sin)
 
 
 def _grad_input(g):
@@ -144,14 +150,14 @@ def _grad_input(g):
 
 def _backward(ctx, grad_q, grad_k):
     """d(rope(x, a))/dx applied to g is rope(g, -a): the same op (the same specialization
-    family, out of place) with `inverse` flipped. Differentiable itself, so double
-    backward works. Positions and the cache get no gradient."""
-    positions, indptr, offsets, cos_sin_cache = ctx.saved_tensors
-    # the forward checked the positions already
-    call = ctx.call._replace(inverse=not ctx.call.inverse, check_positions=False)
+    family, out of place) with the call transposed (RopeCall.transpose: `inverse` flipped,
+    pair orders swapped; the positions were checked by the forward). Differentiable
+    itself, so double backward works. Positions, the cache and cos/sin get no gradient."""
+    positions, indptr, offsets, cos_sin_cache, cos, sin = ctx.saved_tensors
+    call = ctx.call.transpose()
     gk = _grad_input(grad_k) if ctx.has_key else None
     dq, dk = torch.ops.rope_jit.rope(_grad_input(grad_q), gk, positions, indptr, offsets,
-                                     cos_sin_cache, *to_op_args(call))
+                                     cos_sin_cache, cos, sin, *to_op_args(call))
     return (dq, dk if ctx.has_key else None) + _NO_GRADS
 
 
@@ -163,14 +169,16 @@ _rope_op.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op(f"{NAMESPACE}::rope_", mutates_args=("query", "key"),
                          schema=f"(Tensor(a!) query, Tensor(b!)? key, {_ARRAYS}, "
                                 f"{OP_SCHEMA_ARGS}) -> ()")
-def _rope_inplace_op(query, key, positions, indptr, offsets, cos_sin_cache, *call_args):
+def _rope_inplace_op(query, key, positions, indptr, offsets, cos_sin_cache, cos, sin,
+                     *call_args):
     launch.run_rope(from_op_args(True, call_args), query, key, positions, indptr, offsets,
-                    cos_sin_cache)
+                    cos_sin_cache, cos, sin)
 
 
 @_rope_inplace_op.register_fake
-def _rope_inplace_fake(query, key, positions, indptr, offsets, cos_sin_cache, *call_args):
-    _check_fake(True, query, key, positions, indptr, offsets, cos_sin_cache, call_args)
+def _rope_inplace_fake(query, key, positions, indptr, offsets, cos_sin_cache, cos, sin,
+                       *call_args):
+    _check_fake(True, query, key, positions, indptr, offsets, cos_sin_cache, cos, sin, call_args)
 
 
 # ------------------------------------------------------------------ positions_from_offsets

@@ -84,6 +84,15 @@ SIGNATURES = {
     "apply_llama31_rope_pos_ids": [("q", _E), ("k", _E), ("pos_ids", _E)] + _LLAMA,
     "apply_llama31_rope_pos_ids_inplace": [("q", _E), ("k", _E), ("pos_ids", _E)] + _LLAMA,
     "positions_from_offsets": [("indptr", _E), ("offsets", _E)],
+    # transformers
+    "apply_rotary_pos_emb": [("q", _E), ("k", _E), ("cos", _E), ("sin", _E), ("unsqueeze_dim", 1)],
+    "apply_rotary_pos_emb_inplace": [("q", _E), ("k", _E), ("cos", _E), ("sin", _E),
+                                     ("unsqueeze_dim", 1)],
+    "apply_rotary_pos_emb_interleave": [("q", _E), ("k", _E), ("cos", _E), ("sin", _E),
+                                        ("position_ids", None), ("unsqueeze_dim", 1)],
+    # flash-attn (its cu_seqlens / max_seqlen are not offered)
+    "apply_rotary_emb": [("x", _E), ("cos", _E), ("sin", _E), ("interleaved", False),
+                         ("inplace", False), ("seqlen_offsets", 0)],
 }
 
 
@@ -125,6 +134,12 @@ T, HQ, HK, D = 4, 2, 1, 64
 def _torch_args(torch, name):
     """Valid-looking CPU torch arguments for entry point `name` (positional)."""
     g = torch.Generator().manual_seed(0)
+    if name == "apply_rotary_emb":  # x [batch, seq, heads, head_dim], cos/sin [seq, R/2]
+        return (torch.randn(1, T, HQ, D, generator=g), torch.randn(T, D // 2, generator=g),
+                torch.randn(T, D // 2, generator=g))
+    if "rotary" in name:  # transformers: q/k [batch, heads, seq, head_dim], cos/sin [batch, seq, R]
+        return (torch.randn(1, HQ, T, D, generator=g), torch.randn(1, HK, T, D, generator=g),
+                torch.randn(1, T, D, generator=g), torch.randn(1, T, D, generator=g))
     if "cache" in name:
         q = torch.randn(T, HQ * D, generator=g)
         k = torch.randn(T, HK * D, generator=g)
@@ -239,6 +254,79 @@ def test_unsupported_object_names_the_argument(name, position, names):
     args[position] = [[1.0, 2.0]] if position else "not an array"
     with pytest.raises(TypeError, match=rf"^({'|'.join(names)}): expected a torch tensor"):
         getattr(rope_jit, name)(*args)
+
+
+def test_transformers_signatures_are_transformers_own():
+    """The per-token functions take exactly the parameters of the transformers functions
+    they stand in for (read from the installed transformers)."""
+    pytest.importorskip("torch")
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    deepseek = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
+
+    def params(fn):
+        return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    assert params(rope_jit.apply_rotary_pos_emb) == params(llama.apply_rotary_pos_emb)
+    assert (params(rope_jit.apply_rotary_pos_emb_interleave)
+            == params(deepseek.apply_rotary_pos_emb_interleave))
+
+
+@pytest.mark.parametrize("name", ["apply_rotary_pos_emb", "apply_rotary_pos_emb_inplace",
+                                  "apply_rotary_pos_emb_interleave", "apply_rotary_emb"])
+@pytest.mark.parametrize("which", ["cos", "sin"])
+def test_cos_sin_requiring_grad_refused(name, which):
+    """cos and sin get no gradient: one that requires grad under grad mode is refused with
+    a ValueError naming it, before anything runs; under no_grad the call goes on (to the
+    host-memory TypeError of CPU tensors)."""
+    torch = pytest.importorskip("torch")
+    args = list(_torch_args(torch, name))
+    pos = (1 if name == "apply_rotary_emb" else 2) + (which == "sin")
+    args[pos].requires_grad_()
+    with pytest.raises(ValueError, match=rf"^{which}: requires grad, but rope_jit gives cos and sin no gradient"):
+        getattr(rope_jit, name)(*args)
+    with torch.no_grad(), pytest.raises(TypeError, match="host memory"):
+        getattr(rope_jit, name)(*args)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(seqlen_offsets=1.5), TypeError, r"^seqlen_offsets: expected an integer"),
+    (dict(seqlen_offsets=1), ValueError,
+     r"^cos: expected shape \[seqlen_ro, rotary_dim / 2\] with seqlen_ro >= seqlen_offsets \+ seqlen = 5, got \[4, 32\]"),
+    (dict(seqlen_offsets=-1), ValueError, r"^cos: expected shape"),
+    (dict(x_shape=(T, HQ, D)), ValueError, r"^x: expected shape \[batch, seqlen, nheads, headdim\], got \[4, 2, 64\]"),
+    (dict(cos_shape=(1, T, D // 2)), ValueError, r"^cos: expected shape \[seqlen_ro, rotary_dim / 2\]"),
+])
+def test_flash_attn_arguments_checked(kwargs, exc, match):
+    torch = pytest.importorskip("torch")
+    x, cos, sin = _torch_args(torch, "apply_rotary_emb")
+    x = x.reshape(kwargs.pop("x_shape", x.shape))
+    cos = sin = cos.reshape(kwargs.pop("cos_shape", cos.shape))
+    with pytest.raises(exc, match=match):
+        rope_jit.apply_rotary_emb(x, cos, sin, **kwargs)
+
+
+def test_flash_attn_rows_from_seqlen_offsets(monkeypatch):
+    """cos/sin with more rows than the sequence: the planner gets rows seqlen_offsets ..
+    seqlen_offsets + seqlen as views (no copy), and the flash-attn call (half-width cos,
+    heads before head_dim, GPT-J pairs when interleaved)."""
+    torch = pytest.importorskip("torch")
+    from rope_jit import route
+    from rope_jit.call import COS_SIN_HALF
+
+    seen = []
+    monkeypatch.setattr(route, "rope", lambda call, q, k, **a: seen.append((call, q, k, a)) or (q, k))
+    x, _, _ = _torch_args(torch, "apply_rotary_emb")
+    cos, sin = torch.randn(3 * T, D // 2), torch.randn(3 * T, D // 2)
+    assert rope_jit.apply_rotary_emb(x, cos, sin, interleaved=True, seqlen_offsets=2) is x
+    call, q, k, a = seen[-1]
+    assert q is x and k is None
+    assert a["cos"].data_ptr() == cos[2].data_ptr() and a["cos"].shape == (T, D // 2)
+    assert a["sin"].data_ptr() == sin[2].data_ptr() and a["sin"].shape == (T, D // 2)
+    assert (call.convention, call.is_neox, call.inplace, call.heads_dim) == (COS_SIN_HALF, False, False, None)
+    c, s = cos[:T], sin[:T]
+    rope_jit.apply_rotary_emb(x, c, s, inplace=True)  # as many rows as tokens: passed as given
+    call, _, _, a = seen[-1]
+    assert a["cos"] is c and a["sin"] is s and call.inplace and call.is_neox
 
 
 @pytest.mark.parametrize("nnz", [None, 10])

@@ -121,8 +121,10 @@ def test_compiled_dynamic_token_counts():
 # ------------------------------------------------------------------ opcheck
 
 def _op_args(kind, *, requires_grad=False, with_key=True, seed=0):
-    """Op arguments: the arrays, then the RopeCall as rope_jit.call.to_op_args packs it."""
-    from rope_jit.call import INDPTR, POSITIONS, RopeCall, frequencies_json, to_op_args
+    """Op arguments: the arrays (positions, indptr, offsets, cos_sin_cache, cos, sin), then
+    the RopeCall as rope_jit.call.to_op_args packs it."""
+    from rope_jit.call import (COS_SIN, COS_SIN_HALF, INDPTR, POSITIONS, RopeCall,
+                               frequencies_json, to_op_args)
 
     g = _gen(seed)
     T, HQ, HK, D = 19, 4, 2, 64
@@ -135,33 +137,47 @@ def _op_args(kind, *, requires_grad=False, with_key=True, seed=0):
     offsets = torch.tensor([5, 900], dtype=torch.int32, device="cuda")
     plain = frequencies_json()
     if kind == "cache":
-        arrays, call = (pos, None, None, cache), RopeCall(False, D, None, False)
+        arrays, call = (pos, None, None, cache, None, None), RopeCall(False, D, None, False)
     elif kind == "fly_llama3":
-        arrays = (pos, None, None, None)
+        arrays = (pos, None, None, None, None, None)
         call = RopeCall(False, None, 32, True, POSITIONS,
                         frequencies_json(5e5, 8.0, llama31=(1.0, 4.0, 8192)))
     elif kind == "indptr_yarn_inverse":
-        arrays = (None, indptr, offsets, None)
+        arrays = (None, indptr, offsets, None, None, None)
         yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}
         call = RopeCall(False, None, D, False, INDPTR, frequencies_json(rope_scaling=yarn),
                         inverse=True)
     elif kind == "mrope":
-        arrays = (torch.stack([pos, pos.flip(0), pos // 2]), None, None, None)
+        arrays = (torch.stack([pos, pos.flip(0), pos // 2]), None, None, None, None, None)
         call = RopeCall(False, None, D, True, POSITIONS, plain, (16, 8, 8), True)
+    elif kind == "cos_sin":  # transformers: q/k [batch, heads, seq, D], cos/sin [1, seq, R]
+        q = torch.randn(1, HQ, T, D, generator=g, device="cuda", requires_grad=requires_grad)
+        k = (torch.randn(1, HK, T, D, generator=g, device="cuda", requires_grad=requires_grad)
+             if with_key else None)
+        cos, sin = torch.rand(2, 1, T, 48, generator=g, device="cuda")
+        arrays = (None, None, None, None, cos, sin)
+        call = RopeCall(False, None, None, True, COS_SIN, heads_dim=1)
+    elif kind == "cos_sin_half_reordered":  # flash-attn's [seq, R/2]; GPT-J pairs out in NeoX order
+        cos, sin = torch.rand(2, T, 16, generator=g, device="cuda", dtype=torch.bfloat16)
+        arrays = (None, None, None, None, cos, sin)
+        call = RopeCall(False, None, None, False, COS_SIN_HALF, out_neox=True)
     else:
         raise ValueError(kind)
     return (q, k, *arrays, *to_op_args(call))
 
 
-@pytest.mark.parametrize("kind", ["cache", "fly_llama3", "indptr_yarn_inverse", "mrope"])
+@pytest.mark.parametrize("kind", ["cache", "fly_llama3", "indptr_yarn_inverse", "mrope", "cos_sin",
+                                  "cos_sin_half_reordered"])
 @pytest.mark.parametrize("with_key", [True, False])
 def test_opcheck(kind, with_key):
     """torch.library.opcheck on each op: schema (declared mutations match what the kernel
     writes), fake vs real metadata, autograd registration, AOT dispatch with dynamic shapes
-    (which runs the backward through the real op)."""
+    (which runs the backward through the real op). Pairs written in the other order are
+    out of place only."""
     ops = torch.ops.rope_jit
     torch.library.opcheck(ops.rope.default, _op_args(kind, requires_grad=True, with_key=with_key))
-    torch.library.opcheck(ops.rope_.default, _op_args(kind, with_key=with_key))
+    if kind != "cos_sin_half_reordered":
+        torch.library.opcheck(ops.rope_.default, _op_args(kind, with_key=with_key))
     indptr = torch.tensor([0, 3, 3, 10], device="cuda")
     offsets = torch.tensor([7, 0, 100000], device="cuda")
     torch.library.opcheck(ops.positions_from_offsets.default, (indptr, offsets, 12))

@@ -1,6 +1,7 @@
 """rope_jit's modules call down, never up: the import graph (imports at module level and
 inside functions alike, read from the source) has no cycle, and every import goes to a
-lower layer of LAYERS. A new module must be placed in a layer here."""
+lower layer of LAYERS. A new module must be placed in a layer here. Modules of a
+subpackage are named with their package (``integrations.transformers``)."""
 
 from __future__ import annotations
 
@@ -31,24 +32,42 @@ LAYERS = [
     ["tune"],
     ["cli"],
     ["__main__", "__init__"],
+    # integrations with other libraries: imported by their users only, never by rope_jit
+    ["integrations"],
+    ["integrations.transformers"],
 ]
 
 
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" and len(rel.parts) > 1 else rel.parts
+    return ".".join(parts)
+
+
+def _known(dotted: str, names: set) -> str:
+    """The graph node of a module path relative to the package: a subpackage module by its
+    dotted name, a top-level module (or anything inside it) by its first part."""
+    return dotted if dotted in names else dotted.split(".")[0]
+
+
 def import_graph() -> dict:
+    paths = {p: _module_name(p) for p in PACKAGE.rglob("*.py")}
+    names = set(paths.values())
     graph = {}
-    for path in PACKAGE.glob("*.py"):
-        name = path.stem
+    for path, name in paths.items():
+        package = path.relative_to(PACKAGE).parts[:-1]  # the importing module's package
         deps = set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                base = package[:len(package) - (node.level - 1)]
                 if node.module:
-                    deps.add(node.module.split(".")[0])
+                    deps.add(_known(".".join((*base, node.module)), names))
                 else:
-                    deps.update(a.name for a in node.names)
+                    deps.update(_known(".".join((*base, a.name)), names) for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rope_jit."):
-                deps.add(node.module.split(".")[1])
+                deps.add(_known(node.module.split(".", 1)[1], names))
             elif isinstance(node, ast.Import):
-                deps.update(a.name.split(".")[1] for a in node.names
+                deps.update(_known(a.name.split(".", 1)[1], names) for a in node.names
                             if a.name.startswith("rope_jit."))
         graph[name] = deps - {name}
     return graph

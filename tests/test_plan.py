@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from rope_jit.arrays import HOST, ArrayDesc, contiguous_strides
@@ -747,3 +749,266 @@ def test_enable_pdl_reaches_the_spec():
     assert not plan_call(cache_call(D, True, True), a).spec.pdl
     with pytest.raises(TypeError, match=r"^enable_pdl: expected a bool"):
         cache_call(D, True, True, False, None, False, None, False, "yes")
+
+
+# ------------------------------------------------------------------ cos/sin per token
+
+B, S, HQ_T, HK_T, DT = 2, 5, 4, 2, 64  # transformers' shapes: [B, H, S, D] views of [B, S, H, D]
+
+
+def _bhsd_view(heads, dtype="bfloat16", head_size=DT, row=None, offset=0):
+    """[B, H, S, D] as transformers' attention holds q/k: q_proj's [B, S, H*D] (rows of
+    `row` elements, e.g. a fused buffer) viewed as [B, S, H, D] and transposed."""
+    row = row or heads * head_size
+    return desc((B, heads, S, head_size), dtype, strides=(S * row, head_size, row, 1),
+                ptr=BASE + offset * ITEM[dtype])
+
+
+def cos_sin_call(**overrides):
+    """plan_rope of transformers' apply_rotary_pos_emb: q/k [B, H, S, D] views, cos/sin
+    [1, S, D] fp32 (a position_ids of batch 1), heads at dim 1, out of place."""
+    from rope_jit.call import token_cos_sin_call
+
+    args = dict(query=_bhsd_view(HQ_T), key=_bhsd_view(HK_T), cos=desc((1, S, DT), "float32"),
+                sin=desc((1, S, DT), "float32", ptr=BASE + 4096), convention="cos_sin",
+                is_neox=True, inplace=False, heads_dim=1, out_neox=None, num_sms=132)
+    args.update(overrides)
+    c = token_cos_sin_call(args.pop("convention"), args.pop("is_neox"), args.pop("inplace"),
+                           args.pop("heads_dim"), args.pop("out_neox"))
+    return plan_call(c, RopeArrays(args.pop("query"), args.pop("key"), cos=args.pop("cos"),
+                                   sin=args.pop("sin")), num_sms=args.pop("num_sms"))
+
+
+def test_cos_sin_transformers_layout():
+    """q [B, H, S, D] with heads at dim 1: token dims (B, S) read through the view's strides
+    (no copy); outputs contiguous in the caller's shape; cos [1, S, D] repeats over the
+    batch (outer stride 0); the kernel reads cos/sin per token, not a cache by position."""
+    p = cos_sin_call()
+    st = static(p)
+    assert p.spec.token_cos_sin and p.spec.cache_dtype == "float32" and p.spec.rotary_dim == DT
+    assert p.spec.out_neox is None and p.spec.neox and p.spec.out_of_place
+    assert (st["num_tokens"], st["inner_tokens"], st["num_q_heads"], st["num_k_heads"]) == (B * S, S, 4, 2)
+    row = HQ_T * DT
+    assert (st["q_stride_outer"], st["q_stride_inner"], st["q_stride_head"]) == (S * row, row, DT)
+    # q_out: contiguous [B, H, S, D]
+    assert (st["qo_stride_outer"], st["qo_stride_inner"], st["qo_stride_head"]) == (HQ_T * S * DT, DT, S * DT)
+    assert (st["ko_stride_outer"], st["ko_stride_inner"], st["ko_stride_head"]) == (HK_T * S * DT, DT, S * DT)
+    assert (st["cos_stride_outer"], st["cos_stride_inner"]) == (0, DT)
+    assert (st["sin_stride_outer"], st["sin_stride_inner"]) == (0, DT)
+    assert (st["max_position"], st["pos_stride_inner"]) == (0, 0)
+    assert p.q_out_shape == (B, HQ_T, S, DT) and p.k_out_shape == (B, HK_T, S, DT)
+    assert p.launch.smem == 0  # no on-the-fly tile
+
+
+def test_cos_sin_layouts():
+    """[B, S, H, D] (unsqueeze_dim=2 or None), [S, H, D] (-2), per-batch cos [B, S, R],
+    flash-attn's [S, R/2] rows, and negative unsqueeze_dim counted as transformers does."""
+    q = desc((B, S, HQ_T, DT))
+    k = desc((B, S, HK_T, DT))
+    cos = desc((B, S, DT), "bfloat16")
+    for heads_dim in (2, -2, None):
+        st = static(cos_sin_call(query=q, key=k, cos=cos, sin=cos, heads_dim=heads_dim))
+        assert (st["q_stride_outer"], st["q_stride_inner"], st["q_stride_head"]) == (S * HQ_T * DT, HQ_T * DT, DT)
+        assert (st["cos_stride_outer"], st["cos_stride_inner"]) == (S * DT, DT)
+    assert static(cos_sin_call(heads_dim=-3))["q_stride_head"] == DT  # -3 of 4 dims is dim 1
+    # [S, H, D] with cos [S, D] (Qwen2-VL's vision tower)
+    p = cos_sin_call(query=desc((S, HQ_T, DT)), key=None, cos=desc((S, DT), "float32"),
+                     sin=desc((S, DT), "float32"), heads_dim=-2)
+    st = static(p)
+    assert (st["num_tokens"], st["inner_tokens"], st["cos_stride_outer"], st["cos_stride_inner"]) == (S, S, 0, DT)
+    # flash-attn: x [B, S, H, D], cos [S, R/2]: rotary_dim is twice the width
+    p = cos_sin_call(query=q, key=None, cos=desc((S, 16), "float32"), sin=desc((S, 16), "float32"),
+                     convention="cos_sin_half", heads_dim=None, is_neox=False)
+    st = static(p)
+    assert p.spec.rotary_dim == 32 and not p.spec.neox
+    assert (st["cos_stride_outer"], st["cos_stride_inner"]) == (0, 16)
+
+
+def test_cos_sin_partial_rotary_and_dtypes():
+    """A cos narrower than the head rotates that many dims (the rest passes through); cos
+    dtype is independent of q's; cos and sin may have their own strides."""
+    cos = desc((B, S, 32), "float16", strides=(S * 64, 64, 1))  # a slice of wider rows
+    sin = desc((B, S, 32), "float16", strides=(S * 32, 32, 1), ptr=BASE + 8192)
+    p = cos_sin_call(query=_bhsd_view(HQ_T, "float32"), key=_bhsd_view(HK_T, "float32"),
+                     cos=cos, sin=sin)
+    st = static(p)
+    assert p.spec.rotary_dim == 32 and p.spec.head_size == DT and p.spec.cache_dtype == "float16"
+    assert p.spec.dtype == "float32"
+    assert (st["cos_stride_outer"], st["cos_stride_inner"], st["sin_stride_outer"],
+            st["sin_stride_inner"]) == (S * 64, 64, S * 32, 32)
+
+
+def test_cos_sin_vector_widths_follow_alignment():
+    """16-byte q/k accesses where strides and pointers allow; the cos/sin access width
+    shrinks with their strides and pointers, never past q's."""
+    p = cos_sin_call()
+    assert (p.spec.vec, p.spec.cache_vec) == (8, 4)  # bf16 q, fp32 cos
+    p = cos_sin_call(cos=desc((1, S, DT), "float32", ptr=BASE + 4))
+    assert (p.spec.vec, p.spec.cache_vec) == (8, 1)
+    p = cos_sin_call(sin=desc((1, S, DT), "float32", strides=(0, 66, 1)))
+    assert p.spec.cache_vec == 2
+    p = cos_sin_call(query=_bhsd_view(HQ_T, row=HQ_T * DT + 2))  # fused rows, 4-byte steps
+    assert (p.spec.vec, p.spec.cache_vec) == (2, 2)
+    # DeepSeek's k_rot: a 16-wide slice at offset 32 of [B, S, 48] rows
+    k_rot = desc((B, 1, S, 16), strides=(S * 48, S * 48, 48, 1), ptr=BASE + 32 * 2)
+    p = cos_sin_call(query=_bhsd_view(HQ_T, head_size=16), key=k_rot,
+                     cos=desc((1, S, 16), "bfloat16"), sin=desc((1, S, 16), "bfloat16"))
+    assert p.spec.rotary_dim == 16 and p.spec.vec == 8
+
+
+def test_cos_sin_dispatch_is_the_cache_one():
+    """Per-token cos/sin is read like a cache (no shared tile): the dispatch rules of cache
+    kernels, with their block sizes."""
+    p = cos_sin_call()
+    chunks = DT // 2 // p.spec.vec
+    assert p.launch == choose_launch(B * S, chunks, HQ_T + HK_T, 132, False, TUNING)[2]
+
+
+def test_cos_sin_in_place_and_output_order():
+    """In place writes the inputs; pairs written in the other order (DeepSeek's interleaved
+    RoPE) are out of place only."""
+    p = cos_sin_call(inplace=True)
+    st = static(p)
+    assert not p.spec.out_of_place and st["qo_stride_head"] == st["q_stride_head"]
+    p = cos_sin_call(is_neox=False, out_neox=True)
+    assert not p.spec.neox and p.spec.out_neox is True
+    assert cos_sin_call(is_neox=True, out_neox=True).spec.out_neox is None  # the same order
+    with pytest.raises(ValueError, match=r"^out_neox: writing the pairs in the other order needs separate"):
+        cos_sin_call(is_neox=False, out_neox=True, inplace=True)
+
+
+def test_transpose_is_the_backward_call():
+    """RopeCall.transpose: the inverse rotation, reading pairs in the order the call
+    writes them and writing them in the order it reads them."""
+    from rope_jit.call import token_cos_sin_call
+
+    c = token_cos_sin_call("cos_sin", False, False, 1, True)
+    t = c.transpose()
+    assert (t.inverse, t.is_neox, t.out_neox) == (True, True, False)
+    assert t.transpose() == c
+    plain = token_cos_sin_call("cos_sin", True, False, 1)
+    assert plain.transpose() == plain._replace(inverse=True)
+    cache = RopeCall(False, D, None, True, POSITIONS, None, None, False, False, True)
+    assert cache.transpose() == cache._replace(inverse=True, check_positions=False)
+
+
+COS_SIN_ERRORS = [
+    ("cos-int", dict(cos=desc((1, S, DT), "int32")), TypeError, r"^cos: expected dtype float16 or bfloat16 or float32"),
+    ("cos-none", dict(cos=None), TypeError, r"^cos: expected a float16, bfloat16 or float32 array, got None"),
+    ("sin-dtype", dict(sin=desc((1, S, DT), "bfloat16")), TypeError, r"^sin: dtype bfloat16 differs from cos dtype float32"),
+    ("sin-shape", dict(sin=desc((1, S, 32), "float32")), ValueError, r"^sin: shape \[1, 5, 32\] differs from cos shape \[1, 5, 64\]"),
+    ("cos-host", dict(cos=desc((1, S, DT), "float32", device=HOST)), TypeError, r"^cos: expected a CUDA device array .*host memory"),
+    ("sin-device", dict(sin=desc((1, S, DT), "float32", device=1)), ValueError, r"^sin is on cuda:1 but query is on cuda:0"),
+    ("cos-seq", dict(cos=desc((1, S + 1, DT), "float32"), sin=desc((1, S + 1, DT), "float32")), ValueError,
+     r"^cos: expected shape \[\.\.\., rotary_dim\] whose leading dims broadcast to the token dims \[2, 5\] of query, got \[1, 6, 64\]"),
+    ("cos-too-many-dims", dict(cos=desc((1, 1, S, DT), "float32"), sin=desc((1, 1, S, DT), "float32")), ValueError,
+     r"^cos: expected shape \[\.\.\., rotary_dim\] whose leading dims broadcast"),
+    ("cos-batch", dict(cos=desc((3, S, DT), "float32"), sin=desc((3, S, DT), "float32")), ValueError, r"^cos: expected shape"),
+    ("cos-last-dim", dict(cos=desc((1, S, DT), "float32", strides=(2 * S * DT, 2 * DT, 2))), ValueError,
+     r"^cos: the last dim must be contiguous \(stride 1\), got stride 2"),
+    ("cos-odd-width", dict(cos=desc((1, S, 63), "float32"), sin=desc((1, S, 63), "float32")), ValueError,
+     r"^cos width \(rotary_dim\): expected a positive even number, got 63"),
+    ("cos-wider-than-head", dict(cos=desc((1, S, 2 * DT), "float32"), sin=desc((1, S, 2 * DT), "float32")), ValueError,
+     r"^cos width \(rotary_dim\): 128 exceeds head_size 64"),
+    ("half-wider-than-head", dict(cos=desc((S, DT), "float32"), sin=desc((S, DT), "float32"), convention="cos_sin_half"),
+     ValueError, r"^2 x cos width \(rotary_dim\): 128 exceeds head_size 64"),
+    ("heads-dim-last", dict(heads_dim=3), ValueError, r"^unsqueeze_dim: 3 does not name a heads dim of query with shape \[2, 4, 5, 64\]"),
+    ("heads-dim-range", dict(heads_dim=-5), ValueError, r"^unsqueeze_dim: -5 does not name a heads dim"),
+    ("heads-dim-float", dict(heads_dim=1.0), TypeError, r"^unsqueeze_dim: expected an integer"),
+    ("query-2d", dict(query=desc((B * S, HQ_T * DT)), key=None), ValueError, r"^query: expected \[num_tokens, num_heads, head_size\] or \[batch, seq"),
+    ("key-tokens", dict(key=desc((B, HK_T, S + 1, DT))), ValueError, r"^key: token dims \[2, 6\] do not match the query shape \[2, 5\]"),
+    ("key-ndim", dict(key=desc((B, S, HK_T * DT))), ValueError, r"^key: expected shape \[batch, seq, num_heads, head_dim\]"),
+    ("key-head-size", dict(key=desc((B, HK_T, S, 32))), ValueError, r"^key: last dim 32 must equal head_size 64"),
+    ("key-dtype", dict(key=_bhsd_view(HK_T, "float16")), TypeError, r"^key: dtype float16 differs from query dtype bfloat16"),
+]
+
+
+@pytest.mark.parametrize("overrides, exc, match", [e[1:] for e in COS_SIN_ERRORS],
+                         ids=[e[0] for e in COS_SIN_ERRORS])
+def test_cos_sin_invalid_call(overrides, exc, match):
+    with pytest.raises(exc, match=match):
+        cos_sin_call(**overrides)
+
+
+def test_cos_sin_refuses_what_it_has_no_meaning_for():
+    """mRoPE sections (transformers selects them into cos/sin) and a heads dim with
+    positions: named errors."""
+    from rope_jit.call import token_cos_sin_call
+
+    c = token_cos_sin_call("cos_sin", True, False, 1)._replace(mrope_section=(8, 12, 12))
+    with pytest.raises(ValueError, match=r"^mrope_section: not supported with per-token cos/sin"):
+        plan_call(c, RopeArrays(_bhsd_view(HQ_T), None, cos=desc((1, S, DT), "float32"),
+                                sin=desc((1, S, DT), "float32")))
+    c = RopeCall(True, D, None, True, POSITIONS, heads_dim=1)
+    with pytest.raises(ValueError, match=r"^unsqueeze_dim: a heads dim other than"):
+        plan_call(c, RopeArrays(desc((1, HQ, T, D)), None, desc((1, T), "int64"), None, None,
+                                desc((4096, D), "float32")))
+    with pytest.raises(ValueError, match=r"^convention: expected one of"):
+        token_cos_sin_call("positions", True, False)
+
+
+@pytest.mark.nvrtc
+@pytest.mark.parametrize("dtype, cos_dtype", [("bfloat16", "float32"), ("bfloat16", "bfloat16"),
+                                              ("float16", "float16"), ("float32", "bfloat16")])
+def test_cos_sin_specializations_compile_for_sm_90(dtype, cos_dtype):
+    """Every kind of per-token kernel compiles with NVRTC for sm_90: both styles, in and
+    out of place, the other output order (and its backward), partial rotary, vector widths
+    down to 1."""
+    from rope_jit import jit
+
+    seen = set()
+    for is_neox, out_neox, inplace, inverse, width, row in [
+            (True, None, False, False, DT, None), (True, None, True, False, 32, None),
+            (False, None, False, True, DT, None), (False, None, True, False, 32, None),
+            (False, True, False, False, DT, None), (True, False, False, True, DT, None),
+            (False, True, False, False, 32, HQ_T * DT + 1), (True, None, False, False, 16, HQ_T * DT + 1)]:
+        cos = desc((1, S, width), cos_dtype)
+        p = cos_sin_call(query=_bhsd_view(HQ_T, dtype, row=row), key=_bhsd_view(HK_T, dtype, row=row),
+                         cos=cos, sin=cos, is_neox=is_neox, out_neox=out_neox, inplace=inplace)
+        spec = p.spec if not inverse else p.spec.__class__(**{**p.spec.__dict__, "inverse": True})
+        seen.add(spec)
+    assert any(s.vec == 1 for s in seen) and any(s.out_neox is not None for s in seen)
+    assert {s.index_bits for s in seen} == {32}
+    seen.add(dataclasses.replace(min(seen, key=lambda s: s.vec), index_bits=64))
+    for spec in seen:
+        assert jit.build(spec, "sm_90")[:4] == b"\x7fELF", spec.words()
+
+
+@pytest.mark.nvrtc
+@pytest.mark.parametrize("knob", [dict(staging=1), dict(staging=2), dict(pdl=True)])
+@pytest.mark.parametrize("what", ["per-token", "reordered"])
+def test_cos_sin_kernels_refuse_staging_and_pdl(knob, what):
+    """Per-token cos/sin and reordered pairs exist in the register path only, and PDL's
+    prologue would read cos/sin before the previous kernel is done: such a spec fails to
+    compile (a static_assert), so no planner or tuner change can launch one."""
+    from rope_jit import jit
+    from rope_jit.jit import CompileError
+
+    spec = cos_sin_call(is_neox=what == "per-token", out_neox=None if what == "per-token" else True).spec
+    with pytest.raises(CompileError, match="STAGING 0, no PDL"):
+        jit.build(dataclasses.replace(spec, **knob), "sm_90")
+
+
+def test_cos_sin_reach_sets_the_index_width():
+    """cos/sin are arrays the kernel indexes: their reach counts for 32-bit offsets."""
+    assert cos_sin_call().spec.index_bits == 32
+    far = desc((B, S, DT), "float32", strides=(2 ** 31, 64, 1))  # batch rows 2^31 apart
+    assert cos_sin_call(cos=far, sin=far).spec.index_bits == 64
+
+
+def test_cos_sin_shape_class_is_the_cache_one():
+    """Tuned knobs are looked up by shape class: per-token cos/sin takes those of a cache of
+    its dtype (read, not computed on the fly)."""
+    seen = []
+
+    def lookup(shape, num_tokens):
+        seen.append((shape, num_tokens))
+        return TUNING
+
+    from rope_jit.call import token_cos_sin_call
+
+    plan_call(token_cos_sin_call("cos_sin", True, False, 1),
+              RopeArrays(_bhsd_view(HQ_T), _bhsd_view(HK_T), cos=desc((1, S, DT), "float16"),
+                         sin=desc((1, S, DT), "float16")), tuning=lookup)
+    ((shape, tokens),) = seen
+    assert shape.cos_sin == "float16" and tokens == B * S and shape.num_heads == HQ_T + HK_T

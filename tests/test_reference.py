@@ -165,6 +165,21 @@ def _llama31_direct(rotary_dim, theta, factor, low, high, old_ctx):
     return np.array(out), bands
 
 
+def test_pair_orders_by_hand_and_with_rotation():
+    """neox_order moves GPT-J pairs to NeoX positions (the tail stays), gptj_order undoes
+    it, and rotating GPT-J pairs then reordering equals reordering then rotating NeoX pairs
+    (DeepSeek's interleaved RoPE is that)."""
+    x = np.arange(10.0)
+    assert reference.neox_order(x, 8).tolist() == [0, 2, 4, 6, 1, 3, 5, 7, 8, 9]
+    assert reference.gptj_order(reference.neox_order(x, 8), 8).tolist() == x.tolist()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 2, 12))
+    c, s = reference.cos_sin(rng.integers(0, 99, 3), reference.inv_frequencies(8))
+    via_gptj = reference.neox_order(reference.apply_rotary(x, c, s, is_neox=False), 8)
+    via_neox = reference.apply_rotary(reference.neox_order(x, 8), c, s, is_neox=True)
+    np.testing.assert_allclose(via_gptj, via_neox, rtol=0, atol=1e-15)
+
+
 def test_llama31_inv_frequencies_all_bands():
     """Llama 3.1 smoothing (factor 8, low 1, high 4, old context 8192, theta 5e5, R=128)
     against the piecewise definition; each of the three bands holds some frequencies."""

@@ -29,8 +29,9 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
           "original_max_position_embeddings": 8192, "rope_theta": 5e5}
 
 
-# Node arguments: query, key, positions, indptr, offsets, cos_sin_cache, then the call.
-CALL_ARGS = 6
+# Node arguments: query, key, positions, indptr, offsets, cos_sin_cache, cos, sin, then the
+# call.
+CALL_ARGS = 8
 INVERSE = CALL_ARGS + [n for n, _ in OP_FIELDS].index("inverse")
 
 
@@ -58,7 +59,12 @@ def _inputs(device="cpu", requires_grad=False, dtype=torch.float32):
         cache=torch.randn(4 * T, D, generator=g).to(device),
         cache_half=torch.randn(4 * T, D // 2, generator=g).to(device),
         indptr=torch.tensor([0, 2, T], dtype=torch.int32).to(device),
-        offsets=torch.tensor([3, 9], dtype=torch.int32).to(device))
+        offsets=torch.tensor([3, 9], dtype=torch.int32).to(device),
+        # per-token cos/sin: transformers' [batch, seq, rotary_dim], flash-attn's rows
+        cos=torch.randn(1, T, D, generator=g).to(device),
+        sin=torch.randn(1, T, D, generator=g).to(device),
+        cos_half=torch.randn(3 * T, D // 2, generator=g).to(device),
+        sin_half=torch.randn(3 * T, D // 2, generator=g).to(device))
 
 
 # Every public RoPE entry point: (name, op, call(inputs) -> result).
@@ -68,6 +74,18 @@ def _q2(x):
 
 def _k2(x):
     return x["k"].reshape(T, HK * D)
+
+
+def _bhsd(t):
+    """[T, H, D] seen as transformers' attention layout [1, H, T, D] (a view)."""
+    return t.transpose(0, 1).unsqueeze(0)
+
+
+def _flash_inplace(x):
+    x4 = x["q"].unsqueeze(0)
+    out = rope_jit.apply_rotary_emb(x4, x["cos_half"], x["sin_half"], inplace=True,
+                                    seqlen_offsets=2)
+    assert out is x4  # flash-attn returns x itself; None here, as every in-place entry point
 
 
 CALLS = {
@@ -106,6 +124,16 @@ CALLS = {
         x["q"], None, x["pos3"], [4, 6, 6], rotary_dim=32, mrope_interleaved=True)),
     "positions_from_offsets": ("positions_from_offsets", lambda x: rope_jit.positions_from_offsets(
         x["indptr"], x["offsets"], T)),
+    "apply_rotary_pos_emb": ("rope", lambda x: rope_jit.apply_rotary_pos_emb(
+        _bhsd(x["q"]), _bhsd(x["k"]), x["cos"], x["sin"])),
+    "apply_rotary_pos_emb_inplace": ("rope_", lambda x: rope_jit.apply_rotary_pos_emb_inplace(
+        x["q"].unsqueeze(0), x["k"].unsqueeze(0), x["cos"][..., :32], x["sin"][..., :32],
+        unsqueeze_dim=2)),
+    "apply_rotary_pos_emb_interleave": ("rope", lambda x: rope_jit.apply_rotary_pos_emb_interleave(
+        _bhsd(x["q"]), _bhsd(x["k"]), x["cos"], x["sin"])),
+    "apply_rotary_emb": ("rope", lambda x: rope_jit.apply_rotary_emb(
+        x["q"].unsqueeze(0), x["cos_half"], x["sin_half"], interleaved=True, seqlen_offsets=2)),
+    "apply_rotary_emb+inplace": ("rope_", _flash_inplace),
 }
 
 
@@ -127,8 +155,9 @@ def test_ops_are_registered_with_their_mutations():
     assert len(rope_._schema.returns) == 0
     assert [str(r.type) for r in rope._schema.returns] == ["Tensor", "Tensor"]
     # op arguments are tensors, numbers, bools, strings and lists only
-    allowed = {"Tensor", "Optional[Tensor]", "Optional[int]", "int", "bool", "float", "str",
-               "Optional[str]", "List[float]", "Optional[List[int]]", "Optional[SymInt]"}
+    allowed = {"Tensor", "Optional[Tensor]", "Optional[int]", "int", "bool", "Optional[bool]",
+               "float", "str", "Optional[str]", "List[float]", "Optional[List[int]]",
+               "Optional[SymInt]"}
     for op in (rope, rope_, pos):
         assert {str(a.type) for a in op._schema.arguments} <= allowed, op._schema
 
@@ -174,8 +203,9 @@ def _recorded_call(monkeypatch, call, x):
     """The RopeCall and arrays the eager path hands to route.rope for this call."""
     seen = []
 
-    def record(rope_call, query, key, positions=None, indptr=None, offsets=None, cache=None):
-        seen.append((rope_call, (positions, indptr, offsets, cache)))
+    def record(rope_call, query, key, positions=None, indptr=None, offsets=None, cache=None,
+               cos=None, sin=None):
+        seen.append((rope_call, (positions, indptr, offsets, cache, cos, sin)))
         return None if rope_call.inplace else (query, key)
 
     monkeypatch.setattr(route, "rope", record)
@@ -336,16 +366,21 @@ def test_output_metadata_on_fake_and_meta_tensors(name, kind):
     if op == "positions_from_offsets":
         assert out.shape == (T,) and out.dtype == torch.int32 and out.device == x["indptr"].device
         return
+    if name == "apply_rotary_emb":  # flash-attn's: one array in, one out
+        out = (out, None)
     assert isinstance(out, tuple) and len(out) == 2
     for res in out:
         if res is None:
             continue
         assert res.dtype == torch.bfloat16 and res.is_contiguous()
         assert res.device == x["q"].device
-    q_shapes = {tuple(_q2(x).shape), tuple(x["q"].shape)}
+    # [T, H*D], [T, H, D], transformers' [1, H, T, D], flash-attn's [1, T, H, D]
+    q_shapes = {tuple(_q2(x).shape), tuple(x["q"].shape), tuple(_bhsd(x["q"]).shape),
+                (1, *x["q"].shape)}
     assert tuple(out[0].shape) in q_shapes
     if out[1] is not None:
-        assert tuple(out[1].shape) in {tuple(_k2(x).shape), tuple(x["k"].shape)}
+        assert tuple(out[1].shape) in {tuple(_k2(x).shape), tuple(x["k"].shape),
+                                       tuple(_bhsd(x["k"]).shape)}
 
 
 def test_key_none_gives_none_not_the_placeholder():
@@ -504,7 +539,7 @@ def test_inplace_refuses_tensors_requiring_grad(name, who):
     x = _inputs()
     x["q" if who == "query" else "k"].requires_grad_()
     takes_key = name not in ("apply_rope_with_cos_sin_cache_inplace",
-                             "apply_mrope_pos_ids_inplace")
+                             "apply_mrope_pos_ids_inplace", "apply_rotary_emb+inplace")
     before = {n: t.detach().clone() for n, t in x.items()}
     expected = who if (who == "query" or takes_key) else None
     if expected is None:  # this call passes no key: k requiring grad does not matter
