@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rope_jit import __version__, cli, jit, warm
+from rope_jit import __version__, cli, jit, tuning, warm
 
 from conftest import HAS_GPU
 
@@ -144,7 +144,8 @@ def test_warm_list_clear_round_trip(capsys, cache_dir):
     code, out, err = run_cli(capsys, "warm", "--arch", "sm_90", *LLAMA_ARGS)
     assert code == 0, err
     assert err == ""  # no progress bar: stderr is not a terminal here
-    expected = warm.specs_for_call(warm.model_call("llama3-8b"), sm_counts=warm.sm_counts_for("sm_90"))
+    expected = warm.specs_for_call(warm.model_call("llama3-8b"), sm_counts=warm.sm_counts_for("sm_90"),
+                                   knobs=tuning.knob_choices(["sm_90"]))  # shipped tables too
     *listed, summary = out.strip().splitlines()
     assert listed == [s.words() for s in expected]
     assert summary.startswith(f"{len(expected)} kernels x 1 arch (sm_90): compiled {len(expected)}, "
@@ -349,12 +350,12 @@ def test_scaling_with_a_cache_and_on_the_fly(capsys):
                              "--cache-dtype", "float32", "on-the-fly", "--scaling", "linear", "yarn",
                              "--max-tokens", "4096", "--dry-run")
     assert code == 0, err
-    sms = warm.sm_counts_for("sm_90")
+    sms, knobs = warm.sm_counts_for("sm_90"), tuning.knob_choices(["sm_90"])
     phi = warm.model_call("phi-2")
-    expected = warm.specs_for_call(phi, max_tokens=4096, sm_counts=sms)
+    expected = warm.specs_for_call(phi, max_tokens=4096, sm_counts=sms, knobs=knobs)
     for scaling in ("linear", "yarn"):
         fly = dataclasses.replace(phi, cache_dtype=None, plan_kwargs={"scaling": scaling})
-        expected += warm.specs_for_call(fly, max_tokens=4096, sm_counts=sms)
+        expected += warm.specs_for_call(fly, max_tokens=4096, sm_counts=sms, knobs=knobs)
     assert out.strip().splitlines()[:-1] == [s.words() for s in dict.fromkeys(expected)]
     assert any(" on the fly yarn " in line for line in out.splitlines())
 
