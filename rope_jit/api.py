@@ -13,7 +13,8 @@ from . import route
 from .api_fused import rope_with_kv_buffer
 from .arrays import describe
 from .call import (COS_SIN, COS_SIN_HALF, INDPTR, POSITIONS, cache_call, check_bool, check_int,
-                   frequencies_json, on_the_fly_call, token_cos_sin_call, with_rope_dim_offset)
+                   frequencies_json, on_the_fly_call, plain_cache_call, token_cos_sin_call,
+                   with_rope_dim_offset)
 
 # ------------------------------------------------------------------ from a cos/sin cache
 
@@ -33,18 +34,24 @@ def apply_rope_inplace_with_cache(positions, query, key, head_size, cos_sin_cach
     may start while the previous one on the stream finishes, reading positions and the
     cache first, so that kernel must not write them.
     """
+    if inverse is False and enable_pdl is False and rope_dim_offset == 0:  # the warm path
+        route.rope(plain_cache_call(head_size, is_neox, True, check_positions), query, key,
+                   positions, None, None, cos_sin_cache)
+        return
     call = cache_call(head_size, is_neox, True, check_positions, None, False, None, inverse,
                       enable_pdl)
     if rope_dim_offset:
         call = with_rope_dim_offset(call, rope_dim_offset)
-    route.rope(call, query, key, positions, cache=cos_sin_cache)
+    route.rope(call, query, key, positions, None, None, cos_sin_cache)
 
 
 def apply_rope_with_cos_sin_cache(positions, query, key, head_size, cos_sin_cache, is_neox=True,
                                   *, check_positions=False, enable_pdl=False):
     """FlashInfer's ``apply_rope_with_cos_sin_cache``: returns ``(query_out, key_out)``."""
-    return route.rope(cache_call(head_size, is_neox, False, check_positions, None, False, None,
-                                 False, enable_pdl), query, key, positions, cache=cos_sin_cache)
+    call = (plain_cache_call(head_size, is_neox, False, check_positions) if enable_pdl is False
+            else cache_call(head_size, is_neox, False, check_positions, None, False, None, False,
+                            enable_pdl))
+    return route.rope(call, query, key, positions, None, None, cos_sin_cache)
 
 
 def apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size, cos_sin_cache,
@@ -63,8 +70,10 @@ def apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size, cos_
         rope_with_kv_buffer(positions, query, key, head_size, cos_sin_cache, is_neox,
                             fused_set_kv_buffer_arg)
         return
-    route.rope(cache_call(head_size, is_neox, True, check_positions, None, False, None, False,
-                          pdl), query, key, positions, cache=cos_sin_cache)
+    call = (plain_cache_call(head_size, is_neox, True, check_positions) if pdl is False
+            else cache_call(head_size, is_neox, True, check_positions, None, False, None, False,
+                            pdl))
+    route.rope(call, query, key, positions, None, None, cos_sin_cache)
 
 
 # ------------------------------------------------------------------ on the fly
@@ -80,7 +89,7 @@ def _fly(q, k, inplace, rotary_dim, interleave, frequencies, enable_pdl, *, pos_
         return route.rope(call, q, k, pos_ids)
     call = on_the_fly_call(INDPTR, rotary_dim, interleave, inplace, frequencies, None, False,
                            enable_pdl)
-    return route.rope(call, q, k, indptr=indptr, offsets=offsets)
+    return route.rope(call, q, k, None, indptr, offsets)
 
 
 def apply_rope(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1.0,

@@ -224,6 +224,20 @@ def _section_is_exact(section) -> bool:
 # find the entry of a valid call and skip its TypeError.
 
 _cache_calls: dict = {}
+_plain_cache_calls: dict = {}
+
+
+@_constant_for_dynamo
+def plain_cache_call(head_size, is_neox, inplace: bool, check_positions=False) -> RopeCall:
+    """``cache_call`` of the common case (no mRoPE, no inverse, no PDL): fewer arguments
+    to check on the warm path of vLLM's and FlashInfer's cache functions."""
+    key = (head_size, is_neox, inplace, check_positions)
+    if type(head_size) is int and type(is_neox) is bool and type(check_positions) is bool:
+        call = _plain_cache_calls.get(key)
+        if call is not None:
+            return call
+    return _remember(_plain_cache_calls, key, cache_call(head_size, is_neox, inplace,
+                                                         check_positions))
 
 
 @_constant_for_dynamo
@@ -300,6 +314,8 @@ def _jsonable(v):
 
 
 _frequencies: dict = {}
+_plain_frequencies: dict = {}   # (rope_theta, rope_scale) of FlashInfer's plain functions
+_NUMBER = (float, int)
 
 
 def _frequencies_from_items(rope_theta, items, names) -> str:
@@ -359,10 +375,15 @@ def frequencies_json(rope_theta=_DEFAULT_THETA, rope_scale=1.0, rope_scaling=Non
                  ("low_freq_factor", "low_freq_factor"),
                  ("original_max_position_embeddings", "old_context_len"))
         return _frequencies_from_items(rope_theta, items, names)
-    if type(rope_scale) is bool:  # True == 1 would pass as the default scale
+    key = (rope_theta, rope_scale)
+    if type(rope_theta) in _NUMBER and type(rope_scale) in _NUMBER:  # not bool: True == 1
+        got = _plain_frequencies.get(key)
+        if got is not None:
+            return got
+    if type(rope_scale) is bool:
         raise ValueError(f"rope_scale: expected a finite number > 0, got {rope_scale!r}")
-    return _frequencies_from_items(rope_theta, (("factor", rope_scale), ("rope_type", "linear")),
-                                   (("factor", "rope_scale"),))
+    return _remember(_plain_frequencies, key, _frequencies_from_items(
+        rope_theta, (("factor", rope_scale), ("rope_type", "linear")), (("factor", "rope_scale"),)))
 
 
 _token_calls: dict = {}

@@ -170,7 +170,7 @@ def fingerprint_of(obj, name: str):
 
 
 def run_rope(call: RopeCall, query, key, positions=None, indptr=None, offsets=None, cache=None,
-             cos=None, sin=None, *, tuning: Tuning | None = None, fw: Framework | None = None):
+             cos=None, sin=None, tuning: Tuning | None = None, fw: Framework | None = None):
     """Apply RoPE as `call` says to arrays of any supported framework. In place: returns
     None. Out of place: (q_out, k_out) of the caller's array type (k_out None without key).
     cos, sin: per-token cos/sin (``call.token_cos_sin``).

@@ -61,11 +61,20 @@ def rope(call: RopeCall, query, key, positions=None, indptr=None, offsets=None, 
          cos=None, sin=None):
     """Apply RoPE as `call` says (see ``launch.run_rope`` for the return values)."""
     fw = _BY_TYPE.get(type(query)) or framework_of(query, "query")
-    if fw is not _torch_fw and fw.name == "torch":
+    if fw is _torch_fw:
+        # _through_torch's test, inline: this is every eager torch call's path
+        try:
+            through = _torch_ops is not None and (
+                type(query) is not _Tensor or query.requires_grad
+                or (key is not None and key.requires_grad) or _is_compiling() or query.is_meta)
+        except AttributeError:  # key is no tensor at all: the direct path names it
+            through = False
+        if through:
+            return _torch_ops.rope(call, query, key, positions, indptr, offsets, cache, cos, sin)
+    elif fw.name == "torch":
         _bind_torch(fw)
-    if fw is _torch_fw and _torch_ops is not None and _through_torch(query, key):
-        return _torch_ops.rope(call, query, key, positions, indptr, offsets, cache, cos, sin)
-    return launch.run_rope(call, query, key, positions, indptr, offsets, cache, cos, sin, fw=fw)
+        return rope(call, query, key, positions, indptr, offsets, cache, cos, sin)
+    return launch.run_rope(call, query, key, positions, indptr, offsets, cache, cos, sin, None, fw)
 
 
 def positions_from_offsets(indptr, offsets, nnz):
