@@ -1,11 +1,16 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
 
 # Every test session compiles into its own cache directory unless told otherwise, so a
-# stale entry of the developer's cache can never make a test pass.
-os.environ.setdefault("ROPE_JIT_CACHE_DIR", tempfile.mkdtemp(prefix="rope_jit_test_cache_"))
+# stale entry of the developer's cache can never make a test pass (removed at exit).
+if "ROPE_JIT_CACHE_DIR" not in os.environ:
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="rope_jit_test_cache_")
+    os.environ["ROPE_JIT_CACHE_DIR"] = _SESSION_CACHE
+    atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 
 
 def _has_gpu() -> bool:

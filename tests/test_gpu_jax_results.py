@@ -22,7 +22,11 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from conftest import HAS_GPU  # noqa: E402
+
 pytestmark = pytest.mark.gpu
+if not HAS_GPU:  # a GPU module: skip as one before jax (not an extra) is looked for
+    pytest.skip("needs an NVIDIA GPU (run the GPU suite on a GPU machine)", allow_module_level=True)
 
 torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")

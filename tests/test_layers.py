@@ -14,7 +14,7 @@ PACKAGE = Path(rope_jit.__file__).parent
 
 # Bottom first. A module may import modules of lower layers only.
 LAYERS = [
-    ["_version", "dtypes"],
+    ["_version", "dtypes", "tuned"],  # tuned: data only (shipped launch knobs)
     ["_cuda", "reference"],
     ["arrays", "specs"],
     ["call", "jit", "positions", "specs_fused"],
