@@ -67,17 +67,6 @@ def main() -> None:
         def gemm():
             torch.matmul(x, w, out=qkv)
 
-        def step(pdl, fly):
-            def run():
-                gemm()
-                if fly:
-                    rope_jit.apply_rope_pos_ids_inplace(q.view(T, HQ, D), k.view(T, HK, D), pos,
-                                                        enable_pdl=pdl)
-                else:
-                    rope_jit.apply_rope_inplace_with_cache(pos, q, k, D, cache, True,
-                                                           enable_pdl=pdl)
-            return run
-
         def rope_only(pdl, fly):
             def run():
                 if fly:
@@ -86,6 +75,14 @@ def main() -> None:
                 else:
                     rope_jit.apply_rope_inplace_with_cache(pos, q, k, D, cache, True,
                                                            enable_pdl=pdl)
+            return run
+
+        def step(pdl, fly):
+            rope = rope_only(pdl, fly)
+
+            def run():
+                gemm()
+                rope()
             return run
 
         src = torch.randn(T, (HQ + HK) * D, device="cuda", dtype=torch.bfloat16)
