@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy
 
-from . import jit, tuning, warm
+from . import jit, tuning, warm, warm_fused
 from ._version import __version__
 
 PROG = "rope-jit"
@@ -277,6 +277,7 @@ def cmd_cache_clear(args) -> int:
 # ------------------------------------------------------------------ warm
 
 _CACHE_CHOICES = ("float16", "bfloat16", "float32", "on-the-fly")
+_KV_DTYPES = {"float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2", "unquantized": None}
 _FLAG_VALUES = {  # option value -> CallShape field value
     "style": {"neox": True, "gptj": False},
     "positions": {"positions": False, "indptr": True},
@@ -383,6 +384,20 @@ def _add_warm_parser(sub) -> None:
                        help="a RopeSpec named directly by its fields as a JSON object (repeatable)")
     sweep.add_argument("--positions-kernel", action="store_true",
                        help="also the positions_from_offsets kernel for each --index-dtype")
+    fused = p.add_argument_group(
+        "fused kernels (--fused; the shape, --dtype, --cache-dtype, --style, --index-dtype "
+        "and --scaling apply to them too)")
+    fused.add_argument("--fused", nargs="+", choices=("all", *warm_fused.FUSED_FUNCTIONS),
+                       metavar="FUNCTION",
+                       help="also the fused kernels of these functions ('all': every one the "
+                            f"model's attention takes): {', '.join(warm_fused.FUSED_FUNCTIONS)}")
+    fused.add_argument("--kv-dtype", nargs="+", choices=(*_KV_DTYPES,), default=["float8_e4m3fn"],
+                       help="FP8 type of quantized outputs and KV caches, or unquantized (the "
+                            "input dtype)")
+    fused.add_argument("--page-size", nargs="+", type=_positive_int, default=[16],
+                       help="KV-cache page size (FlashInfer) or block size (vLLM)")
+    fused.add_argument("--kv-layout", nargs="+", choices=("NHD", "HND"), default=["NHD"],
+                       help="FlashInfer's paged KV-cache layout")
     run = p.add_argument_group("running")
     run.add_argument("--jobs", type=_positive_int,
                      help=f"parallel compiles (default: {warm.default_jobs()}, this process's CPUs, "
@@ -524,6 +539,41 @@ def _call_shapes(args) -> list[warm.CallShape]:
             for dt, cd, neox, ix, pos, pl, lay, kw in combos]
 
 
+def _fused_shapes(args) -> list:
+    """The FusedCallShapes of every --fused function and option combination. Combinations
+    a function does not take are left out ('all' leaves out whole functions); a function
+    named explicitly that takes none of them is a usage error naming why."""
+    if not args.fused:
+        return []
+    base = _base_shape(args)
+    if base is None:
+        raise UsageError("--fused: needs the model shape (--model, or --heads and --head-size)")
+    named = [f for f in args.fused if f != "all"]
+    functions = list(warm_fused.FUSED_FUNCTIONS) if "all" in args.fused else named
+    styles = [_FLAG_VALUES["style"][s] for s in args.style] if args.style else [base["is_neox"]]
+    combos = list(itertools.product(args.dtype, args.cache_dtype, args.scaling or ["linear"],
+                                    styles, args.index_dtype, args.kv_dtype, args.page_size,
+                                    args.kv_layout))
+    shapes = []
+    for function in dict.fromkeys(functions):
+        if args.model:
+            per_fields = lambda **f: warm_fused.fused_model_calls(args.model, function, tp=args.tp, **f)
+        else:
+            fixed = {k: base[k] for k in ("num_q_heads", "num_kv_heads", "head_size", "rotary_dim")}
+            per_fields = lambda **f: [warm_fused.FusedCallShape(function, **fixed, **f)]
+        taken, reasons = [], []
+        for dt, cd, sc, neox, ix, kv, ps, lay in combos:
+            for shape in per_fields(dtype=dt, cache_dtype=None if cd == "on-the-fly" else cd,
+                                    scaling=sc, is_neox=neox, index_dtype=ix,
+                                    kv_dtype=_KV_DTYPES[kv], page_size=ps, kv_layout=lay):
+                reason = warm_fused.inapplicable(shape)
+                (reasons if reason else taken).append(reason or shape)
+        if not taken and function in named:
+            raise UsageError(f"--fused {function}: {reasons[0]}")
+        shapes += taken
+    return list(dict.fromkeys(shapes))
+
+
 def _direct_specs(args) -> list:
     from .specs import PositionsSpec, RopeSpec
 
@@ -547,6 +597,7 @@ def _specs_to_warm(args, archs: list[str]) -> list:
     _check_plan_args(args)
     _check_call_options(args)
     calls = _call_shapes(args)
+    fused = _fused_shapes(args)
     specs = _direct_specs(args)
     if not calls and not specs:
         raise UsageError("nothing to warm: give --model, --heads and --head-size, --spec or "
@@ -559,6 +610,11 @@ def _specs_to_warm(args, archs: list[str]) -> list:
                                          knobs=knobs)
         except (ValueError, TypeError) as e:  # the planner refuses this call: say which
             raise _planner_refusal(args, call, e) from None
+    for shape in fused:
+        try:
+            specs += warm_fused.specs_for_fused_call(shape)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--fused {shape.function}: {e} (warming {shape.words()})") from None
     return list(dict.fromkeys(specs))
 
 

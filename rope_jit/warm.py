@@ -215,7 +215,7 @@ def specs_for_call(call: CallShape, *, max_tokens: int = DEFAULT_MAX_TOKENS,
     stored tuned tables), in the order first met."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens: expected a positive token count, got {max_tokens}")
-    _check_call_dtypes(call)
+    check_call_dtypes(call)
     found: dict = {}
     for tuning in knobs or [planner.DEFAULT_TUNING]:
         for sms in sm_counts:
@@ -250,7 +250,7 @@ def model_call(model: str, *, tp: int = 1, **overrides) -> CallShape:
     return replace(CallShape(**{**base, "num_q_heads": nq, "num_kv_heads": nk}), **overrides)
 
 
-def _check_call_dtypes(call: CallShape) -> None:
+def check_call_dtypes(call: CallShape) -> None:
     """The planner reports dtypes too, but in terms of arrays ('query: expected dtype...');
     a warming user named them as options."""
     if call.dtype not in FLOAT_DTYPES:

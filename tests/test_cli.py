@@ -247,6 +247,46 @@ def test_warm_dry_run_compiles_nothing(capsys, cache_dir):
     assert jit.stats.compiles == c0 and not cache_dir.exists()
 
 
+def test_warm_fused_dry_run(capsys, cache_dir):
+    """--fused all adds each fused function's kernel for the model's attention: for
+    Llama-3-8B the FlashInfer, vLLM and SGLang forms and QK-norm; for DeepSeek-V3 the MLA
+    forms, with both FP8 types; NHD and HND share one kernel."""
+    code, out, err = run_cli(capsys, "warm", "--arch", "sm_90", "--model", "llama3-8b",
+                             "--fused", "all", "--kv-layout", "NHD", "HND", "--dry-run")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    fused = [s for s in lines if s.startswith(("rope_fused", "qk_norm_rope"))]
+    assert len(fused) == 5 and sum(s.startswith("qk_norm_rope") for s in fused) == 1
+    assert any("paged float8_e4m3fn cache page 16" in s for s in fused)
+    assert any("k_scale on device v_scale on device" in s for s in fused)  # vLLM's cache
+    plain = [s for s in lines if s.startswith("rope bfloat16")]
+    assert plain and lines[-1].startswith(f"{len(plain) + 5} kernels x 1 arch")
+    code, out, err = run_cli(capsys, "warm", "--arch", "sm_90", "--model", "deepseek-v3",
+                             "--fused", "all", "--kv-dtype", "float8_e4m3fn", "float8_e5m2",
+                             "--dry-run")
+    fused = [s for s in out.splitlines() if s.startswith("rope_fused")]
+    assert code == 0 and len(fused) == 2 * 5 and all("heads 128/1 rotary 64" in s for s in fused)
+    assert {"float8_e5m2" in s for s in fused} == {True, False}
+    assert not cache_dir.exists()
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--model", "llama3-8b", "--fused", "concat_and_cache_mla_rope_fused"],
+     ["--fused concat_and_cache_mla_rope_fused", "needs an MLA model"]),
+    (["--model", "deepseek-v3", "--fused", "fused_qk_norm_rope"], ["per-head keys"]),
+    (["--model", "llama3-8b", "--fused", "apply_rope_with_cos_sin_cache_inplace",
+      "--cache-dtype", "on-the-fly"], ["takes a cos/sin cache"]),
+    (["--fused", "rope_quantize_fp8", "--positions-kernel"], ["--fused: needs the model shape"]),
+    (["--model", "llama3-8b", "--fused", "rope_quantize_fp8", "--kv-dtype", "int8"],
+     ["--kv-dtype", "invalid choice"]),
+    (["--model", "phi-2", "--fused", "rope_quantize_fp8", "--page-size", "0"], ["--page-size"]),
+])
+def test_warm_fused_usage_errors(capsys, argv, fragments):
+    code, _, err = run_cli(capsys, "warm", "--arch", "sm_90", *argv, "--dry-run")
+    assert code == cli.EXIT_USAGE
+    _assert_one_line_error(err, *fragments)
+
+
 @pytest.mark.nvrtc
 def test_warm_named_spec(capsys, cache_dir):
     """--spec names a RopeSpec directly by its fields."""

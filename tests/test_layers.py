@@ -29,7 +29,7 @@ LAYERS = [
     ["api_fused"],
     ["api"],
     ["rotary_embedding", "warm"],
-    ["tune"],
+    ["tune", "warm_fused"],
     ["cli"],
     ["__main__", "__init__"],
     # integrations with other libraries: imported by their users only, never by rope_jit
