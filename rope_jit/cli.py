@@ -554,20 +554,27 @@ def _fused_shapes(args) -> list:
     combos = list(itertools.product(args.dtype, args.cache_dtype, args.scaling or ["linear"],
                                     styles, args.index_dtype, args.kv_dtype, args.page_size,
                                     args.kv_layout))
+    rotary = {"rotary_dim": args.rotary_dim} if args.rotary_dim else {}
+    fixed = {k: base[k] for k in ("num_q_heads", "num_kv_heads", "head_size", "rotary_dim")}
+
+    def shapes_of(function: str, fields: dict) -> list:
+        if args.model:  # a preset: MLA dims and both q_nope widths come with it
+            return warm_fused.fused_model_calls(args.model, function, tp=args.tp, **rotary, **fields)
+        return [warm_fused.FusedCallShape(function, **fixed, **fields)]
+
     shapes = []
     for function in dict.fromkeys(functions):
-        if args.model:
-            per_fields = lambda **f: warm_fused.fused_model_calls(args.model, function, tp=args.tp, **f)
-        else:
-            fixed = {k: base[k] for k in ("num_q_heads", "num_kv_heads", "head_size", "rotary_dim")}
-            per_fields = lambda **f: [warm_fused.FusedCallShape(function, **fixed, **f)]
         taken, reasons = [], []
         for dt, cd, sc, neox, ix, kv, ps, lay in combos:
-            for shape in per_fields(dtype=dt, cache_dtype=None if cd == "on-the-fly" else cd,
-                                    scaling=sc, is_neox=neox, index_dtype=ix,
-                                    kv_dtype=_KV_DTYPES[kv], page_size=ps, kv_layout=lay):
+            fields = dict(dtype=dt, cache_dtype=None if cd == "on-the-fly" else cd, scaling=sc,
+                          is_neox=neox, index_dtype=ix, kv_dtype=_KV_DTYPES[kv], page_size=ps,
+                          kv_layout=lay)
+            for shape in shapes_of(function, fields):
                 reason = warm_fused.inapplicable(shape)
-                (reasons if reason else taken).append(reason or shape)
+                if reason:
+                    reasons.append(reason)
+                else:
+                    taken.append(shape)
         if not taken and function in named:
             raise UsageError(f"--fused {function}: {reasons[0]}")
         shapes += taken

@@ -267,6 +267,10 @@ def test_warm_fused_dry_run(capsys, cache_dir):
     fused = [s for s in out.splitlines() if s.startswith("rope_fused")]
     assert code == 0 and len(fused) == 2 * 5 and all("heads 128/1 rotary 64" in s for s in fused)
     assert {"float8_e5m2" in s for s in fused} == {True, False}
+    code, out, err = run_cli(capsys, "warm", "--arch", "sm_90", "--model", "llama3-70b", "--tp", "4",
+                             "--rotary-dim", "64", "--fused", "rope_quantize_fp8", "--dry-run")
+    (fused,) = [s for s in out.splitlines() if s.startswith("rope_fused")]
+    assert code == 0 and "heads 16/2 rotary 64 nope 64/64" in fused, fused
     assert not cache_dir.exists()
 
 
