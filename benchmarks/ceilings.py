@@ -75,11 +75,27 @@ def _cupy_stream(torch_stream):
     return cp.cuda.ExternalStream(torch_stream.cuda_stream)
 
 
+class _CupyKernel:
+    """A CuPy RawKernel compiled on first use, launched on torch's current stream (inside a
+    graph capture, the capture stream; one GPU, device 0 for torch and CuPy alike)."""
+
+    def __init__(self, source: str, name: str):
+        self._source, self._name, self._kernel = source, name, None
+
+    def launch(self, grid: tuple, block: tuple, args: tuple) -> None:
+        import cupy as cp
+
+        if self._kernel is None:
+            self._kernel = cp.RawKernel(self._source, self._name)
+        with _cupy_stream(torch.cuda.current_stream()):
+            self._kernel(grid, block, args)
+
+
 class PrefixTouch:
-    """The touch kernel on the GPU (CuPy RawKernel, compiled on first use)."""
+    """The touch kernel on the GPU."""
 
     def __init__(self):
-        self._kernel = None
+        self._kernel = _CupyKernel(TOUCH_SOURCE, TOUCH_KERNEL)
 
     def __call__(self, buf: torch.Tensor, pattern: TouchPattern) -> None:
         import cupy as cp
@@ -87,17 +103,42 @@ class PrefixTouch:
         if buf.numel() * buf.element_size() < pattern.buffer_bytes:
             raise ValueError(f"buffer of {buf.numel() * buf.element_size()} bytes is smaller "
                              f"than the pattern's {pattern.buffer_bytes}")
-        if self._kernel is None:
-            self._kernel = cp.RawKernel(TOUCH_SOURCE, TOUCH_KERNEL)
         vecs_per_row = pattern.touched_bytes // VECTOR_BYTES
         threads = pattern.rows * vecs_per_row
         grid = ((threads + BLOCK_THREADS - 1) // BLOCK_THREADS,)
-        # one GPU, device 0 for torch and CuPy alike; the launch goes on torch's current
-        # stream, which inside a graph capture is the capture stream
-        with _cupy_stream(torch.cuda.current_stream()):
-            self._kernel(grid, (BLOCK_THREADS,),
-                         (cp.uint64(buf.data_ptr()), cp.int64(pattern.rows), cp.int32(vecs_per_row),
-                          cp.int32(pattern.row_bytes // VECTOR_BYTES)))
+        self._kernel.launch(grid, (BLOCK_THREADS,),
+                            (cp.uint64(buf.data_ptr()), cp.int64(pattern.rows),
+                             cp.int32(vecs_per_row), cp.int32(pattern.row_bytes // VECTOR_BYTES)))
+
+
+# The narrowing ceiling of the fused FP8 ops: every input byte read once in 16-byte vectors
+# and written at half width (the high byte of each 16-bit element: bf16 -> e5m2 by
+# truncation) to another buffer in 8-byte vectors, one vector per thread: what reading
+# bf16 and writing FP8 allows on this GPU, with no positions, cos/sin or rotation.
+NARROW_SOURCE = r"""
+extern "C" __global__ void narrow_copy(const uint4* src, uint2* dst, long long vecs) {
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= vecs) return;
+  const uint4 a = src[i];
+  dst[i] = make_uint2(__byte_perm(a.x, a.y, 0x7531), __byte_perm(a.z, a.w, 0x7531));
+}
+"""
+_narrow = _CupyKernel(NARROW_SOURCE, "narrow_copy")
+
+
+def narrow_copy(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """dst (half of src's bytes) <- the high byte of each 16-bit element of src."""
+    import cupy as cp
+
+    nbytes = src.numel() * src.element_size()
+    if nbytes % VECTOR_BYTES or dst.numel() * dst.element_size() != nbytes // 2:
+        raise ValueError(f"narrow_copy: {nbytes} source bytes must be a multiple of "
+                         f"{VECTOR_BYTES} and twice the destination's")
+    if not (src.is_contiguous() and dst.is_contiguous()):
+        raise ValueError("narrow_copy: source and destination must be contiguous")
+    vecs = nbytes // VECTOR_BYTES
+    _narrow.launch(((vecs + BLOCK_THREADS - 1) // BLOCK_THREADS,), (BLOCK_THREADS,),
+                   (cp.uint64(src.data_ptr()), cp.uint64(dst.data_ptr()), cp.int64(vecs)))
 
 
 def touch_prefix_torch(buf: torch.Tensor, pattern: TouchPattern) -> None:

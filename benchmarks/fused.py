@@ -31,6 +31,11 @@ What is measured
   cache rows written (in place: read and written), one cos/sin cache row and the index
   entries per token. Every implementation of a row is charged the same count, so the
   percentages compare; achieved bandwidth = bytes / time.
+* ``ceiling`` (the FP8 ops ``rope_quantize_fp8`` and the paged append): the narrowing copy of
+  ``ceilings.py``: the call's 16-bit input bytes read in 16-byte vectors and written at half
+  width to another buffer, nothing else: what this read/write mix allows on the GPU
+  (below the copy: on the H200 a cast of q and k to FP8 reaches about 75-80% of it).
+  Charged the op's bytes; ``%ceil`` is the ceiling's time over the implementation's.
 
 How
 ---
@@ -64,6 +69,7 @@ sys.path.insert(0, str(HERE))
 
 import rope_jit  # noqa: E402
 from rope_jit import reference  # noqa: E402
+from ceilings import narrow_copy  # noqa: E402
 from timing import buffer_sets, copy_bandwidth, time_calls  # noqa: E402
 
 E4M3 = torch.float8_e4m3fn
@@ -216,6 +222,10 @@ class RopeQuantize:
         T = x["q"].shape[0]
         return nbytes(x["q"], x["k"], x["qn"], x["kn"], *x["outs"]) + T * (8 + self.rot * 4)
 
+    def input_bytes(self, x):
+        """The 16-bit inputs, every one written at FP8 width (the narrowing ceiling's)."""
+        return nbytes(x["q"], x["k"], x["qn"], x["kn"])
+
     def impls(self):
         out = {"rope_jit": self.rope_jit, "unfused": self.unfused}
         if self.fi is not None and self.nq == self.nk:
@@ -285,6 +295,10 @@ class AppendPaged:
               + (x["v"].numel() if x["v"] is not None else 0))
         return (nbytes(x["q"], x["qn"], x["k"], x["kn"], x["v"], x["q_out"], x["qn_out"]) + kv
                 + T * (8 + 4 + 4 + self.rot * 4))
+
+    def input_bytes(self, x):
+        """The 16-bit inputs, every one written at FP8 width (the narrowing ceiling's)."""
+        return nbytes(x["q"], x["qn"], x["k"], x["kn"], x["v"])
 
     def impls(self):
         out = {"rope_jit": self.rope_jit, "unfused": self.unfused}
@@ -495,6 +509,20 @@ def _check(case, name, fn) -> bool:
     return ok
 
 
+def _narrow_ceiling(case, T) -> tuple:
+    """(seconds, bytes charged) of the narrowing ceiling on the inputs of T tokens: each set
+    its own source of the call's input bytes and destination of half; charged the op's
+    bytes, so its percentages compare with the op's."""
+    probe = case.make(T)
+    per_set, src_bytes = case.bytes(probe), case.input_bytes(probe)
+    del probe
+    pairs = [(torch.empty(src_bytes, dtype=torch.uint8, device="cuda").random_(),
+              torch.empty(src_bytes // 2, dtype=torch.uint8, device="cuda"))
+             for _ in range(buffer_sets(src_bytes * 3 // 2, max_sets=16))]
+    t = time_calls([lambda p=p: narrow_copy(*p) for p in pairs], replays=20)
+    return t, per_set
+
+
 def run(args) -> dict:
     fi = None
     notes = []
@@ -537,13 +565,17 @@ def run(args) -> dict:
                     sets = probe = None
                     gc.collect()
                     torch.cuda.empty_cache()
-            fi_t = results.get("flashinfer")
+            if hasattr(case, "input_bytes"):
+                results["ceiling"] = _narrow_ceiling(case, T)
+                verdict["ceiling"] = "pattern"
+            fi_t, ceiling_t = results.get("flashinfer"), results.get("ceiling")
             for name, r in results.items():
                 row = dict(op=case.op, shape=case.shape, tokens=T, impl=name, check=verdict[name])
                 if r is not None:
                     t, b = r
                     row.update(time_us=t * 1e6, bytes=b, bandwidth_tbs=b / t / 1e12,
                                copy_pct=100 * b / t / copy_bw,
+                               ceiling_pct=100 * ceiling_t[0] / t if ceiling_t else None,
                                vs_flashinfer=(fi_t[0] / t) if fi_t else None)
                 rows.append(row)
     return dict(gpu=torch.cuda.get_device_name(), copy_bandwidth_tbs=copy_bw / 1e12,
@@ -554,15 +586,17 @@ def run(args) -> dict:
 
 def table(result) -> str:
     lines = [f"{'op':40} {'shape':18} {'T':>6} {'impl':10} {'us':>9} {'TB/s':>6} "
-             f"{'%copy':>6} {'FI/this':>7}"]
+             f"{'%copy':>6} {'%ceil':>6} {'FI/this':>7}"]
     for r in result["rows"]:
         if "time_us" not in r:
             lines.append(f"{r['op']:40} {r['shape']:18} {r['tokens']:>6} {r['impl']:10} "
                          f"{'-':>9}  ({r['check']})")
             continue
         vs = f"{r['vs_flashinfer']:.2f}x" if r.get("vs_flashinfer") else ""
+        ceil = f"{r['ceiling_pct']:5.1f}%" if r.get("ceiling_pct") else ""
         lines.append(f"{r['op']:40} {r['shape']:18} {r['tokens']:>6} {r['impl']:10} "
-                     f"{r['time_us']:9.2f} {r['bandwidth_tbs']:6.2f} {r['copy_pct']:5.1f}% {vs:>7}")
+                     f"{r['time_us']:9.2f} {r['bandwidth_tbs']:6.2f} {r['copy_pct']:5.1f}% "
+                     f"{ceil:>6} {vs:>7}")
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)
 

@@ -22,9 +22,15 @@
 // q and k head (two vector loads), then one vector of each nope / v row. Block =
 // (item lanes, tokens); grid = (token tiles, item splits): block (x, y) does items
 // [y * split_items, (y+1) * split_items) of its tokens, each thread ITEM_BATCH items with all
-// their loads in flight before the first store. The block first puts its tokens' cos/sin
-// (only when it has rotated items) and cache rows in shared memory, while the first batch's
-// loads are in flight.
+// their loads in flight before the first store. While the first batch's loads are in
+// flight, each thread works out its token's cache row (every thread of the token the same
+// few index loads, served by L1) and its cos/sin:
+//   COS_SIN_IN_REGS (from a cache; the planner makes blockDim.x and split_items multiples of
+//     CHUNKS, so all rotated items of a thread are the same chunk): the thread reads its
+//     chunk's VEC cos/sin once into registers. No shared memory, no barrier: ncu showed the
+//     barrier and the shared-memory reads of a per-block tile as 40% of the stall cycles.
+//   otherwise (on the fly: the sincos is worth sharing): the block computes its tokens'
+//     cos/sin into a shared tile, one barrier.
 
 enum { CACHE_MODE_NONE = 0, CACHE_MODE_SLOTS = 1, CACHE_MODE_PAGED = 2 };
 enum { OUT_NONE = 0, OUT_ARRAY = 1, OUT_INPLACE = 2 };  // where a rotated k head goes
@@ -37,7 +43,6 @@ constexpr int V_VECS = V_CACHE >= 0 ? V_DIM / VEC : 0;
 constexpr int QN_END = ROT_ITEMS + NUM_Q_HEADS * QN_VECS;
 constexpr int KN_END = QN_END + NUM_K_HEADS * KN_VECS;
 constexpr int ITEMS = KN_END + NUM_K_HEADS * V_VECS;
-constexpr int MAX_BLOCK_TOKENS = 16;  // blockDim.y, at most (rope_jit/plan_fused.py)
 
 static_assert(Q_NOPE_DIM % VEC == 0 && K_NOPE_DIM % VEC == 0 && V_DIM % VEC == 0,
               "VEC must divide every row length");
@@ -142,15 +147,19 @@ struct CacheMul {
 };
 
 __device__ __forceinline__ void store_item(const FusedRopeParams& p, i64 t, const TokenDest& d,
-                                           int j, const Item& it, const float2* cs,
-                                           const CacheMul& m) {
+                                           int j, const Item& it, const float2* tile,
+                                           const float2 (&cs_regs)[VEC], const CacheMul& m) {
   const bool cache = (d.flags & WRITE_CACHE) != 0;
   if (j < ROT_ITEMS) {
     const int h = j / CHUNKS, c = j - h * CHUNKS;
     float a[VEC], b[VEC];
     to_floats(it.a, a);
     to_floats(it.b, b);
-    rotate_chunk(a, b, cs + c * VEC);
+    if constexpr (COS_SIN_IN_REGS) {
+      rotate_chunk(a, b, cs_regs);
+    } else {
+      rotate_chunk(a, b, tile + c * VEC);
+    }
     const int off = c * CHUNK_STRIDE;
     if (h < NUM_Q_HEADS) {
       qout_t* dst = Q_INPLACE ? (qout_t*)p.q_rope + t * p.qr_st + h * p.qr_sh
@@ -205,18 +214,23 @@ __device__ __forceinline__ void store_item(const FusedRopeParams& p, i64 t, cons
   }
 }
 
-extern __shared__ float2 cos_sin_tile[];  // [blockDim.y][HALF]: the block's tokens
+extern __shared__ float2 cos_sin_tile[];  // [blockDim.y][HALF]: the block's tokens (tile mode)
 
 extern "C" __global__ void __launch_bounds__(512) rope_fused_kernel(const FusedRopeParams p) {
-  __shared__ TokenDest dests[MAX_BLOCK_TOKENS];
   const int tx = threadIdx.x, ty = threadIdx.y, nx = blockDim.x;
   const i64 t = (i64)blockIdx.x * blockDim.y + ty;
   const int first = blockIdx.y * (int)p.split_items;
   const int last = min(ITEMS, first + (int)p.split_items);
   const bool live = t < p.num_tokens;
 
-  // The first batch's loads go out before the cache rows (up to three dependent loads)
-  // and cos/sin are worked out: their latencies overlap.
+  // PDL: nothing is read before the previous kernel has finished (the index arrays and
+  // even positions may be its outputs); only the launch overlaps its tail.
+  if constexpr (PDL) {
+    pdl_wait();
+    pdl_launch_dependents();
+  }
+  // The first batch's loads go out before the cache row (up to three dependent loads) and
+  // cos/sin are worked out: their latencies overlap.
   Item batch[ITEM_BATCH];
   int j0 = first + tx;
   if (live) {
@@ -226,24 +240,34 @@ extern "C" __global__ void __launch_bounds__(512) rope_fused_kernel(const FusedR
       if (j < last) load_item(p, t, j, batch[u]);
     }
   }
-  if (tx == 0) dests[ty] = token_dest(p, t);
-  if (first < ROT_ITEMS) {
-    const i64 pos = live ? (i64)load_index<pos_t>(p.pos_ids, t, p.pos_stride) : 0;
-    for (int j = tx; j < HALF; j += nx) cos_sin_tile[ty * HALF + j] = cos_sin_at(p, pos, live, j);
+  const bool rotates = first < ROT_ITEMS;
+  float2 cs_regs[VEC];
+  if constexpr (COS_SIN_IN_REGS) {
+    if (live && rotates) {
+      const i64 pos = (i64)load_index<pos_t>(p.pos_ids, t, p.pos_stride);
+      const int c0 = (j0 % CHUNKS) * VEC;  // the thread's chunk (see the work split above)
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) cs_regs[v] = cos_sin_at(p, pos, true, c0 + v);
+    }
+  } else {
+    if (rotates) {
+      const i64 pos = live ? (i64)load_index<pos_t>(p.pos_ids, t, p.pos_stride) : 0;
+      for (int j = tx; j < HALF; j += nx) cos_sin_tile[ty * HALF + j] = cos_sin_at(p, pos, live, j);
+    }
+    __syncthreads();
   }
-  __syncthreads();
-  const TokenDest d = dests[ty];
+  const TokenDest d = token_dest(p, t);
   if (!(d.flags & WRITE)) return;
 
   CacheMul m{(float)p.kc_mul, (float)p.vc_mul};
   if constexpr (K_SCALE_ON_DEVICE) m.k = 1.0f / *(const float*)p.k_scale;
   if constexpr (V_SCALE_ON_DEVICE) m.v = 1.0f / *(const float*)p.v_scale;
-  const float2* cs = cos_sin_tile + ty * HALF;
+  const float2* tile = cos_sin_tile + ty * HALF;
   for (;;) {
 #pragma unroll
     for (int u = 0; u < ITEM_BATCH; ++u) {
       const int j = j0 + u * nx;
-      if (j < last) store_item(p, t, d, j, batch[u], cs, m);
+      if (j < last) store_item(p, t, d, j, batch[u], tile, cs_regs, m);
     }
     j0 += ITEM_BATCH * nx;
     if (j0 >= last) break;

@@ -61,14 +61,15 @@ def apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size, cos_
 
     SGLang's form too: with ``fused_set_kv_buffer_arg`` (``rope_jit.FusedSetKVBufferArg``
     or SGLang's own), the rotated key and the value are also written to its KV buffers at
-    ``cache_loc``, in the same kernel (``rope_jit.api_fused.rope_with_kv_buffer``; launched
-    without PDL). ``enable_pdl`` (None: False) as ``apply_rope_inplace_with_cache``."""
+    ``cache_loc``, in the same kernel (``rope_jit.api_fused.rope_with_kv_buffer``; with
+    PDL it waits for the previous kernel before any read). ``enable_pdl`` (None: False) as
+    ``apply_rope_inplace_with_cache``."""
     pdl = False if enable_pdl is None else check_bool(enable_pdl, "enable_pdl")
     if fused_set_kv_buffer_arg is not None:
         if check_positions:
             raise ValueError("check_positions: not available with fused_set_kv_buffer_arg")
         rope_with_kv_buffer(positions, query, key, head_size, cos_sin_cache, is_neox,
-                            fused_set_kv_buffer_arg)
+                            fused_set_kv_buffer_arg, pdl)
         return
     call = (plain_cache_call(head_size, is_neox, True, check_positions) if pdl is False
             else cache_call(head_size, is_neox, True, check_positions, None, False, None, False,

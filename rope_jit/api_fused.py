@@ -11,8 +11,10 @@ dict: default, linear, llama3, yarn), as the plain on-the-fly functions take the
 Arrays may be torch tensors, CuPy arrays, or any object with ``__cuda_array_interface__``
 or ``__dlpack__`` (arrays a function writes must be mutable: not JAX arrays). Every error is
 a TypeError/ValueError naming the argument, raised before anything is written.
-``enable_pdl`` is accepted for signature compatibility; launches are plain (no
-programmatic dependent launch).
+``enable_pdl=True`` (FlashInfer's functions and SGLang's KV-buffer form; sm_90 and newer)
+launches with programmatic dependent launch: the kernel may be scheduled while the previous
+kernel on the stream finishes and waits for it before reading anything, so only the launch
+latency overlaps (no prologue runs early: the index arrays may be the previous kernel's).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from . import route
-from .call import check_bool, frequencies_json
+from .call import frequencies_json
 from .call_fused import (APPEND_PAGED, KV_BUFFER, KV_CACHE, MLA_CACHE, ROPE_QUANTIZE,
                          check_number, fused_rope_call, qk_norm_rope_call)
 from .plan_fused import FusedRopeArrays, QKNormRopeArrays
@@ -36,11 +38,6 @@ def _frequencies(cos_sin_cache, rope_theta, rope_scale, rope_scaling) -> str | N
                              "frequencies (rope_theta, rope_scale, rope_scaling), not both")
         return None
     return frequencies_json(1e4 if rope_theta is None else rope_theta, rope_scale, rope_scaling)
-
-
-def _pdl(enable_pdl) -> None:
-    if enable_pdl is not None:
-        check_bool(enable_pdl, "enable_pdl")
 
 
 # ------------------------------------------------------------------ FlashInfer
@@ -63,13 +60,12 @@ def rope_quantize_fp8(q_rope, k_rope, q_nope, k_nope, cos_sin_cache, pos_ids, is
     empty ``[nnz, heads, 0]`` output). ``backend``: FlashInfer's choice of implementation;
     rope_jit has one, its CUDA kernel ("cuda"). Returns ``(q_rope_out, k_rope_out,
     q_nope_out, k_nope_out)``."""
-    _pdl(enable_pdl)
     if backend != "cuda":
         raise ValueError(f"backend: rope_jit runs its own CUDA kernel; expected 'cuda', got {backend!r}")
     call = fused_rope_call(ROPE_QUANTIZE, is_neox,
                            _frequencies(cos_sin_cache, rope_theta, rope_scale, rope_scaling),
                            None, None, quantize_dtype, quant_scale_q, quant_scale_kv,
-                           quant_scale_kv)
+                           quant_scale_kv, 0, "NHD", "auto", enable_pdl)
     return route.rope_fused(call, FusedRopeArrays(
         q_rope, k_rope, q_nope, k_nope, q_rope_out=q_rope_out, k_rope_out=k_rope_out,
         q_nope_out=q_nope_out, k_nope_out=k_nope_out, pos_ids=pos_ids,
@@ -119,12 +115,11 @@ def rope_quantize_fp8_append_paged_kv_cache(
     tables. Beyond FlashInfer: a float16/bfloat16 cache (with no quantize_dtype and no
     outputs given, the outputs take the cache's dtype) appends without quantization.
     Returns ``(q_rope_out, q_nope_out)``."""
-    _pdl(enable_pdl)
     cache0, cache1 = _pair(paged_kv_cache, "paged_kv_cache")
     call = fused_rope_call(APPEND_PAGED, is_neox,
                            _frequencies(cos_sin_cache, rope_theta, rope_scale, rope_scaling),
                            None, None, quantize_dtype, quant_scale_q, quant_scale_kv,
-                           quant_scale_kv, page_size, kv_layout)
+                           quant_scale_kv, page_size, kv_layout, "auto", enable_pdl)
     return route.rope_fused(call, FusedRopeArrays(
         q_rope, k_rope, q_nope, k_nope, v, q_rope_out=q_rope_out, q_nope_out=q_nope_out,
         cache0=cache0, cache1=cache1, pos_ids=pos_ids, cos_sin_cache=cos_sin_cache,
@@ -230,7 +225,7 @@ class FusedSetKVBufferArg:
 
 
 def rope_with_kv_buffer(positions, query, key, head_size, cos_sin_cache, is_neox,
-                        fused_set_kv_buffer_arg) -> None:
+                        fused_set_kv_buffer_arg, enable_pdl=False) -> None:
     """``apply_rope_with_cos_sin_cache_inplace`` with SGLang's fused_set_kv_buffer_arg
     (rope_jit.api calls this): RoPE in place and the KV-buffer write in one kernel."""
     arg = fused_set_kv_buffer_arg
@@ -238,7 +233,8 @@ def rope_with_kv_buffer(positions, query, key, head_size, cos_sin_cache, is_neox
     v_mul, v_dev = _divisor(getattr(arg, "v_scale", None), "fused_set_kv_buffer_arg.v_scale")
     if k_dev is not None or v_dev is not None:
         raise TypeError("fused_set_kv_buffer_arg.k_scale/v_scale: expected numbers or None")
-    call = fused_rope_call(KV_BUFFER, is_neox, None, head_size, None, None, 1.0, k_mul, v_mul)
+    call = fused_rope_call(KV_BUFFER, is_neox, None, head_size, None, None, 1.0, k_mul, v_mul,
+                           0, "NHD", "auto", enable_pdl)
     route.rope_fused(call, FusedRopeArrays(
         query, key, v=getattr(arg, "value", None), cache0=getattr(arg, "k_buffer", None),
         cache1=getattr(arg, "v_buffer", None), pos_ids=positions, cos_sin_cache=cos_sin_cache,

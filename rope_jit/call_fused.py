@@ -53,6 +53,9 @@ class FusedRopeCall(NamedTuple):
     page_size: FlashInfer's page_size (the paged append); 0 for the other ops.
     kv_layout: FlashInfer's kv_layout of a 4-D paged cache, "NHD" or "HND".
     kv_cache_dtype: vLLM's kv_cache_dtype ("auto", "fp8", "fp8_e4m3", "fp8_e5m2").
+    pdl: programmatic dependent launch (FlashInfer's enable_pdl; sm_90+): the kernel may be
+        scheduled while the previous kernel on the stream finishes, and waits for it before
+        its first read (kernels/rope_fused.cu).
     """
 
     op: str
@@ -67,6 +70,7 @@ class FusedRopeCall(NamedTuple):
     page_size: int = 0
     kv_layout: str = "NHD"
     kv_cache_dtype: str = "auto"
+    pdl: bool = False
 
     @property
     def from_cache(self) -> bool:
@@ -99,7 +103,7 @@ OP_FIELDS = {
                     ("head_size", "int?"), ("rotary_dim", "int?"), ("quantize_dtype", "str?"),
                     ("quant_scale_q", "float"), ("quant_scale_kv", "float"),
                     ("quant_scale_v", "float"), ("page_size", "int"), ("kv_layout", "str"),
-                    ("kv_cache_dtype", "str")),
+                    ("kv_cache_dtype", "str"), ("pdl", "bool")),
     QKNormRopeCall: (("num_heads_q", "int"), ("num_heads_k", "int"), ("num_heads_v", "int"),
                      ("head_dim", "int"), ("eps", "float"), ("is_neox", "bool"),
                      ("frequencies", "str?"), ("rotary_dim", "int?")),
@@ -131,7 +135,8 @@ def _optional_rotary_dim(rotary_dim):
 @memoized_constant
 def fused_rope_call(op: str, is_neox, frequencies=None, head_size=None, rotary_dim=None,
                     quantize_dtype=None, quant_scale_q=1.0, quant_scale_kv=1.0, quant_scale_v=1.0,
-                    page_size=0, kv_layout="NHD", kv_cache_dtype="auto") -> FusedRopeCall:
+                    page_size=0, kv_layout="NHD", kv_cache_dtype="auto",
+                    pdl=False) -> FusedRopeCall:
     """A FusedRopeCall from a public function's scalar arguments, checked. Scales are
     multipliers here (the vLLM/SGLang functions pass 1 / their scale)."""
     if op not in FUSED_OPS:
@@ -159,7 +164,7 @@ def fused_rope_call(op: str, is_neox, frequencies=None, head_size=None, rotary_d
                          check_number(quant_scale_q, "quant_scale_q"),
                          check_number(quant_scale_kv, "quant_scale_kv"),
                          check_number(quant_scale_v, "quant_scale_v"), page_size, kv_layout,
-                         kv_cache_dtype)
+                         kv_cache_dtype, check_bool(pdl, "enable_pdl"))
 
 
 @memoized_constant

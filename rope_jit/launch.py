@@ -144,15 +144,25 @@ def plan_of(call: RopeCall, query, key, positions=None, indptr=None, offsets=Non
     return plan_rope(call, arrays, tuning=tuning, num_sms=num_sms(qd.device) if on_gpu else 132)
 
 
+def check_pdl_device(pdl: bool, device: int) -> None:
+    """enable_pdl needs sm_90 or newer: a ValueError naming it, before anything is compiled."""
+    if pdl and device >= 0 and int(device_arch(device)) < 90:
+        raise ValueError(f"enable_pdl: programmatic dependent launch needs sm_90 or newer, "
+                         f"cuda:{device} is sm_{device_arch(device)}")
+
+
+def pdl_launcher(pdl: bool, func: int, launch) -> PdlLaunch | None:
+    """The PdlLaunch of a plan that asked for enable_pdl and has a kernel to launch."""
+    return PdlLaunch(func, launch.grid, launch.block, launch.smem) if pdl and func else None
+
+
 def _prepare(call: RopeCall, query, key, positions, indptr, offsets, cache, cos, sin,
              tuning) -> _Prepared:
     plan = plan_of(call, query, key, positions, indptr, offsets, cache, cos, sin, tuning=tuning)
-    if call.pdl and plan.device >= 0 and int(device_arch(plan.device)) < 90:
-        raise ValueError(f"enable_pdl: programmatic dependent launch needs sm_90 or newer, "
-                         f"cuda:{plan.device} is sm_{device_arch(plan.device)}")
+    check_pdl_device(call.pdl, plan.device)
     func = jit.get_function(plan.spec, plan.device) if plan.spec is not None else 0
     launch = plan.launch
-    pdl = PdlLaunch(func, launch.grid, launch.block, launch.smem) if call.pdl and func else None
+    pdl = pdl_launcher(call.pdl, func, launch)
     return _Prepared(func, launch.grid if launch else (), launch.block if launch else (),
                      launch.smem if launch else 0, plan.static, plan.device, plan.q_out_shape,
                      plan.k_out_shape, plan.spec.dtype if plan.spec else describe(query).dtype,

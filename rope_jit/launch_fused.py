@@ -20,8 +20,9 @@ from . import jit
 from ._cuda import num_sms
 from .arrays import _BY_TYPE, Framework, describe, framework_of
 from .call_fused import FusedRopeCall, QKNormRopeCall
-from .launch import (ABSENT, PLAN_CACHE_SIZE, BoundedCache, PreparedLaunch, fingerprint_of,
-                     foreign_views, launch_plan, note_devices, plan_buffer)
+from .launch import (ABSENT, PLAN_CACHE_SIZE, BoundedCache, PreparedLaunch, check_pdl_device,
+                     fingerprint_of, foreign_views, launch_plan, note_devices, pdl_launcher,
+                     plan_buffer)
 from .plan_fused import (MUTATES, RETURNS, FusedRopeArrays, QKNormRopeArrays, arg_name,
                          plan_qk_norm_rope, plan_rope_fused)
 from .specs import ParamStruct
@@ -52,6 +53,7 @@ _KINDS = {
 class _Prepared(PreparedLaunch):
     allocate: tuple     # (array index, shape, dtype) of each output to allocate
     returns: tuple      # array indices of the outputs the call returns
+    pdl: object = None  # a _cuda.PdlLaunch when the call asked for enable_pdl
 
 
 _plans = BoundedCache(PLAN_CACHE_SIZE)
@@ -63,13 +65,16 @@ def _prepare(kind: _Kind, call, arrays: tuple) -> _Prepared:
                           for obj, f in zip(arrays, fields)))
     device = descs[0].device
     plan = kind.plan(call, descs, num_sms=num_sms(device) if device >= 0 else 132)
+    pdl = getattr(call, "pdl", False)
+    check_pdl_device(pdl, plan.device)
     func = jit.get_function(plan.spec, plan.device) if plan.spec is not None else 0
     index = {f: i for i, f in enumerate(fields)}
     launch = plan.launch
     return _Prepared(func, launch.grid if launch else (), launch.block if launch else (),
                      launch.smem if launch else 0, plan.static, plan.device,
                      tuple((index[f], shape, dtype) for f, shape, dtype in plan.outputs),
-                     tuple(index[f] for f in RETURNS.get(getattr(call, "op", None), ())))
+                     tuple(index[f] for f in RETURNS.get(getattr(call, "op", None), ())),
+                     pdl_launcher(pdl, func, launch))
 
 
 def run_fused(call: FusedRopeCall | QKNormRopeCall, arrays: tuple, *, fw: Framework | None = None):

@@ -11,7 +11,7 @@ in the order they run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from .arrays import ArrayDesc, contiguous_strides
@@ -95,9 +95,15 @@ def arg_name(call, field: str) -> str:
     return field
 
 
-ITEM_BATCH = 4          # items whose loads a thread issues together (kernels/rope_fused.cu)
-MAX_BLOCK_TOKENS = 16   # kernels/rope_fused.cu MAX_BLOCK_TOKENS
-BLOCK_THREADS = 256
+# Launch knobs of kernels/rope_fused.cu, measured on the H200 (benchmarks/fused_lab.py,
+# benchmarks/NOTES.md section 13): 128-thread blocks; a thread issues the loads of up to 2
+# items together, 8 for the paged append (its token's three dependent index loads are paid
+# once per batch, so longer batches pay them over more bytes).
+ITEM_BATCH = 2
+ITEM_BATCH_PAGED = 8
+BLOCK_THREADS = 128
+MAX_BLOCK_TOKENS = 16   # tokens of a block (blockDim.y), at most
+QK_BLOCK_THREADS = 256  # kernels/qk_norm_rope.cu
 
 
 @dataclass(frozen=True)
@@ -647,27 +653,40 @@ def fused_items(spec: FusedRopeSpec) -> tuple:
 _SMEM_LIMIT = 48 * 1024  # dynamic shared memory without an opt-in
 
 
-def choose_fused_launch(num_tokens: int, items: int, half: int, num_sms: int) -> tuple:
-    """(launch, split_items) of the fused kernel for num_tokens tokens of `items` items.
+def choose_fused_launch(num_tokens: int, items: int, half: int, num_sms: int, chunks: int = 0, *,
+                        item_batch: int = ITEM_BATCH,
+                        block_threads: int = BLOCK_THREADS) -> tuple:
+    """(launch, split_items, cos_sin_in_regs) of the fused kernel for num_tokens tokens of
+    `items` items.
 
-    A thread does up to ITEM_BATCH items of one token, all their loads in flight before
+    A thread does up to item_batch items of one token, all their loads in flight before
     its first store (one batch: no registers spent on a second); fewer when the whole
-    problem at ITEM_BATCH items a thread would not fill the GPU once (2048 threads per SM),
+    problem at item_batch items a thread would not fill the GPU once (2048 threads per SM),
     so few tokens still spread over every SM. Many tokens then give many waves of short
     blocks, which the plain RoPE kernel measured as better than fewer, longer threads (the
     occupancy, not the load width, limited it). The item lanes of a block (a power of two,
-    32 to 256) cover a token's items in `splits` blocks; the rest of the 256 threads take
-    more tokens. Shared memory: the tokens' cos/sin tile.
+    32 to block_threads) cover a token's items in `splits` blocks; the rest of the threads
+    take more tokens. Shared memory: the tokens' cos/sin tile.
+
+    chunks: the rotated chunks per head (kernels/rope_chunk.cuh CHUNKS) when cos/sin come
+    from a cache, else 0. When they divide the item lanes, each block's items start at a
+    multiple of them, so every rotated item of a thread is the same chunk and the kernel
+    keeps its cos/sin in registers (COS_SIN_IN_REGS: no tile, no barrier).
     """
     wave = num_sms * 2048
-    per_thread = min(ITEM_BATCH, max(1, -(-num_tokens * items // wave)))
-    lanes = min(BLOCK_THREADS, max(32, _pow2_ceil(-(-items // per_thread))))
-    tokens = max(1, min(MAX_BLOCK_TOKENS, BLOCK_THREADS // lanes, num_tokens,
+    per_thread = min(item_batch, max(1, -(-num_tokens * items // wave)))
+    lanes = min(block_threads, max(32, _pow2_ceil(-(-items // per_thread))))
+    in_regs = chunks > 0 and lanes % chunks == 0
+    tokens = max(1, min(MAX_BLOCK_TOKENS, block_threads // lanes, num_tokens,
                         _SMEM_LIMIT // max(1, half * 8)))
     splits = -(-items // (lanes * per_thread))
     split_items = -(-items // splits)
-    launch = Launch((-(-num_tokens // tokens), splits, 1), (lanes, tokens, 1), tokens * half * 8)
-    return launch, split_items
+    if in_regs:
+        split_items = -(-split_items // chunks) * chunks
+        splits = -(-items // split_items)
+    launch = Launch((-(-num_tokens // tokens), splits, 1), (lanes, tokens, 1),
+                    0 if in_regs else tokens * half * 8)
+    return launch, split_items, in_regs
 
 
 def plan_rope_fused(call: FusedRopeCall, arrays: FusedRopeArrays, *,
@@ -706,16 +725,22 @@ def plan_rope_fused(call: FusedRopeCall, arrays: FusedRopeArrays, *,
         index_dtypes=ix.dtypes, num_q_heads=x.q.heads, num_k_heads=x.k.heads,
         rotary_dim=x.rot, q_nope_dim=x.q_nope.width if q_nope_out else 0,
         k_nope_dim=k_nope_dim, v_dim=x.v.width if c.v.which >= 0 else 0, neox=call.is_neox,
-        vec=_fused_vec(a, x, o, c), item_batch=ITEM_BATCH, q_inplace=not fi,
+        vec=_fused_vec(a, x, o, c), cos_sin_in_regs=False,
+        item_batch=ITEM_BATCH_PAGED if c.mode == "paged" else ITEM_BATCH,
+        q_inplace=not fi,
         k_rope_out=("array" if call.op == ROPE_QUANTIZE else "none" if fi else "inplace"),
         q_nope_out=q_nope_out, k_nope_out=k_nope_out,
         k_nope_in_k_rope=call.op in (KV_CACHE, KV_BUFFER) and k_nope_dim > 0,
         k_rope_cache=c.k_rope.which,
         k_nope_cache=c.k_nope.which, v_cache=c.v.which, cache_mode=c.mode,
         page_size=c.page_size, k_scale_on_device=c.k_scale_on_device,
-        v_scale_on_device=c.v_scale_on_device)
+        v_scale_on_device=c.v_scale_on_device, pdl=call.pdl)
     _, items = fused_items(spec)
-    launch, split_items = choose_fused_launch(T, items, x.rot // 2, num_sms)
+    chunks = x.rot // 2 // spec.vec if call.from_cache else 0
+    launch, split_items, in_regs = choose_fused_launch(T, items, x.rot // 2, num_sms, chunks,
+                                                       item_batch=spec.item_batch,
+                                                       block_threads=BLOCK_THREADS)
+    spec = replace(spec, cos_sin_in_regs=in_regs)
 
     values = dict(
         cs.fly._asdict(),
@@ -801,12 +826,12 @@ def plan_qk_norm_rope(call: QKNormRopeCall, arrays: QKNormRopeArrays, *,
                          f"width {vec} (rows aligned to {vec * ITEMSIZE[qkv.dtype]} bytes); at most "
                          f"{MAX_LANE_VECTORS}")
     per_warp = 32 // lanes
-    block_heads = min(-(-heads // per_warp) * per_warp, BLOCK_THREADS // lanes)
+    block_heads = min(-(-heads // per_warp) * per_warp, QK_BLOCK_THREADS // lanes)
     weights_bytes = 2 * D * 4
     tile_row = rot // 2 * 8
     if weights_bytes + tile_row > _SMEM_LIMIT:
         raise ValueError(f"head_dim: {D} is too large (shared memory)")
-    tokens = max(1, min(MAX_BLOCK_TOKENS, BLOCK_THREADS // (lanes * block_heads), T,
+    tokens = max(1, min(MAX_BLOCK_TOKENS, QK_BLOCK_THREADS // (lanes * block_heads), T,
                         (_SMEM_LIMIT - weights_bytes) // tile_row))
     launch = Launch((-(-T // tokens), -(-heads // block_heads), 1), (lanes, block_heads, tokens),
                     weights_bytes + tokens * tile_row)

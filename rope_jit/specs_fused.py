@@ -69,6 +69,7 @@ class FusedRopeSpec:
     neox: bool
     vec: int                    # input elements per vector access
     item_batch: int             # items whose loads a thread issues together
+    cos_sin_in_regs: bool       # each thread's cos/sin in registers (one chunk per thread)
     q_inplace: bool             # rotated q goes back into q_rope
     k_rope_out: str             # K_ROPE_OUTS: rotated k into an array, in place, or nowhere
     q_nope_out: bool
@@ -81,6 +82,7 @@ class FusedRopeSpec:
     page_size: int              # entries per page (slots: block size); 1 without a cache
     k_scale_on_device: bool     # the k cache multiplier is 1 / *k_scale, read by the kernel
     v_scale_on_device: bool
+    pdl: bool = False           # programmatic dependent launch: griddepcontrol.wait first
 
     kernel_name = "rope_fused_kernel"
     params = FUSED_ROPE_PARAMS
@@ -98,8 +100,10 @@ class FusedRopeSpec:
                 f"{self.rotary_dim} nope {self.q_nope_dim}/{self.k_nope_dim} v {self.v_dim} "
                 f"{'neox' if self.neox else 'gptj'} {cs} ids {'/'.join(self.index_dtypes)} "
                 f"{', '.join(dests)} vec {self.vec} batch {self.item_batch}"
+                f"{' cos/sin in registers' if self.cos_sin_in_regs else ''}"
                 f"{' k_scale on device' if self.k_scale_on_device else ''}"
-                f"{' v_scale on device' if self.v_scale_on_device else ''}")
+                f"{' v_scale on device' if self.v_scale_on_device else ''}"
+                f"{' pdl' if self.pdl else ''}")
 
     def prelude(self) -> str:
         pos, slot, ppos, kvidx, kvptr = self.index_dtypes
@@ -121,6 +125,7 @@ class FusedRopeSpec:
             f"constexpr int VEC = {self.vec}, ITEM_BATCH = {self.item_batch};",
             f"constexpr bool NEOX = {c_bool(self.neox)};",
             f"constexpr bool COS_SIN_FROM_CACHE = {c_bool(self.cache_dtype is not None)};",
+            f"constexpr bool COS_SIN_IN_REGS = {c_bool(self.cos_sin_in_regs)};",
             f"constexpr int SCALING = SCALING_{self.scaling.upper()};",
             f"constexpr bool Q_INPLACE = {c_bool(self.q_inplace)};",
             f"constexpr int K_ROPE_OUT = {K_ROPE_OUTS.index(self.k_rope_out)};",
@@ -133,6 +138,7 @@ class FusedRopeSpec:
             f"constexpr long long PAGE_SIZE = {self.page_size};",
             f"constexpr bool K_SCALE_ON_DEVICE = {c_bool(self.k_scale_on_device)};",
             f"constexpr bool V_SCALE_ON_DEVICE = {c_bool(self.v_scale_on_device)};",
+            f"constexpr bool PDL = {c_bool(self.pdl)};",
         ]
         return "\n".join(lines) + "\n" + self.params.c_decl
 

@@ -24,7 +24,7 @@ L, NB, BS, D = 128, 8, 16, 96                              # MLA latent, blocks,
 
 CALL_DEFAULTS = dict(frequencies=None, head_size=None, rotary_dim=None, quantize_dtype=None,
                      quant_scale_q=1.0, quant_scale_kv=1.0, quant_scale_v=1.0, page_size=0,
-                     kv_layout="NHD", kv_cache_dtype="auto")
+                     kv_layout="NHD", kv_cache_dtype="auto", pdl=False)
 
 
 def make_call(op, is_neox=True, **kw):

@@ -83,10 +83,11 @@ def test_cpu_touch_changes_exactly_the_prefix_of_every_row():
 
 
 @pytest.mark.nvrtc
-def test_touch_kernel_source_compiles_for_sm90():
+@pytest.mark.parametrize("source", ["TOUCH_SOURCE", "NARROW_SOURCE"])
+def test_ceiling_kernel_sources_compile_for_sm90(source):
     from cupy.cuda import nvrtc
 
-    prog = nvrtc.createProgram(ceilings.TOUCH_SOURCE, "touch.cu", [], [])
+    prog = nvrtc.createProgram(getattr(ceilings, source), "ceiling.cu", [], [])
     try:
         nvrtc.compileProgram(prog, ["--gpu-architecture=sm_90"])
         assert len(nvrtc.getCUBIN(prog)) > 0

@@ -9,6 +9,8 @@ on ArrayDesc values: no GPU, no CuPy.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from fused_cases import (B, BASE, BS, D, HK, HQ, KINDS, NB, PS, L, N, P, R, T, base_arrays,
@@ -16,8 +18,9 @@ from fused_cases import (B, BASE, BS, D, HK, HQ, KINDS, NB, PS, L, N, P, R, T, b
 from rope_jit.arrays import HOST, ArrayDesc
 from rope_jit.call import frequencies_json
 from rope_jit.call_fused import APPEND_PAGED, ROPE_QUANTIZE, fused_rope_call, qk_norm_rope_call
-from rope_jit.plan_fused import (ITEM_BATCH, QKNormRopeArrays, choose_fused_launch, fused_items,
-                                 plan_qk_norm_rope, widest_vec)
+from rope_jit.plan_fused import (BLOCK_THREADS, ITEM_BATCH, ITEM_BATCH_PAGED, QKNormRopeArrays,
+                                 choose_fused_launch, fused_items, plan_qk_norm_rope,
+                                 widest_vec)
 from rope_jit.specs import ROPE_FREQ
 from rope_jit.specs_fused import (FUSED_ROPE_MULS, FUSED_ROPE_PARAMS, FUSED_ROPE_STATIC,
                                   QK_NORM_ROPE_STATIC)
@@ -376,24 +379,58 @@ def test_widest_vec_checks_each_type():
 
 @pytest.mark.parametrize("tokens", [1, 7, 128, 1000, 8192, 32768])
 @pytest.mark.parametrize("items", [12, 448, 2628, 9000])
-def test_launch_covers_every_item_of_every_token(tokens, items):
-    launch, split = choose_fused_launch(tokens, items, 32, 132)
+@pytest.mark.parametrize("chunks", [0, 4, 8, 6])
+def test_launch_covers_every_item_of_every_token(tokens, items, chunks):
+    launch, split, in_regs = choose_fused_launch(tokens, items, 32, 132, chunks)
     lanes, block_tokens, _ = launch.block
     gx, splits, _ = launch.grid
     assert gx * block_tokens >= tokens and splits * split >= items
     assert (splits - 1) * split < items  # no empty split
-    assert lanes & (lanes - 1) == 0 and 32 <= lanes <= 256 and lanes * block_tokens <= 256
-    assert 1 <= block_tokens <= 16 and launch.smem == block_tokens * 32 * 8
+    assert lanes & (lanes - 1) == 0 and 32 <= lanes <= BLOCK_THREADS
+    assert lanes * block_tokens <= BLOCK_THREADS and 1 <= block_tokens <= 16
     # a thread does at most one batch of ITEM_BATCH items
-    assert -(-split // lanes) <= ITEM_BATCH == 4
+    assert -(-split // lanes) <= ITEM_BATCH
+    # cos/sin in registers exactly when every thread's rotated items are one chunk: the
+    # lanes and each block's first item are multiples of the chunks; else the shared tile
+    assert in_regs == (chunks in (4, 8))
+    if in_regs:
+        assert lanes % chunks == 0 and split % chunks == 0 and launch.smem == 0
+    else:
+        assert launch.smem == block_tokens * 32 * 8
 
 
 def test_few_tokens_spread_over_the_gpu():
     """One decode token of DeepSeek-V3 MLA shapes: many blocks, one item per thread."""
-    launch, split = choose_fused_launch(1, 2628, 32, 132)
+    launch, split, _ = choose_fused_launch(1, 2628, 32, 132)
     assert launch.grid[1] >= 10 and split <= launch.block[0]
-    launch, split = choose_fused_launch(32768, 2628, 32, 132)
+    launch, split, _ = choose_fused_launch(32768, 2628, 32, 132, item_batch=4, block_threads=256)
     assert launch.grid[1] == 3 and -(-split // launch.block[0]) == 4  # 4 items a thread
+    launch, split, _ = choose_fused_launch(32768, 2628, 32, 132, item_batch=2, block_threads=128)
+    assert launch.grid[1] == 11 and -(-split // launch.block[0]) == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_knobs_follow_the_call(kind):
+    """Longer batches for the paged append only; cos/sin in registers with a cache when the
+    chunks (R/2 / vec: 4 here, 6 for the head of 96 of "kv" and "buf") divide the lanes,
+    else and on the fly the shared tile."""
+    p = plan(kind)
+    assert p.spec.item_batch == (ITEM_BATCH_PAGED if kind.startswith("ap") else ITEM_BATCH)
+    chunks = p.spec.rotary_dim // 2 // p.spec.vec
+    assert chunks == (6 if kind in ("kv", "buf") else 4)
+    assert p.spec.cos_sin_in_regs == (chunks == 4) and (p.launch.smem == 0) == (chunks == 4)
+    fly = plan(kind, call=dict(frequencies=frequencies_json()),
+               cos_sin_cache=None)
+    assert not fly.spec.cos_sin_in_regs and fly.launch.smem > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_enable_pdl_reaches_the_kernel(kind):
+    """enable_pdl: a PDL kernel (its wait comes before any read), the same launch."""
+    plain, pdl = plan(kind), plan(kind, call=dict(pdl=True))
+    assert pdl.spec == replace(plain.spec, pdl=True) and pdl.launch == plain.launch
+    assert "constexpr bool PDL = true;" in pdl.spec.prelude()
+    assert "constexpr bool PDL = false;" in plain.spec.prelude()
 
 
 def test_fused_items_match_the_kernel_layout():

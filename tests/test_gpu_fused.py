@@ -524,6 +524,67 @@ def test_cuda_graph_capture_and_replay():
         assert torch.equal(g.view(torch.uint8), e.view(torch.uint8))
 
 
+@pytest.mark.parametrize("op", ["rope_quantize", "append_paged", "kv_buffer"])
+def test_enable_pdl_waits_for_the_producer_and_captures(op):
+    """enable_pdl launches through cuLaunchKernelEx with programmatic serialization and the
+    kernel waits for the previous one before its first read: a GEMM that writes q and k
+    right before the call is seen in full, eagerly and in a CUDA graph, bit for bit as
+    without PDL."""
+    x, total, (indices, indptr, batch, ppos) = _graph_inputs(21)
+    T, hq, hk, rot = 64, 8, 2, 64
+    cache = rope_jit.compute_cos_sin_cache(rot, MAX_POS, like=x["q"])
+    a = rnd((T, 256), "bfloat16", 22)
+    w = rnd((256, (hq + hk) * rot), "bfloat16", 23) / 16
+    qk = torch.empty(T, (hq + hk) * rot, dtype=torch.bfloat16, device="cuda")
+    q, k = qk[:, :hq * rot].view(T, hq, rot), qk[:, hq * rot:].view(T, hk, rot)
+    kc = torch.zeros(total, 16, hk, rot, dtype=torch.float8_e4m3fn, device="cuda")
+    vc = torch.zeros_like(kc)
+    v = x["v"][..., :rot].contiguous()
+    slots = torch.randperm(total * 16, device="cuda")[:T]
+    q_out, k_out = (torch.empty(t.shape, dtype=torch.float8_e4m3fn, device="cuda") for t in (q, k))
+
+    def step(pdl):
+        torch.matmul(a, w, out=qk)  # the producer of q and k, right before the call
+        if op == "rope_quantize":
+            rope_jit.rope_quantize_fp8(q, k, None, None, cache, x["pos"], q_rope_out=q_out,
+                                       k_rope_out=k_out, enable_pdl=pdl)
+        elif op == "append_paged":
+            rope_jit.rope_quantize_fp8_append_paged_kv_cache(
+                q, k, None, None, v, cache, x["pos"], (kc, vc), indices, indptr, batch, ppos,
+                q_rope_out=q_out, enable_pdl=pdl)
+        else:
+            arg = rope_jit.FusedSetKVBufferArg(v.view(T, -1), kc.view(-1, hk * rot),
+                                               vc.view(-1, hk * rot), 2.0, 2.0, slots)
+            rope_jit.apply_rope_with_cos_sin_cache_inplace(
+                x["pos"], q.view(T, -1), k.view(T, -1), rot, cache, True, arg, enable_pdl=pdl)
+
+    def poison():
+        for t in (q_out, k_out, kc, vc):
+            t.view(torch.uint8).fill_(0x7F)
+
+    def results():
+        return [t.clone().view(torch.uint8) for t in (q_out, k_out, kc, vc, qk)]
+
+    poison()
+    step(False)
+    want = results()
+    poison()
+    step(True)
+    for g, e in zip(results(), want):
+        assert torch.equal(g, e)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        step(True)
+    for _ in range(2):
+        poison()
+        graph.replay()
+        torch.cuda.synchronize()
+        for g, e in zip(results(), want):
+            assert torch.equal(g, e)
+
+
 def test_runs_on_the_callers_stream():
     """Inputs written on a side stream after a long sleep: the call, issued on that stream
     with no synchronization, must see them (it would race on another stream)."""
