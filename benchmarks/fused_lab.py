@@ -5,8 +5,10 @@ FlashInfer's fused kernels and a cast ceiling, in one process::
     PYTHONPATH=. python3 benchmarks/fused_lab.py [--out FILE.json] [--tokens 1,128,8192]
     PYTHONPATH=. python3 benchmarks/fused_lab.py --ncu     # one call of each kernel, for ncu
 
-Each configuration sets the planner's knobs (``rope_jit.plan_fused.ITEM_BATCH``: items a
-thread loads together; ``BLOCK_THREADS``: threads of a block) for the whole process,
+Each configuration sets the planner's knobs (``rope_jit.plan_fused``: ``ITEM_BATCH`` and
+``ITEM_BATCH_PAGED``, items a thread loads together; ``THREAD_BATCHES`` and ``PREFETCH``,
+batches a thread does and whether the next one's loads go first; ``BLOCK_THREADS``) for the
+whole process,
 forgets the cached plans, and then runs the shapes of ``benchmarks/fused.py`` through the public functions: each one's
 result on fresh inputs is checked against the float64 reference before it is timed
 (``fused.py``'s checks), so a launch shape that breaks the kernel is reported WRONG.
@@ -34,20 +36,24 @@ from ceilings import narrow_copy  # noqa: E402
 from fused import AppendPaged, FlashInfer, RopeQuantize, _check  # noqa: E402
 from timing import buffer_sets, copy_bandwidth, time_calls  # noqa: E402
 
-_ORIGINAL = (plan_fused.ITEM_BATCH, plan_fused.ITEM_BATCH_PAGED, plan_fused.BLOCK_THREADS)
-DEFAULT = ("default", _ORIGINAL)
+KNOBS = ("ITEM_BATCH", "ITEM_BATCH_PAGED", "THREAD_BATCHES", "PREFETCH", "BLOCK_THREADS")
+DEFAULT = ("default", tuple(getattr(plan_fused, k) for k in KNOBS))
 
 
-def config(item_batch: int, block_threads: int):
-    """Every call kind at item_batch items a thread, blocks of block_threads."""
-    return f"ib{item_batch} t{block_threads}", (item_batch, item_batch, block_threads)
+def config(cap: int, block_threads: int, batches: int = 1, prefetch: bool = False):
+    """Every call kind at item batches of up to `cap`, up to `batches` of them a thread."""
+    name = f"ib{cap} t{block_threads}" + (f" x{batches}{' pf' if prefetch else ''}" if batches > 1 else "")
+    return name, (cap, cap, batches, prefetch, block_threads)
 
 
-CONFIGS = [DEFAULT] + [config(ib, th) for ib in (1, 2, 4, 8) for th in (64, 128, 256)]
+CONFIGS = ([DEFAULT] + [config(cap, th, n) for th in (64, 128) for cap in (2, 4)
+                        for n in (2, 4, 8, 16)]
+           + [config(1, 64, 8), config(1, 128, 16), config(2, 256, 8), config(2, 64, 4, True)])
 
 
 def use(cfg) -> None:
-    plan_fused.ITEM_BATCH, plan_fused.ITEM_BATCH_PAGED, plan_fused.BLOCK_THREADS = cfg[1]
+    for knob, value in zip(KNOBS, cfg[1]):
+        setattr(plan_fused, knob, value)
     rope_jit.clear_caches()
 
 
@@ -124,6 +130,8 @@ def main(argv=None) -> int:
             if isinstance(case, RopeQuantize) and T <= 128:
                 line["default pdl"] = time_calls([lambda x=x: rope_quantize_pdl(x) for x in sets])
             for cfg in CONFIGS:
+                if T <= 128 and cfg is not DEFAULT:
+                    continue  # a thread does one item there, whatever the batch knobs say
                 if cfg[0] in wrong:
                     line[cfg[0]] = "WRONG"
                     continue

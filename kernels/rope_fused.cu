@@ -71,26 +71,44 @@ __device__ __forceinline__ T load_index(long long ptr, i64 i, i64 stride) {
   return ((const T*)ptr)[i * stride];
 }
 
-__device__ __forceinline__ TokenDest token_dest(const FusedRopeParams& p, i64 t) {
+// The first index loads of a token's cache row: the slot, or the request and position
+// (-1: none). Issued before anything waits on them, so they fly with the position ->
+// cos/sin loads and the page-table walk costs two more latencies, not three.
+struct DestIndex {
+  i64 a, b;
+};
+
+__device__ __forceinline__ DestIndex dest_index(const FusedRopeParams& p, i64 t) {
+  DestIndex x{-1, -1};
+  if (t >= p.num_tokens) return x;
+  if constexpr (CACHE_MODE == CACHE_MODE_SLOTS) {
+    if (t < p.num_slots) x.a = (i64)load_index<slot_t>(p.slot_mapping, t, p.slot_stride);
+  } else if constexpr (CACHE_MODE == CACHE_MODE_PAGED) {
+    x.a = (i64)load_index<slot_t>(p.batch_indices, t, p.batch_stride);
+    x.b = (i64)load_index<ppos_t>(p.positions, t, p.positions_stride);
+  }
+  return x;
+}
+
+__device__ __forceinline__ TokenDest token_dest(const FusedRopeParams& p, i64 t,
+                                                const DestIndex& x) {
   TokenDest d{0, 0, 0};
   if (t >= p.num_tokens) return d;
   if constexpr (CACHE_MODE == CACHE_MODE_NONE) {
     d.flags = WRITE;
   } else if constexpr (CACHE_MODE == CACHE_MODE_SLOTS) {
     d.flags = WRITE;
-    if (t < p.num_slots) {
-      const i64 slot = (i64)load_index<slot_t>(p.slot_mapping, t, p.slot_stride);
-      if (slot >= 0 && slot < p.num_pages * PAGE_SIZE) {
-        d.page = slot / PAGE_SIZE;  // constant divisor: a multiply, no division
-        d.entry = (int)(slot - d.page * PAGE_SIZE);
-        d.flags |= WRITE_CACHE;
-      }
+    const i64 slot = x.a;  // -1 past the mapping
+    if (slot >= 0 && slot < p.num_pages * PAGE_SIZE) {
+      d.page = slot / PAGE_SIZE;  // constant divisor: a multiply, no division
+      d.entry = (int)(slot - d.page * PAGE_SIZE);
+      d.flags |= WRITE_CACHE;
     }
   } else {
-    const i64 b = (i64)load_index<slot_t>(p.batch_indices, t, p.batch_stride);
+    const i64 b = x.a;
     if (b < 0 || b >= p.batch_size) return d;  // padding: FlashInfer writes nothing of it
     d.flags = WRITE;
-    const i64 pos = (i64)load_index<ppos_t>(p.positions, t, p.positions_stride);
+    const i64 pos = x.b;
     if (pos >= 0) {
       const i64 it = (i64)load_index<kvptr_t>(p.kv_indptr, b, p.kv_indptr_stride) + pos / PAGE_SIZE;
       if (it >= 0 && it < p.num_indices) {
@@ -132,6 +150,26 @@ __device__ __forceinline__ void load_item(const FusedRopeParams& p, i64 t, int j
     it.b = load_vec<in_t, VEC>(src + OFF_B);
   } else {
     it.a = load_vec<in_t, VEC>(copy_src(p, t, j));
+  }
+}
+
+// COS_SIN_IN_REGS: cos/sin of the VEC frequencies from c0 at position pos, from the cache
+// in vectors of CACHE_VEC elements; a position outside the cache gives the identity (the
+// cache is never read out of bounds).
+__device__ __forceinline__ void chunk_cos_sin(const FusedRopeParams& p, i64 pos, int c0,
+                                              float2 (&cs)[VEC]) {
+  if (pos >= 0 && pos < p.max_position) {
+    const cache_t* row = (const cache_t*)p.cos_sin_cache + pos * p.cache_stride + c0;
+#pragma unroll
+    for (int i = 0; i < VEC; i += CACHE_VEC) {
+      const Vec<cache_t, CACHE_VEC> c = load_vec<cache_t, CACHE_VEC>(row + i);
+      const Vec<cache_t, CACHE_VEC> s = load_vec<cache_t, CACHE_VEC>(row + HALF + i);
+#pragma unroll
+      for (int j = 0; j < CACHE_VEC; ++j) cs[i + j] = make_float2(to_float(c.e[j]), to_float(s.e[j]));
+    }
+  } else {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) cs[v] = make_float2(1.f, 0.f);
   }
 }
 
@@ -240,14 +278,13 @@ extern "C" __global__ void __launch_bounds__(512) rope_fused_kernel(const FusedR
       if (j < last) load_item(p, t, j, batch[u]);
     }
   }
+  const DestIndex dest_ix = dest_index(p, t);
   const bool rotates = first < ROT_ITEMS;
   float2 cs_regs[VEC];
   if constexpr (COS_SIN_IN_REGS) {
     if (live && rotates) {
       const i64 pos = (i64)load_index<pos_t>(p.pos_ids, t, p.pos_stride);
-      const int c0 = (j0 % CHUNKS) * VEC;  // the thread's chunk (see the work split above)
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) cs_regs[v] = cos_sin_at(p, pos, true, c0 + v);
+      chunk_cos_sin(p, pos, (j0 % CHUNKS) * VEC, cs_regs);  // the thread's chunk (work split)
     }
   } else {
     if (rotates) {
@@ -256,25 +293,40 @@ extern "C" __global__ void __launch_bounds__(512) rope_fused_kernel(const FusedR
     }
     __syncthreads();
   }
-  const TokenDest d = token_dest(p, t);
+  const TokenDest d = token_dest(p, t, dest_ix);
   if (!(d.flags & WRITE)) return;
 
   CacheMul m{(float)p.kc_mul, (float)p.vc_mul};
   if constexpr (K_SCALE_ON_DEVICE) m.k = 1.0f / *(const float*)p.k_scale;
   if constexpr (V_SCALE_ON_DEVICE) m.v = 1.0f / *(const float*)p.v_scale;
   const float2* tile = cos_sin_tile + ty * HALF;
+  // The thread's batches one after another; PREFETCH: the next batch's loads go out
+  // before the current one is stored (twice the registers, one latency less per batch).
   for (;;) {
+    const int j1 = j0 + ITEM_BATCH * nx;
+    Item next[PREFETCH ? ITEM_BATCH : 1];
+    if constexpr (PREFETCH) {
+#pragma unroll
+      for (int u = 0; u < ITEM_BATCH; ++u) {
+        const int j = j1 + u * nx;
+        if (j < last) load_item(p, t, j, next[u]);
+      }
+    }
 #pragma unroll
     for (int u = 0; u < ITEM_BATCH; ++u) {
       const int j = j0 + u * nx;
       if (j < last) store_item(p, t, d, j, batch[u], tile, cs_regs, m);
     }
-    j0 += ITEM_BATCH * nx;
+    j0 = j1;
     if (j0 >= last) break;
 #pragma unroll
     for (int u = 0; u < ITEM_BATCH; ++u) {
       const int j = j0 + u * nx;
-      if (j < last) load_item(p, t, j, batch[u]);
+      if constexpr (PREFETCH) {
+        batch[u] = next[u];
+      } else if (j < last) {
+        load_item(p, t, j, batch[u]);
+      }
     }
   }
 }

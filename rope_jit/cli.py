@@ -619,7 +619,8 @@ def _specs_to_warm(args, archs: list[str]) -> list:
             raise _planner_refusal(args, call, e) from None
     for shape in fused:
         try:
-            specs += warm_fused.specs_for_fused_call(shape)
+            specs += warm_fused.specs_for_fused_call(shape, max_tokens=args.max_tokens,
+                                                     sm_counts=sm_counts)
         except (ValueError, TypeError) as e:
             raise UsageError(f"--fused {shape.function}: {e} (warming {shape.words()})") from None
     return list(dict.fromkeys(specs))

@@ -98,9 +98,12 @@ def arg_name(call, field: str) -> str:
 # Launch knobs of kernels/rope_fused.cu, measured on the H200 (benchmarks/fused_lab.py,
 # benchmarks/NOTES.md section 13): 128-thread blocks; a thread issues the loads of up to 2
 # items together, 8 for the paged append (its token's three dependent index loads are paid
-# once per batch, so longer batches pay them over more bytes).
+# once per batch, so longer batches pay them over more bytes); THREAD_BATCHES batches a
+# thread at most, the next one's loads issued before the current one's stores (PREFETCH).
 ITEM_BATCH = 2
 ITEM_BATCH_PAGED = 8
+THREAD_BATCHES = 1
+PREFETCH = False
 BLOCK_THREADS = 128
 MAX_BLOCK_TOKENS = 16   # tokens of a block (blockDim.y), at most
 QK_BLOCK_THREADS = 256  # kernels/qk_norm_rope.cu
@@ -653,20 +656,28 @@ def fused_items(spec: FusedRopeSpec) -> tuple:
 _SMEM_LIMIT = 48 * 1024  # dynamic shared memory without an opt-in
 
 
+class FusedLaunch(NamedTuple):
+    launch: Launch
+    split_items: int        # items of a token each block does (blockIdx.y splits them)
+    item_batch: int         # the kernel's ITEM_BATCH
+    prefetch: bool          # the kernel's PREFETCH
+    cos_sin_in_regs: bool   # the kernel's COS_SIN_IN_REGS
+
+
 def choose_fused_launch(num_tokens: int, items: int, half: int, num_sms: int, chunks: int = 0, *,
-                        item_batch: int = ITEM_BATCH,
-                        block_threads: int = BLOCK_THREADS) -> tuple:
-    """(launch, split_items, cos_sin_in_regs) of the fused kernel for num_tokens tokens of
+                        batch_cap: int = ITEM_BATCH, thread_batches: int = THREAD_BATCHES,
+                        prefetch: bool = PREFETCH,
+                        block_threads: int = BLOCK_THREADS) -> FusedLaunch:
+    """The fused kernel's launch and launch-dependent constants for num_tokens tokens of
     `items` items.
 
-    A thread does up to item_batch items of one token, all their loads in flight before
-    its first store (one batch: no registers spent on a second); fewer when the whole
-    problem at item_batch items a thread would not fill the GPU once (2048 threads per SM),
-    so few tokens still spread over every SM. Many tokens then give many waves of short
-    blocks, which the plain RoPE kernel measured as better than fewer, longer threads (the
-    occupancy, not the load width, limited it). The item lanes of a block (a power of two,
-    32 to block_threads) cover a token's items in `splits` blocks; the rest of the threads
-    take more tokens. Shared memory: the tokens' cos/sin tile.
+    A thread does up to batch_cap * thread_batches items of one token in batches of
+    item_batch, each batch's loads in flight before its first store; fewer when the whole
+    problem would not fill the GPU once (2048 threads per SM), so few tokens still spread
+    over every SM. item_batch is the next power of two of what a thread does, capped at
+    batch_cap: few tokens compile a lean kernel of one item a thread. The item lanes of a
+    block (a power of two, 32 to block_threads) cover a token's items in `splits` blocks;
+    the rest of the threads take more tokens. Shared memory: the tokens' cos/sin tile.
 
     chunks: the rotated chunks per head (kernels/rope_chunk.cuh CHUNKS) when cos/sin come
     from a cache, else 0. When they divide the item lanes, each block's items start at a
@@ -674,7 +685,8 @@ def choose_fused_launch(num_tokens: int, items: int, half: int, num_sms: int, ch
     keeps its cos/sin in registers (COS_SIN_IN_REGS: no tile, no barrier).
     """
     wave = num_sms * 2048
-    per_thread = min(item_batch, max(1, -(-num_tokens * items // wave)))
+    per_thread = min(batch_cap * thread_batches, max(1, -(-num_tokens * items // wave)))
+    item_batch = min(batch_cap, _pow2_ceil(per_thread))
     lanes = min(block_threads, max(32, _pow2_ceil(-(-items // per_thread))))
     in_regs = chunks > 0 and lanes % chunks == 0
     tokens = max(1, min(MAX_BLOCK_TOKENS, block_threads // lanes, num_tokens,
@@ -686,7 +698,8 @@ def choose_fused_launch(num_tokens: int, items: int, half: int, num_sms: int, ch
         splits = -(-items // split_items)
     launch = Launch((-(-num_tokens // tokens), splits, 1), (lanes, tokens, 1),
                     0 if in_regs else tokens * half * 8)
-    return launch, split_items, in_regs
+    return FusedLaunch(launch, split_items, item_batch,
+                       prefetch and -(-split_items // lanes) > item_batch, in_regs)
 
 
 def plan_rope_fused(call: FusedRopeCall, arrays: FusedRopeArrays, *,
@@ -725,9 +738,8 @@ def plan_rope_fused(call: FusedRopeCall, arrays: FusedRopeArrays, *,
         index_dtypes=ix.dtypes, num_q_heads=x.q.heads, num_k_heads=x.k.heads,
         rotary_dim=x.rot, q_nope_dim=x.q_nope.width if q_nope_out else 0,
         k_nope_dim=k_nope_dim, v_dim=x.v.width if c.v.which >= 0 else 0, neox=call.is_neox,
-        vec=_fused_vec(a, x, o, c), cos_sin_in_regs=False,
-        item_batch=ITEM_BATCH_PAGED if c.mode == "paged" else ITEM_BATCH,
-        q_inplace=not fi,
+        vec=_fused_vec(a, x, o, c), item_batch=1, cos_sin_in_regs=False, cache_vec=1,
+        prefetch=False, q_inplace=not fi,
         k_rope_out=("array" if call.op == ROPE_QUANTIZE else "none" if fi else "inplace"),
         q_nope_out=q_nope_out, k_nope_out=k_nope_out,
         k_nope_in_k_rope=call.op in (KV_CACHE, KV_BUFFER) and k_nope_dim > 0,
@@ -737,10 +749,18 @@ def plan_rope_fused(call: FusedRopeCall, arrays: FusedRopeArrays, *,
         v_scale_on_device=c.v_scale_on_device, pdl=call.pdl)
     _, items = fused_items(spec)
     chunks = x.rot // 2 // spec.vec if call.from_cache else 0
-    launch, split_items, in_regs = choose_fused_launch(T, items, x.rot // 2, num_sms, chunks,
-                                                       item_batch=spec.item_batch,
-                                                       block_threads=BLOCK_THREADS)
-    spec = replace(spec, cos_sin_in_regs=in_regs)
+    fl = choose_fused_launch(T, items, x.rot // 2, num_sms, chunks,
+                             batch_cap=ITEM_BATCH_PAGED if c.mode == "paged" else ITEM_BATCH,
+                             thread_batches=THREAD_BATCHES, prefetch=PREFETCH,
+                             block_threads=BLOCK_THREADS)
+    launch, split_items = fl.launch, fl.split_items
+    cache_vec = 1
+    if fl.cos_sin_in_regs:  # vector loads of the thread's cos/sin, as wide as the cache allows
+        cache = a.cos_sin_cache
+        cache_vec = min(spec.vec, choose_vec(ITEMSIZE[cache.dtype],
+                                             [spec.vec, x.rot // 2, cs.cache_stride], [cache.ptr]))
+    spec = replace(spec, item_batch=fl.item_batch, prefetch=fl.prefetch,
+                   cos_sin_in_regs=fl.cos_sin_in_regs, cache_vec=cache_vec)
 
     values = dict(
         cs.fly._asdict(),

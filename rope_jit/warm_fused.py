@@ -3,8 +3,10 @@ does for plain RoPE: describe the arrays an engine passes to each fused function
 model, run ``plan_fused``'s planner on them and collect the specs it returns, for
 ``warm.warm`` to compile.
 
-A fused kernel's spec does not depend on the token count or the GPU: its launch shape is
-a run-time argument. It does depend on what each function is given (dtypes, head counts,
+A fused kernel's spec depends on the token count and the GPU's SM count only through how
+many items a thread does (the one-item kernel for few tokens, longer batches for many), so
+the planner is run at every power of two up to the most tokens, on each SM count. It
+depends on what each function is given (dtypes, head counts,
 rope/nope widths, page or block size, FP8 type, where the scales live) and on the vector
 width the arrays' strides and alignment allow. The arrays below are laid out as the peers'
 callers lay them out (vLLM's q/k/v as column slices of one QKV buffer, its MLA q_pe and
@@ -22,7 +24,8 @@ from .call_fused import (APPEND_PAGED, KV_BUFFER, KV_CACHE, MLA_CACHE, ROPE_QUAN
                          fused_rope_call, qk_norm_rope_call)
 from .dtypes import FP8_DTYPES, ITEMSIZE
 from .plan_fused import FusedRopeArrays, QKNormRopeArrays, plan_qk_norm_rope, plan_rope_fused
-from .warm import SCALING_EXAMPLES, CallShape, check_call_dtypes, model_call
+from .warm import (ANY_SM_COUNTS, DEFAULT_MAX_TOKENS, SCALING_EXAMPLES, CallShape,
+                   check_call_dtypes, model_call)
 
 QK_NORM_ROPE = "fused_qk_norm_rope"
 # Public function -> which attention it serves: "gqa" (per-head keys), "mla" (one latent row
@@ -46,7 +49,6 @@ _VLLM_KV_CACHE_DTYPE = {None: "auto", "float8_e4m3fn": "fp8", "float8_e5m2": "fp
 _PTR = 1 << 32       # a synthetic 256-byte aligned base address (alignment is all planning reads)
 _CACHE_ROWS = 4096   # cos/sin rows; the count changes no specialization
 _PAGES = 64          # pages or blocks of a synthetic KV cache
-_TOKENS = (1, 8192)  # planned at two token counts: a spec must not depend on it
 
 
 @dataclass(frozen=True)
@@ -265,10 +267,20 @@ def fused_call(shape: FusedCallShape, num_tokens: int) -> tuple:
     return _DESCRIBE[shape.function](shape, num_tokens)
 
 
-def specs_for_fused_call(shape: FusedCallShape) -> list:
-    """The specs the planner picks for `shape` (one, checked at two token counts).
-    ValueError for a call its function does not take, or the planner's TypeError /
-    ValueError for one it refuses."""
+def fused_token_counts(max_tokens: int) -> list[int]:
+    """Every power of two up to max_tokens, and max_tokens: a thread's item count (ceil of
+    tokens x items / a wave of threads, rounded up to a power of two) doubles at most per
+    doubling of the tokens, so these meet every item batch the planner can pick."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens: expected a positive token count, got {max_tokens}")
+    return sorted({1 << i for i in range(max_tokens.bit_length())} | {max_tokens})
+
+
+def specs_for_fused_call(shape: FusedCallShape, *, max_tokens: int = DEFAULT_MAX_TOKENS,
+                         sm_counts=ANY_SM_COUNTS) -> list:
+    """The distinct specs the planner picks for `shape` over 1..max_tokens tokens and the
+    given SM counts, in the order first met. ValueError for a call its function does not
+    take, or the planner's TypeError / ValueError for one it refuses."""
     reason = inapplicable(shape)
     if reason is not None:
         raise ValueError(reason)
@@ -277,9 +289,10 @@ def specs_for_fused_call(shape: FusedCallShape) -> list:
                          f"got {shape.scaling!r}")
     check_call_dtypes(CallShape(1, 0, shape.head_size, dtype=shape.dtype,
                                  cache_dtype=shape.cache_dtype, index_dtype=shape.index_dtype))
+    planner = plan_qk_norm_rope if shape.function == QK_NORM_ROPE else plan_rope_fused
     found: dict = {}
-    for n in _TOKENS:
+    for n in fused_token_counts(max_tokens):
         call, arrays = fused_call(shape, n)
-        planner = plan_qk_norm_rope if shape.function == QK_NORM_ROPE else plan_rope_fused
-        found.setdefault(planner(call, arrays).spec, None)
+        for sms in sm_counts:
+            found.setdefault(planner(call, arrays, num_sms=sms).spec, None)
     return list(found)

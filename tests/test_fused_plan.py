@@ -380,33 +380,45 @@ def test_widest_vec_checks_each_type():
 @pytest.mark.parametrize("tokens", [1, 7, 128, 1000, 8192, 32768])
 @pytest.mark.parametrize("items", [12, 448, 2628, 9000])
 @pytest.mark.parametrize("chunks", [0, 4, 8, 6])
-def test_launch_covers_every_item_of_every_token(tokens, items, chunks):
-    launch, split, in_regs = choose_fused_launch(tokens, items, 32, 132, chunks)
+@pytest.mark.parametrize("cap, batches, prefetch", [(ITEM_BATCH, 1, False), (8, 1, False),
+                                                    (2, 4, True), (1, 3, False)])
+def test_launch_covers_every_item_of_every_token(tokens, items, chunks, cap, batches, prefetch):
+    fl = choose_fused_launch(tokens, items, 32, 132, chunks, batch_cap=cap,
+                             thread_batches=batches, prefetch=prefetch)
+    launch, split = fl.launch, fl.split_items
     lanes, block_tokens, _ = launch.block
     gx, splits, _ = launch.grid
     assert gx * block_tokens >= tokens and splits * split >= items
     assert (splits - 1) * split < items  # no empty split
     assert lanes & (lanes - 1) == 0 and 32 <= lanes <= BLOCK_THREADS
     assert lanes * block_tokens <= BLOCK_THREADS and 1 <= block_tokens <= 16
-    # a thread does at most one batch of ITEM_BATCH items
-    assert -(-split // lanes) <= ITEM_BATCH
+    # a thread does at most `batches` batches of item_batch items, item_batch a power of
+    # two up to the cap, no larger than what a thread does (few tokens: a lean kernel)
+    per_thread = -(-split // lanes)
+    assert per_thread <= cap * batches and fl.item_batch <= cap
+    assert fl.item_batch & (fl.item_batch - 1) == 0
+    assert fl.item_batch == min(cap, 1 << (per_thread - 1).bit_length()) or per_thread < fl.item_batch
+    assert fl.prefetch == (prefetch and per_thread > fl.item_batch)
     # cos/sin in registers exactly when every thread's rotated items are one chunk: the
     # lanes and each block's first item are multiples of the chunks; else the shared tile
-    assert in_regs == (chunks in (4, 8))
-    if in_regs:
+    assert fl.cos_sin_in_regs == (chunks in (4, 8))
+    if fl.cos_sin_in_regs:
         assert lanes % chunks == 0 and split % chunks == 0 and launch.smem == 0
     else:
         assert launch.smem == block_tokens * 32 * 8
 
 
 def test_few_tokens_spread_over_the_gpu():
-    """One decode token of DeepSeek-V3 MLA shapes: many blocks, one item per thread."""
-    launch, split, _ = choose_fused_launch(1, 2628, 32, 132)
-    assert launch.grid[1] >= 10 and split <= launch.block[0]
-    launch, split, _ = choose_fused_launch(32768, 2628, 32, 132, item_batch=4, block_threads=256)
-    assert launch.grid[1] == 3 and -(-split // launch.block[0]) == 4  # 4 items a thread
-    launch, split, _ = choose_fused_launch(32768, 2628, 32, 132, item_batch=2, block_threads=128)
-    assert launch.grid[1] == 11 and -(-split // launch.block[0]) == 2
+    """One decode token of DeepSeek-V3 MLA shapes: many blocks, one item per thread, the
+    one-item kernel."""
+    fl = choose_fused_launch(1, 2628, 32, 132, batch_cap=8)
+    assert fl.launch.grid[1] >= 10 and fl.split_items <= fl.launch.block[0]
+    assert fl.item_batch == 1
+    fl = choose_fused_launch(32768, 2628, 32, 132, batch_cap=4, block_threads=256)
+    assert fl.launch.grid[1] == 3 and -(-fl.split_items // fl.launch.block[0]) == 4
+    fl = choose_fused_launch(32768, 2628, 32, 132, batch_cap=2, block_threads=128)
+    assert fl.launch.grid[1] == 11 and -(-fl.split_items // fl.launch.block[0]) == 2
+    assert fl.item_batch == 2
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -415,7 +427,10 @@ def test_knobs_follow_the_call(kind):
     chunks (R/2 / vec: 4 here, 6 for the head of 96 of "kv" and "buf") divide the lanes,
     else and on the fly the shared tile."""
     p = plan(kind)
-    assert p.spec.item_batch == (ITEM_BATCH_PAGED if kind.startswith("ap") else ITEM_BATCH)
+    big = plan(kind, **{f: desc((1 << 16,) + d.shape[1:], d.dtype) for f, d in
+                        base_arrays(kind)[1].items() if d.shape and d.shape[0] == T})
+    assert big.spec.item_batch == (ITEM_BATCH_PAGED if kind.startswith("ap") else ITEM_BATCH)
+    assert p.spec.item_batch == 1  # few tokens: the one-item kernel
     chunks = p.spec.rotary_dim // 2 // p.spec.vec
     assert chunks == (6 if kind in ("kv", "buf") else 4)
     assert p.spec.cos_sin_in_regs == (chunks == 4) and (p.launch.smem == 0) == (chunks == 4)

@@ -21,7 +21,7 @@ from rope_jit.plan_fused import (FusedRopeArrays, QKNormRopeArrays,  # noqa: E40
                                  plan_qk_norm_rope, plan_rope_fused)
 from rope_jit.torch_ops import fake_descs  # noqa: E402
 from rope_jit.warm_fused import (FUSED_FUNCTIONS, FusedCallShape, fused_model_calls,  # noqa: E402
-                                 inapplicable, specs_for_fused_call)
+                                 fused_token_counts, inapplicable, specs_for_fused_call)
 
 pytestmark = pytest.mark.usefixtures("cache_dir")  # conftest: a fresh cache per test
 
@@ -43,14 +43,14 @@ def freqs(s: FusedCallShape):
     return None if s.cache_dtype else frequencies_json(rope_scaling=warm.SCALING_EXAMPLES[s.scaling])
 
 
-def plan_fused(call, **arrays):
+def plan_fused(call, num_sms, **arrays):
     fields = FusedRopeArrays._fields
     descs = fake_descs(*(arrays.get(f) for f in fields))
-    return plan_rope_fused(call, FusedRopeArrays(*descs)).spec
+    return plan_rope_fused(call, FusedRopeArrays(*descs), num_sms=num_sms).spec
 
 
-def real_spec(s: FusedCallShape):
-    """The spec of `s`'s function called as an engine calls it."""
+def real_spec(s: FusedCallShape, T: int = T, num_sms: int = 132):
+    """The spec of `s`'s function called as an engine calls it, with T tokens."""
     dt = getattr(torch, s.dtype)
     ix = getattr(torch, s.index_dtype)
     kv = getattr(torch, s.kv_dtype) if s.kv_dtype else dt
@@ -70,7 +70,7 @@ def real_spec(s: FusedCallShape):
                     for f, x in (("q_rope_out", q), ("k_rope_out", k), ("q_nope_out", qn),
                                  ("k_nope_out", kn))}
             call = fused_rope_call(ROPE_QUANTIZE, s.is_neox, freqs(s))
-            return plan_fused(call, q_rope=q, k_rope=k, q_nope=qn, k_nope=kn, pos_ids=pos,
+            return plan_fused(call, num_sms, q_rope=q, k_rope=k, q_nope=qn, k_nope=kn, pos_ids=pos,
                               cos_sin_cache=cos_sin(s), **outs)
         ps, pages = s.page_size, 9
         if s.mla:
@@ -82,7 +82,7 @@ def real_spec(s: FusedCallShape):
             caches, v = (both[:, 0], both[:, 1]), t(T, hk, d, dtype=dt)
         call = fused_rope_call(APPEND_PAGED, s.is_neox, freqs(s), None, None, s.kv_dtype, 1.0, 1.0,
                                1.0, ps, s.kv_layout)  # the builder takes positions only
-        return plan_fused(call, q_rope=q, k_rope=k, q_nope=qn, k_nope=kn, v=v, pos_ids=pos,
+        return plan_fused(call, num_sms, q_rope=q, k_rope=k, q_nope=qn, k_nope=kn, v=v, pos_ids=pos,
                           cos_sin_cache=cos_sin(s), cache0=caches[0], cache1=caches[1],
                           kv_indices=t(pages, **i32), kv_indptr=t(3, **i32),
                           batch_indices=t(T, **i32), positions=t(T, **i32),
@@ -97,7 +97,7 @@ def real_spec(s: FusedCallShape):
         call = fused_rope_call(KV_CACHE, s.is_neox, freqs(s), d,
                                None if s.cache_dtype else s.rotary_dim, None, 1.0, 1.0, 1.0, 0,
                                "NHD", vllm_kv)
-        return plan_fused(call, q_rope=q, k_rope=k, v=v, cache0=kv_cache[0], cache1=kv_cache[1],
+        return plan_fused(call, num_sms, q_rope=q, k_rope=k, v=v, cache0=kv_cache[0], cache1=kv_cache[1],
                           pos_ids=pos, cos_sin_cache=cos_sin(s), slot_mapping=t(T, dtype=torch.int64),
                           k_scale=scale, v_scale=scale)
     if s.function == "concat_and_cache_mla_rope_fused":
@@ -107,7 +107,7 @@ def real_spec(s: FusedCallShape):
         cache = t(13, s.page_size, s.kv_lora_rank + r, dtype=torch.uint8 if s.kv_dtype else dt)
         call = fused_rope_call(MLA_CACHE, s.is_neox, freqs(s), None, None, None, 1.0, 1.0, 1.0, 0,
                                "NHD", vllm_kv)
-        return plan_fused(call, q_rope=q[..., s.q_nope_dim:], k_rope=k_pe, k_nope=kv_c, cache0=cache,
+        return plan_fused(call, num_sms, q_rope=q[..., s.q_nope_dim:], k_rope=k_pe, k_nope=kv_c, cache0=cache,
                           pos_ids=pos, cos_sin_cache=cos_sin(s), slot_mapping=t(T, dtype=torch.int64),
                           k_scale=t(1, dtype=torch.float32))
     if s.function == "apply_rope_with_cos_sin_cache_inplace":
@@ -115,7 +115,7 @@ def real_spec(s: FusedCallShape):
         q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
         k_buffer, v_buffer = t(500, hk, d, dtype=kv), t(500, hk, d, dtype=kv)
         call = fused_rope_call(KV_BUFFER, s.is_neox, None, d)
-        return plan_fused(call, q_rope=q, k_rope=k, v=v.view(T, hk, d), cache0=k_buffer,
+        return plan_fused(call, num_sms, q_rope=q, k_rope=k, v=v.view(T, hk, d), cache0=k_buffer,
                           cache1=v_buffer, pos_ids=pos, cos_sin_cache=cos_sin(s),
                           slot_mapping=t(T, dtype=torch.int64))
     assert s.function == "fused_qk_norm_rope"
@@ -124,7 +124,7 @@ def real_spec(s: FusedCallShape):
     call = qk_norm_rope_call(hq, hk, hk, d, 1e-6, s.is_neox, freqs(s),
                              None if s.cache_dtype else s.rotary_dim)
     descs = fake_descs(qkv, w, w, pos, cos_sin(s))
-    return plan_qk_norm_rope(call, QKNormRopeArrays(*descs)).spec
+    return plan_qk_norm_rope(call, QKNormRopeArrays(*descs), num_sms=num_sms).spec
 
 
 # Models x variations: full and partial rotary, GPT-J pairs, MLA, fp16, e5m2, unquantized
@@ -147,7 +147,19 @@ def test_every_function_is_covered():
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.words())
 def test_warm_specs_are_what_real_calls_plan(shape):
-    assert specs_for_fused_call(shape) == [real_spec(shape)]
+    """Real calls at any token count and SM count plan a warmed spec; the warmed specs are
+    the one-item kernel and the longer batches, nothing else."""
+    warmed = specs_for_fused_call(shape)
+    for n, sms in ((1, 132), (T, 132), (700, 132), (3000, 78), (20000, 132), (100000, 170)):
+        assert real_spec(shape, n, sms) in warmed, (n, sms)
+    assert warmed[0] == real_spec(shape, 1) and 1 <= len(warmed) <= 4
+
+
+def test_warm_token_counts_meet_every_item_batch():
+    assert fused_token_counts(1) == [1]
+    assert fused_token_counts(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+    with pytest.raises(ValueError, match="max_tokens"):
+        fused_token_counts(0)
 
 
 def test_inapplicable_calls_are_named():
