@@ -5,10 +5,9 @@ FlashInfer's fused kernels and a cast ceiling, in one process::
     PYTHONPATH=. python3 benchmarks/fused_lab.py [--out FILE.json] [--tokens 1,128,8192]
     PYTHONPATH=. python3 benchmarks/fused_lab.py --ncu     # one call of each kernel, for ncu
 
-Each configuration sets the planner's knobs (``rope_jit.plan_fused``: ``ITEM_BATCH`` and
-``ITEM_BATCH_PAGED``, items a thread loads together; ``THREAD_BATCHES`` and ``PREFETCH``,
-batches a thread does and whether the next one's loads go first; ``BLOCK_THREADS``) for the
-whole process,
+Each configuration sets the planner's knobs (``rope_jit.plan_fused``: ``ITEM_BATCH``,
+items a thread loads together; ``THREAD_BATCHES``, batches a thread does at most;
+``BLOCK_THREADS``) for the whole process,
 forgets the cached plans, and then runs the shapes of ``benchmarks/fused.py`` through the public functions: each one's
 result on fresh inputs is checked against the float64 reference before it is timed
 (``fused.py``'s checks), so a launch shape that breaks the kernel is reported WRONG.
@@ -36,19 +35,17 @@ from ceilings import narrow_copy  # noqa: E402
 from fused import AppendPaged, FlashInfer, RopeQuantize, _check  # noqa: E402
 from timing import buffer_sets, copy_bandwidth, time_calls  # noqa: E402
 
-KNOBS = ("ITEM_BATCH", "ITEM_BATCH_PAGED", "THREAD_BATCHES", "PREFETCH", "BLOCK_THREADS")
+KNOBS = ("ITEM_BATCH", "THREAD_BATCHES", "BLOCK_THREADS")
 DEFAULT = ("default", tuple(getattr(plan_fused, k) for k in KNOBS))
 
 
-def config(cap: int, block_threads: int, batches: int = 1, prefetch: bool = False):
+def config(cap: int, block_threads: int, batches: int = 1):
     """Every call kind at item batches of up to `cap`, up to `batches` of them a thread."""
-    name = f"ib{cap} t{block_threads}" + (f" x{batches}{' pf' if prefetch else ''}" if batches > 1 else "")
-    return name, (cap, cap, batches, prefetch, block_threads)
+    return f"ib{cap} t{block_threads} x{batches}", (cap, batches, block_threads)
 
 
-CONFIGS = ([DEFAULT] + [config(cap, th, n) for th in (64, 128) for cap in (2, 4)
-                        for n in (2, 4, 8, 16)]
-           + [config(1, 64, 8), config(1, 128, 16), config(2, 256, 8), config(2, 64, 4, True)])
+CONFIGS = ([DEFAULT] + [config(cap, th, n) for th in (64, 128, 256) for cap in (1, 2, 4)
+                        for n in (1, 4, 8)])
 
 
 def use(cfg) -> None:

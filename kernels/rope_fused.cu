@@ -300,33 +300,21 @@ extern "C" __global__ void __launch_bounds__(512) rope_fused_kernel(const FusedR
   if constexpr (K_SCALE_ON_DEVICE) m.k = 1.0f / *(const float*)p.k_scale;
   if constexpr (V_SCALE_ON_DEVICE) m.v = 1.0f / *(const float*)p.v_scale;
   const float2* tile = cos_sin_tile + ty * HALF;
-  // The thread's batches one after another; PREFETCH: the next batch's loads go out
-  // before the current one is stored (twice the registers, one latency less per batch).
+  // The thread's batches one after another: its position, cos/sin and cache row are paid
+  // once for all of them. (Issuing the next batch's loads before the current one's stores
+  // measured slower: twice the registers.)
   for (;;) {
-    const int j1 = j0 + ITEM_BATCH * nx;
-    Item next[PREFETCH ? ITEM_BATCH : 1];
-    if constexpr (PREFETCH) {
-#pragma unroll
-      for (int u = 0; u < ITEM_BATCH; ++u) {
-        const int j = j1 + u * nx;
-        if (j < last) load_item(p, t, j, next[u]);
-      }
-    }
 #pragma unroll
     for (int u = 0; u < ITEM_BATCH; ++u) {
       const int j = j0 + u * nx;
       if (j < last) store_item(p, t, d, j, batch[u], tile, cs_regs, m);
     }
-    j0 = j1;
+    j0 += ITEM_BATCH * nx;
     if (j0 >= last) break;
 #pragma unroll
     for (int u = 0; u < ITEM_BATCH; ++u) {
       const int j = j0 + u * nx;
-      if constexpr (PREFETCH) {
-        batch[u] = next[u];
-      } else if (j < last) {
-        load_item(p, t, j, batch[u]);
-      }
+      if (j < last) load_item(p, t, j, batch[u]);
     }
   }
 }

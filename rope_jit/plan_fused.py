@@ -97,13 +97,10 @@ def arg_name(call, field: str) -> str:
 
 # Launch knobs of kernels/rope_fused.cu, measured on the H200 (benchmarks/fused_lab.py,
 # benchmarks/NOTES.md section 13): 128-thread blocks; a thread issues the loads of up to 2
-# items together, 8 for the paged append (its token's three dependent index loads are paid
-# once per batch, so longer batches pay them over more bytes); THREAD_BATCHES batches a
-# thread at most, the next one's loads issued before the current one's stores (PREFETCH).
+# items together and does up to 4 such batches, so its token's position -> cos/sin and
+# cache-row loads (dependent, two or three latencies) are paid over up to 8 items.
 ITEM_BATCH = 2
-ITEM_BATCH_PAGED = 8
-THREAD_BATCHES = 1
-PREFETCH = False
+THREAD_BATCHES = 4
 BLOCK_THREADS = 128
 MAX_BLOCK_TOKENS = 16   # tokens of a block (blockDim.y), at most
 QK_BLOCK_THREADS = 256  # kernels/qk_norm_rope.cu
@@ -660,13 +657,11 @@ class FusedLaunch(NamedTuple):
     launch: Launch
     split_items: int        # items of a token each block does (blockIdx.y splits them)
     item_batch: int         # the kernel's ITEM_BATCH
-    prefetch: bool          # the kernel's PREFETCH
     cos_sin_in_regs: bool   # the kernel's COS_SIN_IN_REGS
 
 
 def choose_fused_launch(num_tokens: int, items: int, half: int, num_sms: int, chunks: int = 0, *,
                         batch_cap: int = ITEM_BATCH, thread_batches: int = THREAD_BATCHES,
-                        prefetch: bool = PREFETCH,
                         block_threads: int = BLOCK_THREADS) -> FusedLaunch:
     """The fused kernel's launch and launch-dependent constants for num_tokens tokens of
     `items` items.
@@ -698,8 +693,7 @@ def choose_fused_launch(num_tokens: int, items: int, half: int, num_sms: int, ch
         splits = -(-items // split_items)
     launch = Launch((-(-num_tokens // tokens), splits, 1), (lanes, tokens, 1),
                     0 if in_regs else tokens * half * 8)
-    return FusedLaunch(launch, split_items, item_batch,
-                       prefetch and -(-split_items // lanes) > item_batch, in_regs)
+    return FusedLaunch(launch, split_items, item_batch, in_regs)
 
 
 def plan_rope_fused(call: FusedRopeCall, arrays: FusedRopeArrays, *,
@@ -739,7 +733,7 @@ def plan_rope_fused(call: FusedRopeCall, arrays: FusedRopeArrays, *,
         rotary_dim=x.rot, q_nope_dim=x.q_nope.width if q_nope_out else 0,
         k_nope_dim=k_nope_dim, v_dim=x.v.width if c.v.which >= 0 else 0, neox=call.is_neox,
         vec=_fused_vec(a, x, o, c), item_batch=1, cos_sin_in_regs=False, cache_vec=1,
-        prefetch=False, q_inplace=not fi,
+        q_inplace=not fi,
         k_rope_out=("array" if call.op == ROPE_QUANTIZE else "none" if fi else "inplace"),
         q_nope_out=q_nope_out, k_nope_out=k_nope_out,
         k_nope_in_k_rope=call.op in (KV_CACHE, KV_BUFFER) and k_nope_dim > 0,
@@ -750,8 +744,7 @@ def plan_rope_fused(call: FusedRopeCall, arrays: FusedRopeArrays, *,
     _, items = fused_items(spec)
     chunks = x.rot // 2 // spec.vec if call.from_cache else 0
     fl = choose_fused_launch(T, items, x.rot // 2, num_sms, chunks,
-                             batch_cap=ITEM_BATCH_PAGED if c.mode == "paged" else ITEM_BATCH,
-                             thread_batches=THREAD_BATCHES, prefetch=PREFETCH,
+                             batch_cap=ITEM_BATCH, thread_batches=THREAD_BATCHES,
                              block_threads=BLOCK_THREADS)
     launch, split_items = fl.launch, fl.split_items
     cache_vec = 1
@@ -759,8 +752,8 @@ def plan_rope_fused(call: FusedRopeCall, arrays: FusedRopeArrays, *,
         cache = a.cos_sin_cache
         cache_vec = min(spec.vec, choose_vec(ITEMSIZE[cache.dtype],
                                              [spec.vec, x.rot // 2, cs.cache_stride], [cache.ptr]))
-    spec = replace(spec, item_batch=fl.item_batch, prefetch=fl.prefetch,
-                   cos_sin_in_regs=fl.cos_sin_in_regs, cache_vec=cache_vec)
+    spec = replace(spec, item_batch=fl.item_batch, cos_sin_in_regs=fl.cos_sin_in_regs,
+                   cache_vec=cache_vec)
 
     values = dict(
         cs.fly._asdict(),

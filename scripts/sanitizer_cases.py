@@ -41,6 +41,7 @@ import torch  # noqa: E402
 import rope_jit  # noqa: E402
 from rope_jit import reference  # noqa: E402
 
+from fused_checks import assert_fp8_close, assert_only_rows_written, paged_batch  # noqa: E402
 from gpu_cases import assert_rope_close, poison_allocator, to_numpy64  # noqa: E402
 
 TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -553,6 +554,91 @@ def batched_heads_large_on_the_fly_out_of_place():
     check_sampled_tokens(ko, k_before, cos, sin, True, "bfloat16", D, D, 4, "k")
     for x, before, what in ((q, q_before, "q"), (k, k_before, "k")):
         assert torch.equal(bits(x.cpu()), bits(before)), f"out of place changed {what}"
+
+
+# ------------------------------------------------------------------ fused ops
+
+
+def fp8_values(t: torch.Tensor) -> np.ndarray:
+    return t.cpu().float().numpy().astype(np.float64)
+
+
+@case
+def fused_rope_quantize_gqa_many_tokens():
+    """rope_quantize_fp8 at 8192 tokens: cos/sin in registers, several batches a thread;
+    q_nope and k_nope copied; outputs poisoned first; 256 tokens checked."""
+    T, hq, hk, R, N = 8192, 32, 8, 128, 64
+    q, k = device_randn((T, hq, R), "bfloat16", 100), device_randn((T, hk, R), "bfloat16", 101)
+    qn, kn = device_randn((T, hq, N), "bfloat16", 102), device_randn((T, hk, N), "bfloat16", 103)
+    cache = rope_jit.compute_cos_sin_cache(R, 16384, like=q)
+    pos_np = np.random.default_rng(15).integers(0, 16384, T)
+    outs = [torch.empty(x.shape, dtype=torch.float8_e4m3fn, device="cuda") for x in (q, k, qn, kn)]
+    for o in outs:
+        o.view(torch.uint8).fill_(0x7F)  # NaN: an unwritten value fails the check
+    rope_jit.rope_quantize_fp8(q, k, qn, kn, cache, device_ints(pos_np, "int64"),
+                               quant_scale_q=0.5, quant_scale_kv=2.0, q_rope_out=outs[0],
+                               k_rope_out=outs[1], q_nope_out=outs[2], k_nope_out=outs[3])
+    torch.cuda.synchronize()
+    idx = np.sort(np.random.default_rng(16).choice(T, 256, replace=False))
+    cos, sin = cache_cos_sin(cache, pos_np[idx])
+    ref = reference.rope_quantize(*(to_numpy64(x.cpu()[torch.from_numpy(idx)]) for x in (q, k, qn, kn)),
+                                  cos, sin, True, 0.5, 2.0)
+    for out, r, what in zip(outs, ref, ("q_rope_out", "k_rope_out", "q_nope_out", "k_nope_out")):
+        assert_fp8_close(fp8_values(out)[idx], r, "float8_e4m3fn", what, np.abs(r) + 1.0)
+
+
+def _paged_append(cos_sin_cache, seed, **fly):
+    """A paged append (fp8, page 16, NHD) of a batch with padding tokens and pages no
+    request owns: q_out checked, only the appended cache rows written."""
+    hq, hk, R, N, ps = 8, 2, 64, 64, 16
+    total, indices, indptr, batch, ppos = paged_batch(ps, seed, existing=(3, 40, 0),
+                                                      new=(20, 300, 22), padding=5)
+    T = len(batch)
+    q, k = device_randn((T, hq, R), "bfloat16", seed), device_randn((T, hk, R), "bfloat16", seed + 1)
+    v = device_randn((T, hk, R + N), "bfloat16", seed + 2)
+    kn = device_randn((T, hk, N), "bfloat16", seed + 3)
+    pos_np = np.random.default_rng(seed).integers(0, 4096, T)
+    kc = torch.empty(total, ps, hk, R + N, dtype=torch.float8_e4m3fn, device="cuda")
+    vc = torch.empty_like(kc)
+    for c in (kc, vc):
+        c.view(torch.uint8).copy_(torch.randint(0, 256, c.shape, generator=host_gen(seed), dtype=torch.uint8))
+    before = [c.cpu().view(torch.uint8).numpy() for c in (kc, vc)]
+    q_out = torch.empty(q.shape, dtype=torch.float8_e4m3fn, device="cuda")
+    q_out.view(torch.uint8).fill_(0x7F)  # NaN: an unwritten value fails the check
+    ix = [device_ints(a, "int32") for a in (indices, indptr, batch, ppos)]
+    rope_jit.rope_quantize_fp8_append_paged_kv_cache(
+        q, k, None, kn, v, cos_sin_cache, device_ints(pos_np, "int64"), (kc, vc), ix[0], ix[1],
+        ix[2], ix[3], page_size=ps, q_rope_out=q_out, **fly)
+    torch.cuda.synchronize()
+    if cos_sin_cache is not None:
+        cos, sin = cache_cos_sin(cos_sin_cache, pos_np)
+    else:
+        cos, sin = fly_cos_sin(pos_np, R)
+    live = batch >= 0
+    ref_q = reference.rope_quantize(to_numpy64(q.cpu()), to_numpy64(k.cpu()), None, None, cos, sin, True)
+    assert_fp8_close(fp8_values(q_out)[live], ref_q[0][live], "float8_e4m3fn", "q_rope_out",
+                     np.abs(ref_q[0][live]) + 1.0)
+    pages, entries = reference.paged_locations(batch, ppos, indptr, indices, ps)
+    pages, entries = pages[live], entries[live]
+    k_rows = fp8_values(kc)[pages, entries]
+    k_ref = np.concatenate([ref_q[1], to_numpy64(kn.cpu())], axis=-1)[live]
+    assert_fp8_close(k_rows, k_ref, "float8_e4m3fn", "k cache", np.abs(k_ref) + 1.0)
+    v_ref = to_numpy64(v.cpu())[live]
+    assert_fp8_close(fp8_values(vc)[pages, entries], v_ref, "float8_e4m3fn", "v cache")
+    for c, b, what in ((kc, before[0], "k cache"), (vc, before[1], "v cache")):
+        assert_only_rows_written(c.cpu().view(torch.uint8).numpy(), b, pages, entries, "NHD", what)
+
+
+@case
+def fused_append_paged_cache():
+    """Cos/sin from a cache (in registers), the page-table walk per thread."""
+    _paged_append(rope_jit.compute_cos_sin_cache(64, 4096, like=torch.empty(0, device="cuda")), 110)
+
+
+@case
+def fused_append_paged_on_the_fly():
+    """Cos/sin on the fly: the block's shared tile and its barrier (racecheck, synccheck)."""
+    _paged_append(None, 120)
 
 
 # ------------------------------------------------------------------ main

@@ -268,10 +268,9 @@ def test_warm_fused_dry_run(capsys, cache_dir):
     fused = [s for s in lines if s.startswith(("rope_fused", "qk_norm_rope"))]
     batches = fused_batches(fused)
     assert len(batches) == 5 and sum(s.startswith("qk_norm_rope") for s in fused) == 1
-    # the one-item kernel for few tokens and the longer batches (8 for the paged append)
-    assert {k: v for k, v in batches.items() if "paged" in k} == {
-        next(k for k in batches if "paged float8_e4m3fn cache page 16" in k): {1, 2, 4, 8}}
-    assert all(v == {1, 2} for k, v in batches.items() if "paged" not in k and "rope_fused" in k)
+    # the one-item kernel for few tokens and the batches of two for many
+    assert any("paged float8_e4m3fn cache page 16" in k for k in batches)
+    assert all(v == {1, 2} for k, v in batches.items() if "rope_fused" in k)
     assert any("k_scale on device v_scale on device" in s for s in fused)  # vLLM's cache
     plain = [s for s in lines if s.startswith("rope bfloat16")]
     assert plain and lines[-1].startswith(f"{len(plain) + len(fused)} kernels x 1 arch")

@@ -307,12 +307,11 @@ def test_qk_norm_rope(case):
     assert np.array_equal(buf[:, 4 + width:].view(np.uint16), before[:, 4 + width:].view(np.uint16))
 
 
-@pytest.mark.parametrize("item_batch, prefetch, cache_vec", [(1, False, 4), (2, True, 1),
-                                                              (4, True, 2), (2, False, 4)])
-def test_kernel_loops_over_several_batches_per_thread(item_batch, prefetch, cache_vec):
+@pytest.mark.parametrize("item_batch, cache_vec", [(1, 4), (2, 1), (4, 2)])
+def test_kernel_loops_over_several_batches_per_thread(item_batch, cache_vec):
     """The kernel takes any split: here one block column does all items of its tokens, 8
-    lanes, several batches each, with and without the next batch's loads issued first, and
-    cos/sin (in registers: 8 lanes are two threads per chunk) read in vectors of 1 to 4."""
+    lanes, several batches each, and cos/sin (in registers: 8 lanes are two threads per
+    chunk) read in vectors of 1 to 4."""
     import dataclasses
 
     from rope_jit.plan import Launch
@@ -334,8 +333,7 @@ def test_kernel_loops_over_several_batches_per_thread(item_batch, prefetch, cach
     static = list(plan.static)
     static[names.index("split_items")] = items
     assert plan.spec.cos_sin_in_regs and plan.spec.cache_vec == 4
-    spec = dataclasses.replace(plan.spec, item_batch=item_batch, prefetch=prefetch,
-                               cache_vec=cache_vec)
+    spec = dataclasses.replace(plan.spec, item_batch=item_batch, cache_vec=cache_vec)
     assert -(-items // 8) > 2 * item_batch
     plan = dataclasses.replace(plan, spec=spec, static=tuple(static),
                                launch=Launch((-(-T // 2), 1, 1), (8, 2, 1), 2 * rot // 2 * 8))

@@ -18,7 +18,7 @@ from fused_cases import (B, BASE, BS, D, HK, HQ, KINDS, NB, PS, L, N, P, R, T, b
 from rope_jit.arrays import HOST, ArrayDesc
 from rope_jit.call import frequencies_json
 from rope_jit.call_fused import APPEND_PAGED, ROPE_QUANTIZE, fused_rope_call, qk_norm_rope_call
-from rope_jit.plan_fused import (BLOCK_THREADS, ITEM_BATCH, ITEM_BATCH_PAGED, QKNormRopeArrays,
+from rope_jit.plan_fused import (BLOCK_THREADS, ITEM_BATCH, THREAD_BATCHES, QKNormRopeArrays,
                                  choose_fused_launch, fused_items, plan_qk_norm_rope,
                                  widest_vec)
 from rope_jit.specs import ROPE_FREQ
@@ -380,11 +380,10 @@ def test_widest_vec_checks_each_type():
 @pytest.mark.parametrize("tokens", [1, 7, 128, 1000, 8192, 32768])
 @pytest.mark.parametrize("items", [12, 448, 2628, 9000])
 @pytest.mark.parametrize("chunks", [0, 4, 8, 6])
-@pytest.mark.parametrize("cap, batches, prefetch", [(ITEM_BATCH, 1, False), (8, 1, False),
-                                                    (2, 4, True), (1, 3, False)])
-def test_launch_covers_every_item_of_every_token(tokens, items, chunks, cap, batches, prefetch):
+@pytest.mark.parametrize("cap, batches", [(ITEM_BATCH, THREAD_BATCHES), (8, 1), (2, 1), (1, 3)])
+def test_launch_covers_every_item_of_every_token(tokens, items, chunks, cap, batches):
     fl = choose_fused_launch(tokens, items, 32, 132, chunks, batch_cap=cap,
-                             thread_batches=batches, prefetch=prefetch)
+                             thread_batches=batches)
     launch, split = fl.launch, fl.split_items
     lanes, block_tokens, _ = launch.block
     gx, splits, _ = launch.grid
@@ -398,7 +397,6 @@ def test_launch_covers_every_item_of_every_token(tokens, items, chunks, cap, bat
     assert per_thread <= cap * batches and fl.item_batch <= cap
     assert fl.item_batch & (fl.item_batch - 1) == 0
     assert fl.item_batch == min(cap, 1 << (per_thread - 1).bit_length()) or per_thread < fl.item_batch
-    assert fl.prefetch == (prefetch and per_thread > fl.item_batch)
     # cos/sin in registers exactly when every thread's rotated items are one chunk: the
     # lanes and each block's first item are multiples of the chunks; else the shared tile
     assert fl.cos_sin_in_regs == (chunks in (4, 8))
@@ -414,22 +412,24 @@ def test_few_tokens_spread_over_the_gpu():
     fl = choose_fused_launch(1, 2628, 32, 132, batch_cap=8)
     assert fl.launch.grid[1] >= 10 and fl.split_items <= fl.launch.block[0]
     assert fl.item_batch == 1
-    fl = choose_fused_launch(32768, 2628, 32, 132, batch_cap=4, block_threads=256)
+    fl = choose_fused_launch(32768, 2628, 32, 132, batch_cap=4, thread_batches=1,
+                             block_threads=256)
     assert fl.launch.grid[1] == 3 and -(-fl.split_items // fl.launch.block[0]) == 4
-    fl = choose_fused_launch(32768, 2628, 32, 132, batch_cap=2, block_threads=128)
-    assert fl.launch.grid[1] == 11 and -(-fl.split_items // fl.launch.block[0]) == 2
+    fl = choose_fused_launch(32768, 2628, 32, 132, batch_cap=2, thread_batches=4,
+                             block_threads=128)  # 4 batches of 2 items a thread
+    assert fl.launch.grid[1] == 3 and -(-fl.split_items // fl.launch.block[0]) == 7
     assert fl.item_batch == 2
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_knobs_follow_the_call(kind):
-    """Longer batches for the paged append only; cos/sin in registers with a cache when the
+    """The batch of ITEM_BATCH items for many tokens, of one for few; cos/sin in registers with a cache when the
     chunks (R/2 / vec: 4 here, 6 for the head of 96 of "kv" and "buf") divide the lanes,
     else and on the fly the shared tile."""
     p = plan(kind)
     big = plan(kind, **{f: desc((1 << 16,) + d.shape[1:], d.dtype) for f, d in
                         base_arrays(kind)[1].items() if d.shape and d.shape[0] == T})
-    assert big.spec.item_batch == (ITEM_BATCH_PAGED if kind.startswith("ap") else ITEM_BATCH)
+    assert big.spec.item_batch == ITEM_BATCH
     assert p.spec.item_batch == 1  # few tokens: the one-item kernel
     chunks = p.spec.rotary_dim // 2 // p.spec.vec
     assert chunks == (6 if kind in ("kv", "buf") else 4)
