@@ -7,8 +7,7 @@ FlashInfer's fused kernels and a cast ceiling, in one process::
 
 Each configuration sets the planner's knobs (``rope_jit.plan_fused``: ``ITEM_BATCH``,
 items a thread loads together; ``THREAD_BATCHES``, batches a thread does at most;
-``BLOCK_THREADS``; ``TOKEN_LOOP``, resident blocks walking the token tiles) for the whole
-process,
+``BLOCK_THREADS``) for the whole process,
 forgets the cached plans, and then runs the shapes of ``benchmarks/fused.py`` through the public functions: each one's
 result on fresh inputs is checked against the float64 reference before it is timed
 (``fused.py``'s checks), so a launch shape that breaks the kernel is reported WRONG.
@@ -36,19 +35,17 @@ from ceilings import narrow_copy  # noqa: E402
 from fused import AppendPaged, FlashInfer, RopeQuantize, _check  # noqa: E402
 from timing import buffer_sets, copy_bandwidth, time_calls  # noqa: E402
 
-KNOBS = ("ITEM_BATCH", "THREAD_BATCHES", "BLOCK_THREADS", "TOKEN_LOOP")
+KNOBS = ("ITEM_BATCH", "THREAD_BATCHES", "BLOCK_THREADS")
 DEFAULT = ("default", tuple(getattr(plan_fused, k) for k in KNOBS))
 
 
-def config(cap: int, block_threads: int, batches: int = 1, loop: bool = False):
-    """Every call kind at item batches of up to `cap`, up to `batches` of them a thread (or
-    the token loop: one batch a thread per token)."""
-    name = f"ib{cap} t{block_threads} " + ("loop" if loop else f"x{batches}")
-    return name, (cap, batches, block_threads, loop)
+def config(cap: int, block_threads: int, batches: int = 1):
+    """Every call kind at item batches of up to `cap`, up to `batches` of them a thread."""
+    return f"ib{cap} t{block_threads} x{batches}", (cap, batches, block_threads)
 
 
-CONFIGS = ([DEFAULT] + [config(cap, th, loop=True) for th in (64, 128, 256) for cap in (1, 2, 4)]
-           + [config(2, 128, 4), config(2, 64, 4)])
+CONFIGS = ([DEFAULT] + [config(cap, th, n) for th in (64, 128, 256) for cap in (1, 2, 4)
+                        for n in (1, 4, 8)])
 
 
 def use(cfg) -> None:

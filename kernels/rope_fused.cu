@@ -48,7 +48,6 @@ static_assert(Q_NOPE_DIM % VEC == 0 && K_NOPE_DIM % VEC == 0 && V_DIM % VEC == 0
               "VEC must divide every row length");
 static_assert(CACHE_MODE != CACHE_MODE_NONE || (K_ROPE_CACHE < 0 && K_NOPE_CACHE < 0 && V_CACHE < 0),
               "cache destinations need a cache mode");
-static_assert(!TOKEN_LOOP || COS_SIN_IN_REGS, "the token loop keeps cos/sin in registers");
 
 __device__ constexpr int nonzero(int n) { return n > 0 ? n : 1; }  // divisor of an index that cannot occur
 
@@ -255,83 +254,12 @@ __device__ __forceinline__ void store_item(const FusedRopeParams& p, i64 t, cons
 
 extern __shared__ float2 cos_sin_tile[];  // [blockDim.y][HALF]: the block's tokens (tile mode)
 
-// The loads of one batch: items j0, j0 + nx, ... of token t below `last`.
-__device__ __forceinline__ void load_batch(const FusedRopeParams& p, i64 t, int j0, int nx,
-                                           int last, Item (&batch)[ITEM_BATCH]) {
-#pragma unroll
-  for (int u = 0; u < ITEM_BATCH; ++u) {
-    const int j = j0 + u * nx;
-    if (j < last) load_item(p, t, j, batch[u]);
-  }
-}
-
-__device__ __forceinline__ void store_batch(const FusedRopeParams& p, i64 t, const TokenDest& d,
-                                            int j0, int nx, int last,
-                                            const Item (&batch)[ITEM_BATCH], const float2* tile,
-                                            const float2 (&cs_regs)[VEC], const CacheMul& m) {
-#pragma unroll
-  for (int u = 0; u < ITEM_BATCH; ++u) {
-    const int j = j0 + u * nx;
-    if (j < last) store_item(p, t, d, j, batch[u], tile, cs_regs, m);
-  }
-}
-
-__device__ __forceinline__ CacheMul cache_multipliers(const FusedRopeParams& p) {
-  CacheMul m{(float)p.kc_mul, (float)p.vc_mul};
-  if constexpr (K_SCALE_ON_DEVICE) m.k = 1.0f / *(const float*)p.k_scale;
-  if constexpr (V_SCALE_ON_DEVICE) m.v = 1.0f / *(const float*)p.v_scale;
-  return m;
-}
-
-// TOKEN_LOOP (with COS_SIN_IN_REGS; one batch of a thread per token): a grid no larger than
-// what is resident at once, each block walking token tiles blockIdx.x, + gridDim.x, ...
-// The next tile's item loads, its position and its first index loads go out before this
-// tile's stores, and its cos/sin loads right after them: a thread's dependent chain is
-// hidden behind the previous token instead of starting each block, and every block ends
-// within one tile of the others (no last wave of long blocks).
-__device__ __forceinline__ void token_loop(const FusedRopeParams& p, int first, int last) {
-  const int tx = threadIdx.x, ty = threadIdx.y, nx = blockDim.x;
-  const i64 tiles = (p.num_tokens + blockDim.y - 1) / blockDim.y;
-  const i64 step = (i64)gridDim.x;
-  const bool rotates = first < ROT_ITEMS;
-  const int j0 = first + tx;
-  const int c0 = (j0 % CHUNKS) * VEC;  // the thread's chunk (see the work split above)
-  const CacheMul m = cache_multipliers(p);
-  i64 tile = blockIdx.x;
-  i64 t = tile * blockDim.y + ty;
-  Item cur[ITEM_BATCH];
-  float2 cs_regs[VEC];
-  if (t < p.num_tokens) load_batch(p, t, j0, nx, last, cur);
-  DestIndex ix = dest_index(p, t);
-  if (t < p.num_tokens && rotates)
-    chunk_cos_sin(p, (i64)load_index<pos_t>(p.pos_ids, t, p.pos_stride), c0, cs_regs);
-  TokenDest d = token_dest(p, t, ix);
-  for (;;) {
-    const i64 tile1 = tile + step;
-    const i64 t1 = tile1 * blockDim.y + ty;
-    const bool live1 = tile1 < tiles && t1 < p.num_tokens;
-    Item nxt[ITEM_BATCH];
-    i64 pos1 = 0;
-    if (live1) {
-      load_batch(p, t1, j0, nx, last, nxt);
-      if (rotates) pos1 = (i64)load_index<pos_t>(p.pos_ids, t1, p.pos_stride);
-    }
-    ix = dest_index(p, live1 ? t1 : p.num_tokens);
-    if (d.flags & WRITE) store_batch(p, t, d, j0, nx, last, cur, nullptr, cs_regs, m);
-    if (tile1 >= tiles) break;  // the same for the whole block
-    if (live1 && rotates) chunk_cos_sin(p, pos1, c0, cs_regs);
-    d = token_dest(p, live1 ? t1 : p.num_tokens, ix);
-#pragma unroll
-    for (int u = 0; u < ITEM_BATCH; ++u) cur[u] = nxt[u];
-    tile = tile1;
-    t = t1;
-  }
-}
-
 extern "C" __global__ void __launch_bounds__(512) rope_fused_kernel(const FusedRopeParams p) {
   const int tx = threadIdx.x, ty = threadIdx.y, nx = blockDim.x;
+  const i64 t = (i64)blockIdx.x * blockDim.y + ty;
   const int first = blockIdx.y * (int)p.split_items;
   const int last = min(ITEMS, first + (int)p.split_items);
+  const bool live = t < p.num_tokens;
 
   // PDL: nothing is read before the previous kernel has finished (the index arrays and
   // even positions may be its outputs); only the launch overlaps its tail.
@@ -339,17 +267,17 @@ extern "C" __global__ void __launch_bounds__(512) rope_fused_kernel(const FusedR
     pdl_wait();
     pdl_launch_dependents();
   }
-  if constexpr (TOKEN_LOOP) {
-    token_loop(p, first, last);
-    return;
-  }
-  const i64 t = (i64)blockIdx.x * blockDim.y + ty;
-  const bool live = t < p.num_tokens;
   // The first batch's loads go out before the cache row (up to three dependent loads) and
   // cos/sin are worked out: their latencies overlap.
   Item batch[ITEM_BATCH];
   int j0 = first + tx;
-  if (live) load_batch(p, t, j0, nx, last, batch);
+  if (live) {
+#pragma unroll
+    for (int u = 0; u < ITEM_BATCH; ++u) {
+      const int j = j0 + u * nx;
+      if (j < last) load_item(p, t, j, batch[u]);
+    }
+  }
   const DestIndex dest_ix = dest_index(p, t);
   const bool rotates = first < ROT_ITEMS;
   float2 cs_regs[VEC];
@@ -368,15 +296,25 @@ extern "C" __global__ void __launch_bounds__(512) rope_fused_kernel(const FusedR
   const TokenDest d = token_dest(p, t, dest_ix);
   if (!(d.flags & WRITE)) return;
 
-  const CacheMul m = cache_multipliers(p);
+  CacheMul m{(float)p.kc_mul, (float)p.vc_mul};
+  if constexpr (K_SCALE_ON_DEVICE) m.k = 1.0f / *(const float*)p.k_scale;
+  if constexpr (V_SCALE_ON_DEVICE) m.v = 1.0f / *(const float*)p.v_scale;
   const float2* tile = cos_sin_tile + ty * HALF;
   // The thread's batches one after another: its position, cos/sin and cache row are paid
   // once for all of them. (Issuing the next batch's loads before the current one's stores
   // measured slower: twice the registers.)
   for (;;) {
-    store_batch(p, t, d, j0, nx, last, batch, tile, cs_regs, m);
+#pragma unroll
+    for (int u = 0; u < ITEM_BATCH; ++u) {
+      const int j = j0 + u * nx;
+      if (j < last) store_item(p, t, d, j, batch[u], tile, cs_regs, m);
+    }
     j0 += ITEM_BATCH * nx;
     if (j0 >= last) break;
-    load_batch(p, t, j0, nx, last, batch);
+#pragma unroll
+    for (int u = 0; u < ITEM_BATCH; ++u) {
+      const int j = j0 + u * nx;
+      if (j < last) load_item(p, t, j, batch[u]);
+    }
   }
 }

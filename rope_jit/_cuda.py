@@ -139,13 +139,6 @@ def num_sms(device: int) -> int:
     return cupy_module().cuda.runtime.getDeviceProperties(device)["multiProcessorCount"]
 
 
-def max_active_blocks(func: int, block: tuple, smem: int) -> int:
-    """Blocks of a loaded kernel resident per SM at once (the driver's occupancy
-    calculator: registers, shared memory and threads of this launch shape)."""
-    threads = block[0] * block[1] * block[2]
-    return driver_module().occupancyMaxActiveBlocksPerMultiprocessor(func, threads, smem)
-
-
 def cupy_stream(device: int) -> int:
     cp = cupy_module()
     with cp.cuda.Device(device):

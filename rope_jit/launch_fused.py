@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from . import jit
-from ._cuda import max_active_blocks, num_sms
+from ._cuda import num_sms
 from .arrays import _BY_TYPE, Framework, describe, framework_of
 from .call_fused import FusedRopeCall, QKNormRopeCall
 from .launch import (ABSENT, PLAN_CACHE_SIZE, BoundedCache, PreparedLaunch, check_pdl_device,
                      fingerprint_of, foreign_views, launch_plan, note_devices, pdl_launcher,
                      plan_buffer)
 from .plan_fused import (MUTATES, RETURNS, FusedRopeArrays, QKNormRopeArrays, arg_name,
-                         persistent_grid, plan_qk_norm_rope, plan_rope_fused)
+                         plan_qk_norm_rope, plan_rope_fused)
 from .specs import ParamStruct
 from .specs_fused import FUSED_ROPE_PARAMS, QK_NORM_ROPE_PARAMS
 
@@ -70,9 +70,6 @@ def _prepare(kind: _Kind, call, arrays: tuple) -> _Prepared:
     func = jit.get_function(plan.spec, plan.device) if plan.spec is not None else 0
     index = {f: i for i, f in enumerate(fields)}
     launch = plan.launch
-    if getattr(plan.spec, "token_loop", False):
-        launch = persistent_grid(launch, max_active_blocks(func, launch.block, launch.smem),
-                                 num_sms(device))
     return _Prepared(func, launch.grid if launch else (), launch.block if launch else (),
                      launch.smem if launch else 0, plan.static, plan.device,
                      tuple((index[f], shape, dtype) for f, shape, dtype in plan.outputs),

@@ -102,7 +102,6 @@ def arg_name(call, field: str) -> str:
 ITEM_BATCH = 2
 THREAD_BATCHES = 4
 BLOCK_THREADS = 128
-TOKEN_LOOP = True
 MAX_BLOCK_TOKENS = 16   # tokens of a block (blockDim.y), at most
 QK_BLOCK_THREADS = 256  # kernels/qk_norm_rope.cu
 
@@ -659,13 +658,11 @@ class FusedLaunch(NamedTuple):
     split_items: int        # items of a token each block does (blockIdx.y splits them)
     item_batch: int         # the kernel's ITEM_BATCH
     cos_sin_in_regs: bool   # the kernel's COS_SIN_IN_REGS
-    token_loop: bool = False  # the kernel's TOKEN_LOOP: grid.x is shrunk to what is resident
 
 
 def choose_fused_launch(num_tokens: int, items: int, half: int, num_sms: int, chunks: int = 0, *,
                         batch_cap: int = ITEM_BATCH, thread_batches: int = THREAD_BATCHES,
-                        block_threads: int = BLOCK_THREADS,
-                        token_loop: bool = TOKEN_LOOP) -> FusedLaunch:
+                        block_threads: int = BLOCK_THREADS) -> FusedLaunch:
     """The fused kernel's launch and launch-dependent constants for num_tokens tokens of
     `items` items.
 
@@ -681,16 +678,9 @@ def choose_fused_launch(num_tokens: int, items: int, half: int, num_sms: int, ch
     from a cache, else 0. When they divide the item lanes, each block's items start at a
     multiple of them, so every rotated item of a thread is the same chunk and the kernel
     keeps its cos/sin in registers (COS_SIN_IN_REGS: no tile, no barrier).
-
-    token_loop: with cos/sin in registers and more work than one batch a thread of a full
-    GPU, a thread does one batch of batch_cap items per token and the blocks walk the token
-    tiles (TOKEN_LOOP; the launch layer shrinks grid.x to the blocks resident at once,
-    ``persistent_grid``).
     """
-    wave_items = max(1, -(-num_tokens * items // (num_sms * 2048)))  # a thread's, GPU full
-    # cos/sin in registers below whenever the chunks divide 32 (the fewest item lanes)
-    loop = token_loop and chunks > 0 and 32 % chunks == 0 and wave_items > batch_cap
-    per_thread = batch_cap if loop else min(batch_cap * thread_batches, wave_items)
+    wave = num_sms * 2048
+    per_thread = min(batch_cap * thread_batches, max(1, -(-num_tokens * items // wave)))
     item_batch = min(batch_cap, _pow2_ceil(per_thread))
     lanes = min(block_threads, max(32, _pow2_ceil(-(-items // per_thread))))
     in_regs = chunks > 0 and lanes % chunks == 0
@@ -703,16 +693,7 @@ def choose_fused_launch(num_tokens: int, items: int, half: int, num_sms: int, ch
         splits = -(-items // split_items)
     launch = Launch((-(-num_tokens // tokens), splits, 1), (lanes, tokens, 1),
                     0 if in_regs else tokens * half * 8)
-    return FusedLaunch(launch, split_items, item_batch, in_regs, loop)
-
-
-def persistent_grid(launch: Launch, blocks_per_sm: int, num_sms: int) -> Launch:
-    """A TOKEN_LOOP launch with grid.x cut to the blocks resident at once (blocks_per_sm
-    from the driver's occupancy calculator for the loaded kernel), shared by the item
-    splits: every block then walks about the same number of token tiles."""
-    gx, splits, gz = launch.grid
-    resident = max(1, blocks_per_sm * num_sms // splits)
-    return replace(launch, grid=(min(gx, resident), splits, gz))
+    return FusedLaunch(launch, split_items, item_batch, in_regs)
 
 
 def plan_rope_fused(call: FusedRopeCall, arrays: FusedRopeArrays, *,
@@ -752,7 +733,7 @@ def plan_rope_fused(call: FusedRopeCall, arrays: FusedRopeArrays, *,
         rotary_dim=x.rot, q_nope_dim=x.q_nope.width if q_nope_out else 0,
         k_nope_dim=k_nope_dim, v_dim=x.v.width if c.v.which >= 0 else 0, neox=call.is_neox,
         vec=_fused_vec(a, x, o, c), item_batch=1, cos_sin_in_regs=False, cache_vec=1,
-        token_loop=False, q_inplace=not fi,
+        q_inplace=not fi,
         k_rope_out=("array" if call.op == ROPE_QUANTIZE else "none" if fi else "inplace"),
         q_nope_out=q_nope_out, k_nope_out=k_nope_out,
         k_nope_in_k_rope=call.op in (KV_CACHE, KV_BUFFER) and k_nope_dim > 0,
@@ -764,7 +745,7 @@ def plan_rope_fused(call: FusedRopeCall, arrays: FusedRopeArrays, *,
     chunks = x.rot // 2 // spec.vec if call.from_cache else 0
     fl = choose_fused_launch(T, items, x.rot // 2, num_sms, chunks,
                              batch_cap=ITEM_BATCH, thread_batches=THREAD_BATCHES,
-                             block_threads=BLOCK_THREADS, token_loop=TOKEN_LOOP)
+                             block_threads=BLOCK_THREADS)
     launch, split_items = fl.launch, fl.split_items
     cache_vec = 1
     if fl.cos_sin_in_regs:  # vector loads of the thread's cos/sin, as wide as the cache allows
@@ -772,7 +753,7 @@ def plan_rope_fused(call: FusedRopeCall, arrays: FusedRopeArrays, *,
         cache_vec = min(spec.vec, choose_vec(ITEMSIZE[cache.dtype],
                                              [spec.vec, x.rot // 2, cs.cache_stride], [cache.ptr]))
     spec = replace(spec, item_batch=fl.item_batch, cos_sin_in_regs=fl.cos_sin_in_regs,
-                   cache_vec=cache_vec, token_loop=fl.token_loop)
+                   cache_vec=cache_vec)
 
     values = dict(
         cs.fly._asdict(),

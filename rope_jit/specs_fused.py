@@ -71,7 +71,6 @@ class FusedRopeSpec:
     item_batch: int             # items whose loads a thread issues together
     cos_sin_in_regs: bool       # each thread's cos/sin in registers (one chunk per thread)
     cache_vec: int              # cos/sin cache elements per load (COS_SIN_IN_REGS)
-    token_loop: bool            # resident blocks walk the token tiles, pipelined
     q_inplace: bool             # rotated q goes back into q_rope
     k_rope_out: str             # K_ROPE_OUTS: rotated k into an array, in place, or nowhere
     q_nope_out: bool
@@ -103,7 +102,6 @@ class FusedRopeSpec:
                 f"{'neox' if self.neox else 'gptj'} {cs} ids {'/'.join(self.index_dtypes)} "
                 f"{', '.join(dests)} vec {self.vec} batch {self.item_batch}"
                 f"{f' cos/sin in registers (x{self.cache_vec})' if self.cos_sin_in_regs else ''}"
-                f"{' token loop' if self.token_loop else ''}"
                 f"{' k_scale on device' if self.k_scale_on_device else ''}"
                 f"{' v_scale on device' if self.v_scale_on_device else ''}"
                 f"{' pdl' if self.pdl else ''}")
@@ -130,7 +128,6 @@ class FusedRopeSpec:
             f"constexpr bool COS_SIN_FROM_CACHE = {c_bool(self.cache_dtype is not None)};",
             f"constexpr bool COS_SIN_IN_REGS = {c_bool(self.cos_sin_in_regs)};",
             f"constexpr int CACHE_VEC = {self.cache_vec};",
-            f"constexpr bool TOKEN_LOOP = {c_bool(self.token_loop)};",
             f"constexpr int SCALING = SCALING_{self.scaling.upper()};",
             f"constexpr bool Q_INPLACE = {c_bool(self.q_inplace)};",
             f"constexpr int K_ROPE_OUT = {K_ROPE_OUTS.index(self.k_rope_out)};",

@@ -248,14 +248,12 @@ def test_warm_dry_run_compiles_nothing(capsys, cache_dir):
 
 
 def fused_batches(lines) -> dict:
-    """Fused kernels listed by warm, grouped by everything but their item batch and token
-    loop: {kernel: {(batch, looped), ...}}."""
+    """Fused kernels listed by warm, grouped by everything but their item batch."""
     groups: dict = {}
     for s in lines:
         m = re.search(r" batch (\d+)", s)
         key = s if m is None else s[:m.start()] + s[m.end():]
-        groups.setdefault(key.replace(" token loop", ""), set()).add(
-            (int(m.group(1)) if m else 0, " token loop" in s))
+        groups.setdefault(key, set()).add(int(m.group(1)) if m else 0)
     return groups
 
 
@@ -270,11 +268,9 @@ def test_warm_fused_dry_run(capsys, cache_dir):
     fused = [s for s in lines if s.startswith(("rope_fused", "qk_norm_rope"))]
     batches = fused_batches(fused)
     assert len(batches) == 5 and sum(s.startswith("qk_norm_rope") for s in fused) == 1
-    # the one-item kernel for few tokens, batches of two, and the token loop for many
-    # (cos/sin from the cache in registers: R/2 / vec = 8 chunks divide 32)
+    # the one-item kernel for few tokens and the batches of two for many
     assert any("paged float8_e4m3fn cache page 16" in k for k in batches)
-    assert all(v == {(1, False), (2, False), (2, True)} for k, v in batches.items()
-               if "rope_fused" in k)
+    assert all(v == {1, 2} for k, v in batches.items() if "rope_fused" in k)
     assert any("k_scale on device v_scale on device" in s for s in fused)  # vLLM's cache
     plain = [s for s in lines if s.startswith("rope bfloat16")]
     assert plain and lines[-1].startswith(f"{len(plain) + len(fused)} kernels x 1 arch")

@@ -19,8 +19,8 @@ from rope_jit.call import frequencies_json
 from rope_jit.call_fused import (APPEND_PAGED, KV_BUFFER, KV_CACHE, MLA_CACHE, ROPE_QUANTIZE,
                                  fused_rope_call, qk_norm_rope_call)
 from rope_jit.dtypes import numpy_dtype
-from rope_jit.plan_fused import (FusedRopeArrays, QKNormRopeArrays, fused_items,
-                                 plan_qk_norm_rope, plan_rope_fused)
+from rope_jit.plan_fused import (FusedRopeArrays, QKNormRopeArrays, plan_qk_norm_rope,
+                                 plan_rope_fused)
 
 pytestmark = pytest.mark.skipif(not emu.available(), reason="needs g++ to emulate the kernels")
 
@@ -63,37 +63,12 @@ def check(got, ref, dtype, what, mag=None, fmt=None):
         assert_ulp_close(f64(got), ref, dtype, what, mag)
 
 
-def looped(plan):
-    """The plan as TOKEN_LOOP with 2 blocks per item split walking every token tile (as a
-    persistent grid much smaller than the tiles would): one batch of 2 items a thread."""
-    import dataclasses
-
-    from rope_jit.specs import ROPE_FREQ
-    from rope_jit.specs_fused import FUSED_ROPE_MULS, FUSED_ROPE_STATIC
-
-    spec, launch = plan.spec, plan.launch
-    assert spec.cos_sin_in_regs
-    _, items = fused_items(spec)
-    chunks = spec.rotary_dim // 2 // spec.vec
-    lanes = launch.block[0]
-    split = min(lanes * 2, -(-items // chunks) * chunks)
-    names = ROPE_FREQ + FUSED_ROPE_MULS + FUSED_ROPE_STATIC
-    static = list(plan.static)
-    static[names.index("split_items")] = split
-    return dataclasses.replace(
-        plan, spec=dataclasses.replace(spec, token_loop=True, item_batch=2), static=tuple(static),
-        launch=dataclasses.replace(launch, grid=(2, -(-items // split), 1)))
-
-
-def run(call, arrays: dict, num_sms=132, loop=False) -> dict:
+def run(call, arrays: dict, num_sms=132) -> dict:
     """Plan the call on host arrays (as if on device 0), allocate (poisoned) the outputs
-    the plan allocates, run the kernel under emulation (loop: as TOKEN_LOOP, ``looped``);
-    returns the arrays."""
+    the plan allocates, run the kernel under emulation; returns the arrays."""
     arrays = dict(arrays)
     plan = plan_rope_fused(call, FusedRopeArrays(**{f: emu.desc(v) for f, v in arrays.items()}),
                            num_sms=num_sms)
-    if loop:
-        plan = looped(plan)
     for field, shape, dtype in plan.outputs:
         arrays[field] = poisoned(shape, dtype)
     emu.run(plan, [emu.pointer(arrays.get(f)) for f in FusedRopeArrays._fields])
@@ -116,15 +91,9 @@ RQ = [  # attention, heads q/k, rope, q nope, k nope, dtype, output, neox, cos/s
 ]
 
 
-RQ_IDS = [f"{c[0]}-{c[6]}-{c[7]}-{'neox' if c[8] else 'gptj'}-{c[9] or 'fly'}-sms{c[11]}" for c in RQ]
-# the token loop: cos/sin from a cache, R/2 a power of two (so the chunks divide 32)
-LOOPED = [pytest.param(case, True, id=f"{i}-token-loop") for case, i in zip(RQ, RQ_IDS)
-          if case[9] and (case[3] // 2) & (case[3] // 2 - 1) == 0]
-
-
-@pytest.mark.parametrize("case, loop", [pytest.param(c, False, id=i) for c, i in zip(RQ, RQ_IDS)]
-                         + LOOPED)
-def test_rope_quantize(case, loop):
+@pytest.mark.parametrize("case", RQ, ids=[f"{c[0]}-{c[6]}-{c[7]}-{'neox' if c[8] else 'gptj'}-"
+                                          f"{c[9] or 'fly'}-sms{c[11]}" for c in RQ])
+def test_rope_quantize(case):
     attn, hq, hk, rot, nq, nk, dtype, out, neox, cdt, T, sms = case
     rng = np.random.default_rng(len(RQ) + T)
     mla = attn == "mla"
@@ -135,8 +104,7 @@ def test_rope_quantize(case, loop):
     call = call_of(ROPE_QUANTIZE, neox, quantize_dtype=out, quant_scale_q=0.5, quant_scale_kv=4.0,
                    frequencies=None if cdt else frequencies_json(5e5))
     a = run(call, dict(q_rope=q[..., :rot], k_rope=k[..., :rot], q_nope=q[..., rot:] if nq else None,
-                       k_nope=k[..., rot:] if nk else None, pos_ids=pos, cos_sin_cache=cache),
-            sms, loop)
+                       k_nope=k[..., rot:] if nk else None, pos_ids=pos, cos_sin_cache=cache), sms)
     q64, k64 = f64(q), f64(k)
     ref = reference.rope_quantize(q64[..., :rot], k64[..., :rot], q64[..., rot:] if nq else None,
                                   k64[..., rot:] if nk else None, cos, sin, neox, 0.5, 4.0)
@@ -157,9 +125,8 @@ PAGED = [  # attention, layout, page size, dtype, cache dtype, neox, heads q/k, 
 ]
 
 
-@pytest.mark.parametrize("loop", [False, True], ids=["", "token-loop"])
 @pytest.mark.parametrize("case", PAGED, ids=[f"{c[0]}-{c[1]}-ps{c[2]}-{c[4]}-sms{c[10]}" for c in PAGED])
-def test_append_paged(case, loop):
+def test_append_paged(case):
     attn, layout, ps, dtype, cdt, neox, hq, hk, rot, nope, sms = case
     rng = np.random.default_rng(ps)
     mla = attn == "mla"
@@ -184,7 +151,7 @@ def test_append_paged(case, loop):
                        k_nope=k[..., rot:] if nope else None, v=v, cache0=caches[0], cache1=caches[1],
                        pos_ids=pos, cos_sin_cache=cache, batch_indices=batch.astype(i32),
                        positions=ppos.astype(np.int64), kv_indices=indices.astype(i32),
-                       kv_indptr=indptr.astype(np.int64)), sms, loop)
+                       kv_indptr=indptr.astype(np.int64)), sms)
     real = batch >= 0
     q64, k64 = f64(q), f64(k)
     sq = 2.0 if cdt in FP8 else 1.0

@@ -18,10 +18,9 @@ from fused_cases import (B, BASE, BS, D, HK, HQ, KINDS, NB, PS, L, N, P, R, T, b
 from rope_jit.arrays import HOST, ArrayDesc
 from rope_jit.call import frequencies_json
 from rope_jit.call_fused import APPEND_PAGED, ROPE_QUANTIZE, fused_rope_call, qk_norm_rope_call
-from rope_jit.plan import Launch
 from rope_jit.plan_fused import (BLOCK_THREADS, ITEM_BATCH, THREAD_BATCHES, QKNormRopeArrays,
-                                 choose_fused_launch, fused_items, persistent_grid,
-                                 plan_qk_norm_rope, widest_vec)
+                                 choose_fused_launch, fused_items, plan_qk_norm_rope,
+                                 widest_vec)
 from rope_jit.specs import ROPE_FREQ
 from rope_jit.specs_fused import (FUSED_ROPE_MULS, FUSED_ROPE_PARAMS, FUSED_ROPE_STATIC,
                                   QK_NORM_ROPE_STATIC)
@@ -381,12 +380,10 @@ def test_widest_vec_checks_each_type():
 @pytest.mark.parametrize("tokens", [1, 7, 128, 1000, 8192, 32768])
 @pytest.mark.parametrize("items", [12, 448, 2628, 9000])
 @pytest.mark.parametrize("chunks", [0, 4, 8, 6])
-@pytest.mark.parametrize("cap, batches, loop", [(ITEM_BATCH, THREAD_BATCHES, True),
-                                               (ITEM_BATCH, THREAD_BATCHES, False), (8, 1, False),
-                                               (2, 1, True), (1, 3, False)])
-def test_launch_covers_every_item_of_every_token(tokens, items, chunks, cap, batches, loop):
+@pytest.mark.parametrize("cap, batches", [(ITEM_BATCH, THREAD_BATCHES), (8, 1), (2, 1), (1, 3)])
+def test_launch_covers_every_item_of_every_token(tokens, items, chunks, cap, batches):
     fl = choose_fused_launch(tokens, items, 32, 132, chunks, batch_cap=cap,
-                             thread_batches=batches, token_loop=loop)
+                             thread_batches=batches)
     launch, split = fl.launch, fl.split_items
     lanes, block_tokens, _ = launch.block
     gx, splits, _ = launch.grid
@@ -400,12 +397,6 @@ def test_launch_covers_every_item_of_every_token(tokens, items, chunks, cap, bat
     assert per_thread <= cap * batches and fl.item_batch <= cap
     assert fl.item_batch & (fl.item_batch - 1) == 0
     assert fl.item_batch == min(cap, 1 << (per_thread - 1).bit_length()) or per_thread < fl.item_batch
-    # the token loop: only with cos/sin in registers and more than a batch a thread of a
-    # full GPU; then one batch a thread per token
-    wave_items = -(-tokens * items // (132 * 2048))
-    assert fl.token_loop == (loop and fl.cos_sin_in_regs and wave_items > cap)
-    if fl.token_loop:
-        assert per_thread <= fl.item_batch == cap
     # cos/sin in registers exactly when every thread's rotated items are one chunk: the
     # lanes and each block's first item are multiples of the chunks; else the shared tile
     assert fl.cos_sin_in_regs == (chunks in (4, 8))
@@ -413,14 +404,6 @@ def test_launch_covers_every_item_of_every_token(tokens, items, chunks, cap, bat
         assert lanes % chunks == 0 and split % chunks == 0 and launch.smem == 0
     else:
         assert launch.smem == block_tokens * 32 * 8
-
-
-def test_persistent_grid_keeps_the_resident_blocks():
-    launch = Launch((4096, 3, 1), (64, 2, 1), 0)
-    assert persistent_grid(launch, 8, 132).grid == (352, 3, 1)      # 8 x 132 / 3 splits
-    assert persistent_grid(launch, 64, 132).grid == (2816, 3, 1)
-    assert persistent_grid(Launch((100, 1, 1), (128, 1, 1)), 16, 132).grid == (100, 1, 1)
-    assert persistent_grid(Launch((100, 9, 1), (128, 1, 1)), 0, 4).grid == (1, 9, 1)
 
 
 def test_few_tokens_spread_over_the_gpu():
@@ -447,7 +430,6 @@ def test_knobs_follow_the_call(kind):
     big = plan(kind, **{f: desc((1 << 16,) + d.shape[1:], d.dtype) for f, d in
                         base_arrays(kind)[1].items() if d.shape and d.shape[0] == T})
     assert big.spec.item_batch == ITEM_BATCH
-    assert big.spec.token_loop == big.spec.cos_sin_in_regs and not p.spec.token_loop
     assert p.spec.item_batch == 1  # few tokens: the one-item kernel
     chunks = p.spec.rotary_dim // 2 // p.spec.vec
     assert chunks == (6 if kind in ("kv", "buf") else 4)
