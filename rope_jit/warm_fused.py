@@ -4,11 +4,11 @@ model, run ``plan_fused``'s planner on them and collect the specs it returns, fo
 ``warm.warm`` to compile.
 
 A fused kernel's spec depends on the token count and the GPU's SM count only through how
-many items a thread does (the one-item kernel for few tokens, longer batches for many), so
-the planner is run at every power of two up to the most tokens, on each SM count. It
-depends on what each function is given (dtypes, head counts,
-rope/nope widths, page or block size, FP8 type, where the scales live) and on the vector
-width the arrays' strides and alignment allow. The arrays below are laid out as the peers'
+many items a thread does (the one-item kernel for few tokens, batches of two for many), so
+the planner is run at every power of two up to the most tokens, on each SM count. It also
+depends on what each function is given (dtypes, head counts, rope/nope widths, page or
+block size, FP8 type, where the scales live) and on the vector width the arrays' strides
+and alignment allow. The arrays below are laid out as the peers'
 callers lay them out (vLLM's q/k/v as column slices of one QKV buffer, its MLA q_pe and
 k_pe as slices of wider rows), so the planner picks the width a real call gets; tests
 check the derived specs against calls built independently from the peers' layouts.
