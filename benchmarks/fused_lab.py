@@ -32,24 +32,27 @@ sys.path.insert(0, str(HERE))
 import rope_jit  # noqa: E402
 from rope_jit import plan_fused  # noqa: E402
 from ceilings import narrow_copy  # noqa: E402
-from fused import AppendPaged, FlashInfer, RopeQuantize, _check  # noqa: E402
+from fused import AppendPaged, FlashInfer, QKNormRope, RopeQuantize, _check  # noqa: E402
 from timing import buffer_sets, copy_bandwidth, time_calls  # noqa: E402
 
-KNOBS = ("ITEM_BATCH", "THREAD_BATCHES", "BLOCK_THREADS")
-DEFAULT = ("default", tuple(getattr(plan_fused, k) for k in KNOBS))
+KNOBS = ("ITEM_BATCH", "THREAD_BATCHES", "BLOCK_THREADS", "QK_COS_SIN_IN_REGS")
+DEFAULT = ("default", {k: getattr(plan_fused, k) for k in KNOBS})
 
 
 def config(cap: int, block_threads: int, batches: int = 1):
     """Every call kind at item batches of up to `cap`, up to `batches` of them a thread."""
-    return f"ib{cap} t{block_threads} x{batches}", (cap, batches, block_threads)
+    return (f"ib{cap} t{block_threads} x{batches}",
+            dict(DEFAULT[1], ITEM_BATCH=cap, THREAD_BATCHES=batches, BLOCK_THREADS=block_threads))
 
 
 CONFIGS = ([DEFAULT] + [config(cap, th, n) for th in (64, 128, 256) for cap in (1, 2, 4)
                         for n in (1, 4, 8)])
+# fused_qk_norm_rope (--qk): cos/sin and weights per thread, or the shared tile
+QK_CONFIGS = [DEFAULT, ("qk tile", dict(DEFAULT[1], QK_COS_SIN_IN_REGS=False))]
 
 
 def use(cfg) -> None:
-    for knob, value in zip(KNOBS, cfg[1]):
+    for knob, value in cfg[1].items():
         setattr(plan_fused, knob, value)
     rope_jit.clear_caches()
 
@@ -85,11 +88,15 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default="1,16,128,1024,8192,32768")
     ap.add_argument("--flashinfer", default=str(HERE.parent / ".peers" / "libfi_rope.so"))
     ap.add_argument("--ncu", action="store_true", help="one call of each kernel at 8192 tokens")
+    ap.add_argument("--qk", action="store_true", help="fused_qk_norm_rope (Qwen3-8B) instead")
     args = ap.parse_args(argv)
     fi = FlashInfer(args.flashinfer) if Path(args.flashinfer).exists() else None
     cases = [RopeQuantize("llama3-8b", 32, 8, 128, 0, 0, fi),
              AppendPaged("llama3-8b", 32, 8, 128, 0, fi),
              RopeQuantize("dsv3-mla-absorbed", 128, 0, 64, 512, 512, fi)]
+    configs = CONFIGS
+    if args.qk:
+        cases, configs = [QKNormRope("qwen3-8b", 32, 8, 128)], QK_CONFIGS
     if args.ncu:
         for case in cases:
             x = case.make(8192)
@@ -108,11 +115,12 @@ def main(argv=None) -> int:
     rows = []
     for case in cases:
         peers = {k: v for k, v in case.impls().items() if k == "flashinfer"}
-        peers["narrow_ceiling"] = narrow_ceiling
+        if not isinstance(case, QKNormRope):
+            peers["narrow_ceiling"] = narrow_ceiling
         if isinstance(case, RopeQuantize) and case.nq == 0:
             peers["cast_ceiling"] = cast_ceiling
         wrong = set()
-        for cfg in CONFIGS:
+        for cfg in configs:
             use(cfg)
             if not _check(case, cfg[0], case.rope_jit):
                 wrong.add(cfg[0])
@@ -126,8 +134,8 @@ def main(argv=None) -> int:
                 line[name] = time_calls([lambda x=x, fn=fn: fn(x) for x in sets])
             if isinstance(case, RopeQuantize) and T <= 128:
                 line["default pdl"] = time_calls([lambda x=x: rope_quantize_pdl(x) for x in sets])
-            for cfg in CONFIGS:
-                if T <= 128 and cfg is not DEFAULT:
+            for cfg in configs:
+                if T <= 128 and cfg is not DEFAULT and configs is CONFIGS:
                     continue  # a thread does one item there, whatever the batch knobs say
                 if cfg[0] in wrong:
                     line[cfg[0]] = "WRONG"
@@ -136,7 +144,7 @@ def main(argv=None) -> int:
                 line[cfg[0]] = time_calls([lambda x=x: case.rope_jit(x) for x in sets])
             use(DEFAULT)
             del sets
-            names = dict(CONFIGS)
+            names = dict(configs)
             best = min((v, k) for k, v in line.items() if isinstance(v, float) and k in names)
             row = dict(op=case.op, shape=case.shape, tokens=T, bytes=nbytes, times=line,
                        best=best[1])

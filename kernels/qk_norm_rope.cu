@@ -15,8 +15,11 @@
 // chunks of the rotated part (rope_chunk.cuh layout) and its vectors of the rest, so the
 // rotation needs no exchange and the sum of squares is one shuffle reduction within the
 // group. Block = (LANES, heads, tokens), a multiple of 32 threads; grid = (token tiles, head
-// tiles). The block first puts both weights (as fp32) and its tokens' cos/sin in shared
-// memory, while the heads' loads are in flight.
+// tiles). While the heads' loads are in flight, the block puts both weights (as fp32) and
+// its tokens' cos/sin in shared memory (one barrier); or, COS_SIN_IN_REGS (from a cache),
+// each thread reads its own chunks' cos/sin into registers and its weights from global
+// memory (L1 serves every head the same values): no shared memory, no barrier, as in
+// kernels/rope_fused.cu, where the barrier and the tile's reads were 40% of the stalls.
 
 constexpr int NUM_HEADS = NUM_Q_HEADS + NUM_K_HEADS;
 constexpr int PASS_VECS = (HEAD_DIM - ROT_DIM) / VEC;
@@ -57,21 +60,32 @@ extern "C" __global__ void __launch_bounds__(512) qk_norm_rope_kernel(const QKNo
 
   float* weights = (float*)qk_norm_smem;
   float2* tile = (float2*)(weights + 2 * HEAD_DIM);
-  const int tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
-  const int nthreads = blockDim.x * blockDim.y * blockDim.z;
-  for (int i = tid; i < 2 * HEAD_DIM; i += nthreads) {
-    weights[i] = i < HEAD_DIM ? to_float(((const weight_t*)p.q_weight)[i * p.q_weight_stride])
-                              : to_float(((const weight_t*)p.k_weight)[(i - HEAD_DIM) * p.k_weight_stride]);
+  float2 cs_regs[CPL > 0 ? CPL : 1][VEC];
+  if constexpr (COS_SIN_IN_REGS) {
+    const i64 pos = active ? (i64)((const index_t*)p.position_ids)[t * p.pos_stride] : 0;
+#pragma unroll
+    for (int m = 0; m < CPL; ++m) {
+      const int c = lane + m * LANES;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) cs_regs[m][v] = cos_sin_at(p, pos, active && c < CHUNKS, c * VEC + v);
+    }
+  } else {
+    const int tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    const int nthreads = blockDim.x * blockDim.y * blockDim.z;
+    for (int i = tid; i < 2 * HEAD_DIM; i += nthreads) {
+      weights[i] = i < HEAD_DIM ? to_float(((const weight_t*)p.q_weight)[i * p.q_weight_stride])
+                                : to_float(((const weight_t*)p.k_weight)[(i - HEAD_DIM) * p.k_weight_stride]);
+    }
+    const int ntok = blockDim.z;
+    for (int i = tid; i < ntok * HALF; i += nthreads) {
+      const int z = i / HALF, j = i - z * HALF;
+      const i64 tt = (i64)blockIdx.x * ntok + z;
+      const bool valid = tt < p.num_tokens;
+      const i64 pos = valid ? (i64)((const index_t*)p.position_ids)[tt * p.pos_stride] : 0;
+      tile[i] = cos_sin_at(p, pos, valid, j);
+    }
+    __syncthreads();
   }
-  const int ntok = blockDim.z;
-  for (int i = tid; i < ntok * HALF; i += nthreads) {
-    const int z = i / HALF, j = i - z * HALF;
-    const i64 tt = (i64)blockIdx.x * ntok + z;
-    const bool valid = tt < p.num_tokens;
-    const i64 pos = valid ? (i64)((const index_t*)p.position_ids)[tt * p.pos_stride] : 0;
-    tile[i] = cos_sin_at(p, pos, valid, j);
-  }
-  __syncthreads();
 
   float a[CPL > 0 ? CPL : 1][VEC], b[CPL > 0 ? CPL : 1][VEC], r[PPL > 0 ? PPL : 1][VEC];
   float sum_sq = 0.f;
@@ -101,20 +115,31 @@ extern "C" __global__ void __launch_bounds__(512) qk_norm_rope_kernel(const QKNo
   if (!active) return;
 
   const float inv_rms = 1.0f / sqrtf(sum_sq / (float)HEAD_DIM + (float)p.eps);
-  const float* w = weights + (head < NUM_Q_HEADS ? 0 : HEAD_DIM);
+  const bool is_q = head < NUM_Q_HEADS;
+  const float* w = weights + (is_q ? 0 : HEAD_DIM);
+  // weight i of this head: from shared memory, or (COS_SIN_IN_REGS) from global memory
+  const weight_t* gw = (const weight_t*)(is_q ? p.q_weight : p.k_weight);
+  const i64 gw_stride = is_q ? p.q_weight_stride : p.k_weight_stride;
+  auto weight = [&](int i) -> float {
+    if constexpr (COS_SIN_IN_REGS) return to_float(gw[i * gw_stride]);
+    else return w[i];
+  };
   const float2* cs = tile + threadIdx.z * HALF;
 #pragma unroll
   for (int m = 0; m < CPL; ++m) {
     const int c = lane + m * LANES;
     if (c < CHUNKS) {
-      const float* wa = w + c * CHUNK_STRIDE + OFF_A;
-      const float* wb = w + c * CHUNK_STRIDE + OFF_B;
+      const int ia = c * CHUNK_STRIDE + OFF_A, ib = c * CHUNK_STRIDE + OFF_B;
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
-        a[m][v] *= inv_rms * wa[v];
-        b[m][v] *= inv_rms * wb[v];
+        a[m][v] *= inv_rms * weight(ia + v);
+        b[m][v] *= inv_rms * weight(ib + v);
       }
-      rotate_chunk(a[m], b[m], cs + c * VEC);
+      if constexpr (COS_SIN_IN_REGS) {
+        rotate_chunk(a[m], b[m], cs_regs[m]);
+      } else {
+        rotate_chunk(a[m], b[m], cs + c * VEC);
+      }
       store_vec<scalar_t, VEC>(row + c * CHUNK_STRIDE + OFF_A, round_vec<scalar_t, VEC>(a[m]));
       store_vec<scalar_t, VEC>(row + c * CHUNK_STRIDE + OFF_B, round_vec<scalar_t, VEC>(b[m]));
     }
@@ -123,9 +148,8 @@ extern "C" __global__ void __launch_bounds__(512) qk_norm_rope_kernel(const QKNo
   for (int m = 0; m < PPL; ++m) {
     const int v = lane + m * LANES;
     if (v < PASS_VECS) {
-      const float* wp = w + ROT_DIM + v * VEC;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) r[m][e] *= inv_rms * wp[e];
+      for (int e = 0; e < VEC; ++e) r[m][e] *= inv_rms * weight(ROT_DIM + v * VEC + e);
       store_vec<scalar_t, VEC>(row + ROT_DIM + v * VEC, round_vec<scalar_t, VEC>(r[m]));
     }
   }

@@ -104,6 +104,7 @@ THREAD_BATCHES = 4
 BLOCK_THREADS = 128
 MAX_BLOCK_TOKENS = 16   # tokens of a block (blockDim.y), at most
 QK_BLOCK_THREADS = 256  # kernels/qk_norm_rope.cu
+QK_COS_SIN_IN_REGS = True  # kernels/qk_norm_rope.cu: from a cache, no shared tile
 
 
 @dataclass(frozen=True)
@@ -846,13 +847,14 @@ def plan_qk_norm_rope(call: QKNormRopeCall, arrays: QKNormRopeArrays, *,
         raise ValueError(f"head_dim: {D} is too large (shared memory)")
     tokens = max(1, min(MAX_BLOCK_TOKENS, QK_BLOCK_THREADS // (lanes * block_heads), T,
                         (_SMEM_LIMIT - weights_bytes) // tile_row))
+    in_regs = call.from_cache and QK_COS_SIN_IN_REGS  # a sincos is worth a shared tile
     launch = Launch((-(-T // tokens), -(-heads // block_heads), 1), (lanes, block_heads, tokens),
-                    weights_bytes + tokens * tile_row)
+                    0 if in_regs else weights_bytes + tokens * tile_row)
     spec = QKNormRopeSpec(
         dtype=qkv.dtype, weight_dtype=a.q_weight.dtype,
         cache_dtype=c.dtype if call.from_cache else None, scaling=cs.fly.variant,
         index_dtype=a.position_ids.dtype, head_dim=D, rotary_dim=rot, num_q_heads=hq,
-        num_k_heads=hk, neox=call.is_neox, vec=vec, lanes=lanes)
+        num_k_heads=hk, neox=call.is_neox, vec=vec, lanes=lanes, cos_sin_in_regs=in_regs)
     values = dict(cs.fly._asdict(), eps=call.eps, num_tokens=T, token_stride=strides[0],
                   pos_stride=pos_stride, max_position=cs.max_position,
                   cache_stride=cs.cache_stride, q_weight_stride=weight_strides[0],

@@ -175,6 +175,7 @@ class QKNormRopeSpec:
     neox: bool
     vec: int
     lanes: int                  # threads per head (a power of two, at most 32)
+    cos_sin_in_regs: bool = False  # cos/sin and weights per thread, no shared memory
 
     kernel_name = "qk_norm_rope_kernel"
     params = QK_NORM_ROPE_PARAMS
@@ -184,7 +185,8 @@ class QKNormRopeSpec:
         return (f"qk_norm_rope {self.dtype} weights {self.weight_dtype} head {self.head_dim} "
                 f"rotary {self.rotary_dim} heads {self.num_q_heads}/{self.num_k_heads} "
                 f"{'neox' if self.neox else 'gptj'} {cs} positions {self.index_dtype} "
-                f"vec {self.vec} lanes {self.lanes}")
+                f"vec {self.vec} lanes {self.lanes}"
+                f"{' cos/sin in registers' if self.cos_sin_in_regs else ''}")
 
     def prelude(self) -> str:
         lines = [
@@ -196,6 +198,7 @@ class QKNormRopeSpec:
             f"constexpr int HEAD_DIM = {self.head_dim}, ROT_DIM = {self.rotary_dim};",
             f"constexpr int NUM_Q_HEADS = {self.num_q_heads}, NUM_K_HEADS = {self.num_k_heads};",
             f"constexpr int VEC = {self.vec}, LANES = {self.lanes};",
+            f"constexpr bool COS_SIN_IN_REGS = {c_bool(self.cos_sin_in_regs)};",
             f"constexpr bool NEOX = {c_bool(self.neox)};",
             f"constexpr bool COS_SIN_FROM_CACHE = {c_bool(self.cache_dtype is not None)};",
             f"constexpr int SCALING = SCALING_{self.scaling.upper()};",

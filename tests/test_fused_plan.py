@@ -513,7 +513,7 @@ def test_qk_norm_rope_launch(head, rot):
     assert p.launch.grid[1] * block_heads >= 11 and p.launch.grid[0] * block_tokens >= T
     chunks, pass_vecs = rot // 2 // s.vec, (head - rot) // s.vec
     assert 2 * -(-chunks // lanes) + -(-pass_vecs // lanes) <= 16
-    assert p.launch.smem == 2 * head * 4 + block_tokens * rot // 2 * 8
+    assert s.cos_sin_in_regs and p.launch.smem == 0  # from a cache: no shared memory
     v = dict(zip(ROPE_FREQ + ("eps",) + QK_NORM_ROPE_STATIC, p.static))
     assert (v["eps"], v["token_stride"], v["max_position"]) == (1e-6, 14 * head, 4096)
 
@@ -523,5 +523,7 @@ def test_qk_norm_rope_on_the_fly_and_strided_rows():
            qkv=desc((T, 1024), strides=(1100, 1)))
     v = dict(zip(ROPE_FREQ + ("eps",) + QK_NORM_ROPE_STATIC, p.static))
     assert p.spec.cache_dtype is None and p.spec.rotary_dim == 64 and p.spec.vec == 4
+    assert not p.spec.cos_sin_in_regs  # on the fly: the shared tile of weights and cos/sin
+    assert p.launch.smem == 2 * 128 * 4 + p.launch.block[2] * 64 // 2 * 8
     assert v["token_stride"] == 1100 and v["max_position"] == 0
     assert qk(qkv=desc((0, 1024))).spec is None
