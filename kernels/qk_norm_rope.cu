@@ -16,10 +16,10 @@
 // rotation needs no exchange and the sum of squares is one shuffle reduction within the
 // group. Block = (LANES, heads, tokens), a multiple of 32 threads; grid = (token tiles, head
 // tiles). While the heads' loads are in flight, the block puts both weights (as fp32) and
-// its tokens' cos/sin in shared memory (one barrier); or, COS_SIN_IN_REGS (from a cache),
-// each thread reads its own chunks' cos/sin into registers and its weights from global
-// memory (L1 serves every head the same values): no shared memory, no barrier, as in
-// kernels/rope_fused.cu, where the barrier and the tile's reads were 40% of the stalls.
+// its tokens' cos/sin in shared memory (one barrier); or, COS_SIN_IN_REGS (from a cache,
+// few tokens: the planner's choice), each thread reads its own chunks' cos/sin into
+// registers and its weights from global memory (L1 serves every head the same values): no
+// shared memory and no barrier on a latency-bound call, at the price of registers.
 
 constexpr int NUM_HEADS = NUM_Q_HEADS + NUM_K_HEADS;
 constexpr int PASS_VECS = (HEAD_DIM - ROT_DIM) / VEC;

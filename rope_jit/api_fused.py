@@ -30,6 +30,11 @@ from .call_fused import (APPEND_PAGED, KV_BUFFER, KV_CACHE, MLA_CACHE, ROPE_QUAN
 from .plan_fused import FusedRopeArrays, QKNormRopeArrays
 
 
+# FlashInfer's implementations of rope_quantize_fp8 (its CUDA kernel, its cuTile one): one
+# function, so rope_jit takes either name and runs its own kernel.
+FLASHINFER_BACKENDS = ("cuda", "cutile")
+
+
 def _frequencies(cos_sin_cache, rope_theta, rope_scale, rope_scaling) -> str | None:
     """None with a cos/sin cache; the on-the-fly frequencies without one."""
     if cos_sin_cache is not None:
@@ -57,11 +62,12 @@ def rope_quantize_fp8(q_rope, k_rope, q_nope, k_nope, cos_sin_cache, pos_ids, is
     q outputs = round(x * quant_scale_q), k outputs = round(x * quant_scale_kv), in
     quantize_dtype (float8_e4m3fn or float8_e5m2; None: the dtype of the outputs given,
     else float8_e4m3fn); missing outputs are allocated (an absent nope part gives an
-    empty ``[nnz, heads, 0]`` output). ``backend``: FlashInfer's choice of implementation;
-    rope_jit has one, its CUDA kernel ("cuda"). Returns ``(q_rope_out, k_rope_out,
+    empty ``[nnz, heads, 0]`` output). ``backend``: FlashInfer's choice of implementation,
+    "cuda" or "cutile"; rope_jit runs its own kernel for either (the same function). Returns ``(q_rope_out, k_rope_out,
     q_nope_out, k_nope_out)``."""
-    if backend != "cuda":
-        raise ValueError(f"backend: rope_jit runs its own CUDA kernel; expected 'cuda', got {backend!r}")
+    if backend not in FLASHINFER_BACKENDS:
+        raise ValueError(f"backend: expected 'cuda' or 'cutile' (FlashInfer's; both run "
+                         f"rope_jit's CUDA kernel), got {backend!r}")
     call = fused_rope_call(ROPE_QUANTIZE, is_neox,
                            _frequencies(cos_sin_cache, rope_theta, rope_scale, rope_scaling),
                            None, None, quantize_dtype, quant_scale_q, quant_scale_kv,

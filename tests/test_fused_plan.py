@@ -513,7 +513,12 @@ def test_qk_norm_rope_launch(head, rot):
     assert p.launch.grid[1] * block_heads >= 11 and p.launch.grid[0] * block_tokens >= T
     chunks, pass_vecs = rot // 2 // s.vec, (head - rot) // s.vec
     assert 2 * -(-chunks // lanes) + -(-pass_vecs // lanes) <= 16
-    assert s.cos_sin_in_regs and p.launch.smem == 0  # from a cache: no shared memory
+    assert s.cos_sin_in_regs and p.launch.smem == 0  # few tokens, a cache: no shared memory
+    big = qk(call=(8, 3, 3, head, 1e-6, False), qkv=desc((1 << 16, 14 * head)),
+             q_weight=desc((head,)), k_weight=desc((head,), "bfloat16"),
+             position_ids=desc((1 << 16,), "int64"), cos_sin_cache=desc((4096, rot), "bfloat16"))
+    assert not big.spec.cos_sin_in_regs  # many: the shared tile (registers cost more)
+    assert big.launch.smem == 2 * head * 4 + big.launch.block[2] * rot // 2 * 8
     v = dict(zip(ROPE_FREQ + ("eps",) + QK_NORM_ROPE_STATIC, p.static))
     assert (v["eps"], v["token_stride"], v["max_position"]) == (1e-6, 14 * head, 4096)
 

@@ -164,9 +164,10 @@ def test_outputs_are_allocated_in_the_graph_with_flashinfer_shapes():
         (T, HQ, R), (T, R), (T, HQ, 0), (T, 0)]
     assert {t.dtype for t in (q_out, k_out, qn_out, kn_out)} == {torch.float8_e5m2}
     given = torch.empty(T, HK, R, dtype=E4M3, device="meta")
-    outs = rope_jit.rope_quantize_fp8(x["q"], x["k"], x["qn"], x["kn"], x["cache"], x["pos"],
-                                      k_rope_out=given)
-    assert outs[1] is given and outs[0].dtype == E4M3
+    for backend in ("cuda", "cutile"):  # FlashInfer's two; rope_jit's kernel runs either way
+        outs = rope_jit.rope_quantize_fp8(x["q"], x["k"], x["qn"], x["kn"], x["cache"], x["pos"],
+                                          k_rope_out=given, backend=backend)
+        assert outs[1] is given and outs[0].dtype == E4M3
     q_out, qn_out = rope_jit.rope_quantize_fp8_append_paged_kv_cache(
         x["q"], x["k"], x["qn"], x["kn"], x["v"], x["cache"], x["pos"],
         (x["kcache"].to(torch.bfloat16), x["vcache"].to(torch.bfloat16)), x["kv_indices"],
@@ -235,8 +236,8 @@ def test_api_argument_errors():
     """Errors of the public functions' own arguments, before any array is looked at."""
     x = _x()
     a = (x["q"], x["k"], x["qn"], x["kn"], x["cache"], x["pos"])
-    with pytest.raises(ValueError, match=r"^backend: rope_jit runs its own CUDA kernel; expected 'cuda', got 'cutile'"):
-        rope_jit.rope_quantize_fp8(*a, backend="cutile")
+    with pytest.raises(ValueError, match=r"^backend: expected 'cuda' or 'cutile' .*got 'triton'"):
+        rope_jit.rope_quantize_fp8(*a, backend="triton")
     with pytest.raises(TypeError, match=r"^enable_pdl: expected a bool, got str"):
         rope_jit.rope_quantize_fp8(*a, enable_pdl="yes")
     with pytest.raises(ValueError, match=r"^cos_sin_cache: pass either a cos/sin cache or on-the-fly"):
