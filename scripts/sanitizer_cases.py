@@ -641,6 +641,34 @@ def fused_append_paged_on_the_fly():
     _paged_append(None, 120)
 
 
+@case
+def fused_qk_norm_rope_few_and_many_tokens():
+    """fused_qk_norm_rope at 64 tokens (cos/sin and weights per thread, no shared memory)
+    and 8192 (the shared tile and its barrier), q and k heads of 128 of a packed QKV
+    buffer; v heads untouched; 256 tokens of the large call checked."""
+    hq, hk, D = 8, 2, 128
+    cache = rope_jit.compute_cos_sin_cache(D, 4096, like=torch.empty(0, device="cuda"))
+    w_q, w_k = device_randn((D,), "bfloat16", 130), device_randn((D,), "bfloat16", 131)
+    for T, seed in ((64, 132), (8192, 133)):
+        qkv = device_randn((T, (hq + 2 * hk) * D), "bfloat16", seed)
+        before = qkv.cpu()
+        pos_np = np.random.default_rng(seed).integers(0, 4096, T)
+        rope_jit.fused_qk_norm_rope(qkv, hq, hk, hk, D, 1e-6, w_q, w_k, cache, True,
+                                    device_ints(pos_np, "int64"))
+        torch.cuda.synchronize()
+        idx = np.sort(np.random.default_rng(seed).choice(T, min(T, 256), replace=False))
+        cos, sin = cache_cos_sin(cache, pos_np[idx])
+        x64 = to_numpy64(before[torch.from_numpy(idx)])
+        ref = reference.qk_norm_rope(x64, hq, hk, D, 1e-6, to_numpy64(w_q.cpu()),
+                                     to_numpy64(w_k.cpu()), cos, sin, True)
+        got = to_numpy64(qkv.cpu()[torch.from_numpy(idx)])
+        n = (hq + hk) * D
+        err = np.abs(got[:, :n] - ref[:, :n])
+        tol = 2.0 ** -7 * np.abs(ref[:, :n]) + 2.0 ** -12  # one bf16 rounding of the result
+        assert (err <= tol).all(), f"T={T}: {int((err > tol).sum())} q/k values off"
+        assert np.array_equal(got[:, n:], x64[:, n:]), f"T={T}: v heads changed"
+
+
 # ------------------------------------------------------------------ main
 
 
