@@ -61,14 +61,13 @@ import json
 import math
 import os
 import shutil
-import statistics
 import struct
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -1277,30 +1276,15 @@ def check_config(case: Case, cfg: Config, launcher, device, seed: int, ref: dict
 # ====================================================================== timing (benchmarks/timing.py)
 
 def time_calls(calls, replays: int = 20, warmup: int = 3) -> float:
-    """Median seconds per call of the closures, replayed as one CUDA graph (one call per
-    buffer set), replays queued back to back (a host sync between them lets clocks drop)."""
-    torch = _torch()
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for c in calls:
-            c()
-    for _ in range(warmup):
-        graph.replay()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(replays)]
-    for a, b in events:
-        a.record()
-        graph.replay()
-        b.record()
-    torch.cuda.synchronize()
-    times = [a.elapsed_time(b) * 1e-3 / len(calls) for a, b in events]
-    del graph
-    return statistics.median(times)
+    """benchmarks/timing.py's CUDA-graph timing (median seconds per call, one call per
+    buffer set, replays back to back), imported on first use: it needs torch, which the
+    dry run does without."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from timing import time_calls as graph_time_calls
+
+    return graph_time_calls(calls, replays, warmup)
 
 
 def buffer_sets(bytes_per_set: int) -> int:
