@@ -42,7 +42,7 @@ import rope_jit  # noqa: E402
 from rope_jit import reference  # noqa: E402
 
 from fused_checks import assert_fp8_close, assert_only_rows_written, paged_batch  # noqa: E402
-from gpu_cases import assert_rope_close, poison_allocator, to_numpy64  # noqa: E402
+from gpu_cases import assert_rope_close, covered, poison_allocator, to_numpy64  # noqa: E402
 
 TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 INDEX_DTYPE = {"int32": torch.int32, "int64": torch.int64}
@@ -118,14 +118,7 @@ class Fused:
 
     def check_outside_unchanged(self, views) -> None:
         """Bytes of the buffer that no view in `views` covers are bit-identical."""
-        mask = np.ones(self.buf.numel(), dtype=bool)
-        for v in views:
-            if v is None or v.numel() == 0:
-                continue
-            idx = np.array(v.storage_offset())
-            for n, s in zip(v.shape, v.stride()):
-                idx = idx[..., None] + np.arange(n) * s
-            mask[idx.reshape(-1)] = False
+        mask = ~covered(self.buf.numel(), views)
         after = bits(self.buf.cpu()).numpy()
         before = bits(self.before).numpy()
         changed = (after != before) & mask

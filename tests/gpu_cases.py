@@ -104,3 +104,16 @@ class DLPackOnly:
 
     def __dlpack_device__(self):
         return self._t.__dlpack_device__()
+
+
+def covered(numel: int, views) -> np.ndarray:
+    """Mask of the elements of a flat buffer that `views` (views of it) cover."""
+    mask = np.zeros(numel, dtype=bool)
+    for v in views:
+        if v is None or v.numel() == 0:
+            continue
+        idx = np.array(v.storage_offset())
+        for n, s in zip(v.shape, v.stride()):
+            idx = idx[..., None] + np.arange(n) * s
+        mask[idx.reshape(-1)] = True
+    return mask

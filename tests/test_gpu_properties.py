@@ -35,7 +35,7 @@ from hypothesis import strategies as st  # noqa: E402
 import rope_jit  # noqa: E402
 from rope_jit import reference  # noqa: E402
 
-from gpu_cases import as_heads, assert_rope_close, poison_allocator, to_numpy64  # noqa: E402
+from gpu_cases import as_heads, assert_rope_close, covered, poison_allocator, to_numpy64  # noqa: E402
 from test_properties_cpu import (  # noqa: E402, F401 (report_case_counts: autouse fixture)
     COUNTS,
     MUTATIONS,
@@ -65,19 +65,6 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(bits(a), bits(b))
-
-
-def covered(numel: int, views) -> np.ndarray:
-    """Mask of the elements of a flat buffer that `views` (views of it) cover."""
-    mask = np.zeros(numel, dtype=bool)
-    for v in views:
-        if v is None or v.numel() == 0:
-            continue
-        idx = np.array(v.storage_offset())
-        for n, s in zip(v.shape, v.stride()):
-            idx = idx[..., None] + np.arange(n) * s
-        mask[idx.reshape(-1)] = True
-    return mask
 
 
 def reference_cos_sin(b) -> tuple:
