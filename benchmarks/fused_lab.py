@@ -3,11 +3,12 @@
 FlashInfer's fused kernels and a cast ceiling, in one process::
 
     PYTHONPATH=. python3 benchmarks/fused_lab.py [--out FILE.json] [--tokens 1,128,8192]
+    PYTHONPATH=. python3 benchmarks/fused_lab.py --configs regs  # register caps instead
     PYTHONPATH=. python3 benchmarks/fused_lab.py --ncu     # one call of each kernel, for ncu
 
 Each configuration sets the planner's knobs (``rope_jit.plan_fused``: ``ITEM_BATCH``,
 items a thread loads together; ``THREAD_BATCHES``, batches a thread does at most;
-``BLOCK_THREADS``) for the whole process,
+``BLOCK_THREADS``; ``MIN_BLOCKS``, the register cap) for the whole process,
 forgets the cached plans, and then runs the shapes of ``benchmarks/fused.py`` through the public functions: each one's
 result on fresh inputs is checked against the float64 reference before it is timed
 (``fused.py``'s checks), so a launch shape that breaks the kernel is reported WRONG.
@@ -35,18 +36,23 @@ from ceilings import narrow_copy  # noqa: E402
 from fused import AppendPaged, FlashInfer, QKNormRope, RopeQuantize, _check  # noqa: E402
 from timing import buffer_sets, copy_bandwidth, time_calls  # noqa: E402
 
-KNOBS = ("ITEM_BATCH", "THREAD_BATCHES", "BLOCK_THREADS", "QK_COS_SIN_IN_REGS")
+KNOBS = ("ITEM_BATCH", "THREAD_BATCHES", "BLOCK_THREADS", "MIN_BLOCKS", "QK_COS_SIN_IN_REGS")
 DEFAULT = ("default", {k: getattr(plan_fused, k) for k in KNOBS})
 
 
-def config(cap: int, block_threads: int, batches: int = 1):
-    """Every call kind at item batches of up to `cap`, up to `batches` of them a thread."""
-    return (f"ib{cap} t{block_threads} x{batches}",
-            dict(DEFAULT[1], ITEM_BATCH=cap, THREAD_BATCHES=batches, BLOCK_THREADS=block_threads))
+def config(cap: int, block_threads: int, batches: int = 1, min_blocks: int = 1):
+    """Every call kind at item batches of up to `cap`, up to `batches` of them a thread
+    (min_blocks: the register cap, kernels/rope_fused.cu MIN_BLOCKS)."""
+    return (f"ib{cap} t{block_threads} x{batches}" + (f" mb{min_blocks}" if min_blocks > 1 else ""),
+            dict(DEFAULT[1], ITEM_BATCH=cap, THREAD_BATCHES=batches, BLOCK_THREADS=block_threads,
+                 MIN_BLOCKS=min_blocks))
 
 
 CONFIGS = ([DEFAULT] + [config(cap, th, n) for th in (64, 128, 256) for cap in (1, 2, 4)
                         for n in (1, 4, 8)])
+# --configs regs: register caps (64, 40, 32 registers: more threads resident) x batches
+REG_CONFIGS = ([DEFAULT] + [config(cap, 128, n, mb) for mb in (2, 3, 4)
+                            for cap, n in ((2, 4), (2, 8), (4, 2), (1, 8))])
 # fused_qk_norm_rope (--qk): cos/sin and weights per thread, or the shared tile
 QK_CONFIGS = [DEFAULT, ("qk tile", dict(DEFAULT[1], QK_COS_SIN_IN_REGS=False))]
 
@@ -89,12 +95,15 @@ def main(argv=None) -> int:
     ap.add_argument("--flashinfer", default=str(HERE.parent / ".peers" / "libfi_rope.so"))
     ap.add_argument("--ncu", action="store_true", help="one call of each kernel at 8192 tokens")
     ap.add_argument("--qk", action="store_true", help="fused_qk_norm_rope (Qwen3-8B) instead")
+    ap.add_argument("--configs", choices=("batch", "regs"), default="batch",
+                    help="batch: item batches x batches a thread x block threads; "
+                         "regs: register caps x batches")
     args = ap.parse_args(argv)
     fi = FlashInfer(args.flashinfer) if Path(args.flashinfer).exists() else None
     cases = [RopeQuantize("llama3-8b", 32, 8, 128, 0, 0, fi),
              AppendPaged("llama3-8b", 32, 8, 128, 0, fi),
              RopeQuantize("dsv3-mla-absorbed", 128, 0, 64, 512, 512, fi)]
-    configs = CONFIGS
+    configs = CONFIGS if args.configs == "batch" else REG_CONFIGS
     if args.qk:
         cases, configs = [QKNormRope("qwen3-8b", 32, 8, 128)], QK_CONFIGS
     if args.ncu:
@@ -135,7 +144,7 @@ def main(argv=None) -> int:
             if isinstance(case, RopeQuantize) and T <= 128:
                 line["default pdl"] = time_calls([lambda x=x: rope_quantize_pdl(x) for x in sets])
             for cfg in configs:
-                if T <= 128 and cfg is not DEFAULT and configs is CONFIGS:
+                if T <= 128 and cfg is not DEFAULT and configs is not QK_CONFIGS:
                     continue  # a thread does one item there, whatever the batch knobs say
                 if cfg[0] in wrong:
                     line[cfg[0]] = "WRONG"

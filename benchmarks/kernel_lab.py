@@ -174,7 +174,6 @@ class KSpec:
             f"constexpr bool INDPTR = {_c_bool(self.indptr)};",
             f"constexpr bool COS_SIN_FROM_CACHE = {_c_bool(self.cache_dtype is not None)};",
             "constexpr bool COS_SIN_PER_TOKEN = false;",  # the lab measures cache and on the fly
-            "constexpr int SCALING_LINEAR = 0, SCALING_LLAMA3 = 1, SCALING_YARN = 2;",
             f"constexpr int SCALING = SCALING_{self.scaling.upper()};",
             f"constexpr bool MROPE = {_c_bool(self.mrope_section is not None)};",
             f"constexpr bool MROPE_INTERLEAVED = {_c_bool(self.mrope_interleaved)};",
@@ -187,6 +186,7 @@ class KSpec:
             f"constexpr int STAGE_TOKENS = {self.stage_tokens};",
             f"constexpr int STAGES = {self.stages};",
             f"constexpr bool PDL = {_c_bool(self.pdl)};",
+            "constexpr bool POS_FIRST = false;",  # rope_jit's few-token position order
         ]
         return "\n".join(lines) + "\n" + PARAM_DECL
 

@@ -112,12 +112,30 @@ template <> __device__ __forceinline__ fp8_e5m2_t from_float<fp8_e5m2_t>(float x
   return fp8_from_float<fp8_e5m2_t>(x);
 }
 
-// Two values at once (one instruction for FP8 on sm_89+).
+// Two values at once (one instruction for FP8 on sm_89+, for bf16 and fp16 on sm_80+:
+// the same rounding as two, and the pair lands in one register, so a vector of results
+// needs no byte shuffling; SASS of the plain kernel's store: ~120 -> ~60 instructions).
 template <typename T>
 __device__ __forceinline__ void from_float2(float lo, float hi, T& a, T& b) {
   a = from_float<T>(lo);
   b = from_float<T>(hi);
 }
+#if __CUDA_ARCH__ >= 800
+template <>
+__device__ __forceinline__ void from_float2<bf16_t>(float lo, float hi, bf16_t& a, bf16_t& b) {
+  unsigned int r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  a.bits = (unsigned short)(r & 0xffffu);
+  b.bits = (unsigned short)(r >> 16);
+}
+template <>
+__device__ __forceinline__ void from_float2<f16_t>(float lo, float hi, f16_t& a, f16_t& b) {
+  unsigned int r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  a.bits = (unsigned short)(r & 0xffffu);
+  b.bits = (unsigned short)(r >> 16);
+}
+#endif
 template <typename F>
 __device__ __forceinline__ void fp8_from_float2(float lo, float hi, F& a, F& b) {
   const unsigned short r = fp8x2_bits<F>(hi, lo);

@@ -254,7 +254,8 @@ __device__ __forceinline__ void store_item(const FusedRopeParams& p, i64 t, cons
 
 extern __shared__ float2 cos_sin_tile[];  // [blockDim.y][HALF]: the block's tokens (tile mode)
 
-extern "C" __global__ void __launch_bounds__(512) rope_fused_kernel(const FusedRopeParams p) {
+// MIN_BLOCKS (blocks of 512 threads per SM) caps the registers per thread, as in rope.cu.
+extern "C" __global__ void __launch_bounds__(512, MIN_BLOCKS) rope_fused_kernel(const FusedRopeParams p) {
   const int tx = threadIdx.x, ty = threadIdx.y, nx = blockDim.x;
   const i64 t = (i64)blockIdx.x * blockDim.y + ty;
   const int first = blockIdx.y * (int)p.split_items;
@@ -267,8 +268,12 @@ extern "C" __global__ void __launch_bounds__(512) rope_fused_kernel(const FusedR
     pdl_wait();
     pdl_launch_dependents();
   }
-  // The first batch's loads go out before the cache row (up to three dependent loads) and
-  // cos/sin are worked out: their latencies overlap.
+  // The heads of the dependent chains go out first: the cache row's first index loads (up
+  // to three dependent loads in all) and the position (-> cos/sin, two); then the first
+  // batch's item loads (one latency), before anything waits: their latencies overlap.
+  const DestIndex dest_ix = dest_index(p, t);
+  const bool rotates = first < ROT_ITEMS;
+  const i64 pos = live && rotates ? (i64)load_index<pos_t>(p.pos_ids, t, p.pos_stride) : 0;
   Item batch[ITEM_BATCH];
   int j0 = first + tx;
   if (live) {
@@ -278,17 +283,11 @@ extern "C" __global__ void __launch_bounds__(512) rope_fused_kernel(const FusedR
       if (j < last) load_item(p, t, j, batch[u]);
     }
   }
-  const DestIndex dest_ix = dest_index(p, t);
-  const bool rotates = first < ROT_ITEMS;
   float2 cs_regs[VEC];
   if constexpr (COS_SIN_IN_REGS) {
-    if (live && rotates) {
-      const i64 pos = (i64)load_index<pos_t>(p.pos_ids, t, p.pos_stride);
-      chunk_cos_sin(p, pos, (j0 % CHUNKS) * VEC, cs_regs);  // the thread's chunk (work split)
-    }
+    if (live && rotates) chunk_cos_sin(p, pos, (j0 % CHUNKS) * VEC, cs_regs);  // the thread's chunk
   } else {
     if (rotates) {
-      const i64 pos = live ? (i64)load_index<pos_t>(p.pos_ids, t, p.pos_stride) : 0;
       for (int j = tx; j < HALF; j += nx) cos_sin_tile[ty * HALF + j] = cos_sin_at(p, pos, live, j);
     }
     __syncthreads();

@@ -429,6 +429,13 @@ def index_bits(a: RopeArrays, rot: _Rotary, num_tokens: int) -> int:
 
 # ------------------------------------------------------------------ step 6: dispatch rules
 
+def head_parallel(num_tokens: int, chunks: int, num_heads: int, num_sms: int,
+                  tuning: Tuning = DEFAULT_TUNING) -> bool:
+    """Whether the problem at one head per thread fits in `small_waves` waves of the GPU
+    (choose_launch's few-token rule: decode and small prefill, where latency decides)."""
+    return num_tokens * chunks * num_heads <= tuning.small_waves * num_sms * 2048
+
+
 def choose_launch(num_tokens: int, chunks: int, num_heads: int, num_sms: int,
                   on_the_fly: bool, tuning: Tuning = DEFAULT_TUNING) -> tuple[int, int, Launch]:
     """(head_batch, heads per group, launch) for a problem of num_tokens x num_heads heads
@@ -454,7 +461,7 @@ def choose_launch(num_tokens: int, chunks: int, num_heads: int, num_sms: int,
     t = tuning
     wave = num_sms * 2048
     rows = num_tokens * chunks
-    if rows * num_heads <= t.small_waves * wave:
+    if head_parallel(num_tokens, chunks, num_heads, num_sms, t):
         head_batch, per_group = 1, 1
         block_target = t.small_block_fly if on_the_fly else t.small_block
     else:
@@ -539,6 +546,9 @@ def plan_rope(call: RopeCall, arrays: RopeArrays, *, tuning=DEFAULT_TUNING,
         prefetch=prefetch, scaling=fly.variant, mrope_section=call.mrope_section,
         mrope_interleaved=call.mrope_interleaved and call.mrope_section is not None,
         inverse=call.inverse, min_blocks=tuning.min_blocks,
+        # few tokens: the position (-> cache row) load first (kernels/rope.cu POS_FIRST)
+        pos_first=(call.from_cache and call.mrope_section is None
+                   and head_parallel(num_tokens, chunks, nq + nk, num_sms, tuning)),
         index_bits=index_bits(a, rot, num_tokens), pdl=call.pdl,
         token_cos_sin=call.token_cos_sin,
         out_neox=None if call.out_neox in (None, call.is_neox) else call.out_neox)

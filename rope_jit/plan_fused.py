@@ -102,6 +102,7 @@ def arg_name(call, field: str) -> str:
 ITEM_BATCH = 2
 THREAD_BATCHES = 4
 BLOCK_THREADS = 128
+MIN_BLOCKS = 1          # kernels/rope_fused.cu register cap (1: none below 128)
 MAX_BLOCK_TOKENS = 16   # tokens of a block (blockDim.y), at most
 QK_BLOCK_THREADS = 256  # kernels/qk_norm_rope.cu
 QK_COS_SIN_IN_REGS = True  # kernels/qk_norm_rope.cu: few tokens from a cache, no shared tile
@@ -757,7 +758,7 @@ def plan_rope_fused(call: FusedRopeCall, arrays: FusedRopeArrays, *,
         cache_vec = min(spec.vec, choose_vec(ITEMSIZE[cache.dtype],
                                              [spec.vec, x.rot // 2, cs.cache_stride], [cache.ptr]))
     spec = replace(spec, item_batch=fl.item_batch, cos_sin_in_regs=fl.cos_sin_in_regs,
-                   cache_vec=cache_vec)
+                   cache_vec=cache_vec, min_blocks=MIN_BLOCKS)
 
     values = dict(
         cs.fly._asdict(),

@@ -84,6 +84,7 @@ class FusedRopeSpec:
     k_scale_on_device: bool     # the k cache multiplier is 1 / *k_scale, read by the kernel
     v_scale_on_device: bool
     pdl: bool = False           # programmatic dependent launch: griddepcontrol.wait first
+    min_blocks: int = 1         # register cap, as kernels/rope.cu's: 1 -> 128, 2 -> 64, 3 -> 40
 
     kernel_name = "rope_fused_kernel"
     params = FUSED_ROPE_PARAMS
@@ -104,7 +105,8 @@ class FusedRopeSpec:
                 f"{f' cos/sin in registers (x{self.cache_vec})' if self.cos_sin_in_regs else ''}"
                 f"{' k_scale on device' if self.k_scale_on_device else ''}"
                 f"{' v_scale on device' if self.v_scale_on_device else ''}"
-                f"{' pdl' if self.pdl else ''}")
+                f"{' pdl' if self.pdl else ''}"
+                f"{f' min blocks {self.min_blocks}' if self.min_blocks != 1 else ''}")
 
     def prelude(self) -> str:
         pos, slot, ppos, kvidx, kvptr = self.index_dtypes
@@ -141,6 +143,7 @@ class FusedRopeSpec:
             f"constexpr bool K_SCALE_ON_DEVICE = {c_bool(self.k_scale_on_device)};",
             f"constexpr bool V_SCALE_ON_DEVICE = {c_bool(self.v_scale_on_device)};",
             f"constexpr bool PDL = {c_bool(self.pdl)};",
+            f"constexpr int MIN_BLOCKS = {self.min_blocks};",
         ]
         return "\n".join(lines) + "\n" + self.params.c_decl
 

@@ -35,8 +35,9 @@ KNOBS = {
     "fill_waves": (1.0, 2.0, 4.0, 8.0),
     "fill_waves_fly": (1.0, 2.0, 4.0, 8.0),
     "block": (128, 256, 512),
-    "small_block": (64, 128, 256, 512),
-    "small_block_fly": (64, 128, 256, 512),
+    # down to one head row a block (8 threads: Llama's chunks): decode spreads over more SMs
+    "small_block": (8, 16, 32, 64, 128, 256, 512),
+    "small_block_fly": (16, 32, 64, 128, 256, 512),
     "prefetch": (True, False),
     "min_blocks": (1, 2),
 }

@@ -144,7 +144,8 @@ def test_warm_list_clear_round_trip(capsys, cache_dir):
     code, out, err = run_cli(capsys, "warm", "--arch", "sm_90", *LLAMA_ARGS)
     assert code == 0, err
     assert err == ""  # no progress bar: stderr is not a terminal here
-    expected = warm.specs_for_call(warm.model_call("llama3-8b"), sm_counts=warm.sm_counts_for("sm_90"),
+    expected = warm.specs_for_call(warm.model_call("llama3-8b"),
+                                   sm_counts=sorted(warm.sm_counts_for("sm_90")),  # as the CLI
                                    knobs=tuning.knob_choices(["sm_90"]))  # shipped tables too
     *listed, summary = out.strip().splitlines()
     assert listed == [s.words() for s in expected]
@@ -412,7 +413,7 @@ def test_scaling_with_a_cache_and_on_the_fly(capsys):
                              "--cache-dtype", "float32", "on-the-fly", "--scaling", "linear", "yarn",
                              "--max-tokens", "4096", "--dry-run")
     assert code == 0, err
-    sms, knobs = warm.sm_counts_for("sm_90"), tuning.knob_choices(["sm_90"])
+    sms, knobs = sorted(warm.sm_counts_for("sm_90")), tuning.knob_choices(["sm_90"])  # as the CLI
     phi = warm.model_call("phi-2")
     expected = warm.specs_for_call(phi, max_tokens=4096, sm_counts=sms, knobs=knobs)
     for scaling in ("linear", "yarn"):

@@ -14,7 +14,7 @@ import pytest
 from rope_jit.arrays import HOST, ArrayDesc, contiguous_strides
 from rope_jit.call import INDPTR, POSITIONS, RopeCall, check_mrope_section, frequencies_json
 from rope_jit.plan import DEFAULT_TUNING as TUNING
-from rope_jit.plan import RopeArrays, choose_launch, choose_vec, plan_positions
+from rope_jit.plan import RopeArrays, choose_launch, choose_vec, head_parallel, plan_positions
 from rope_jit.plan import plan_rope as plan_call
 from rope_jit.specs import ROPE_FREQ, ROPE_STATIC
 from rope_jit.warm import SCALING_EXAMPLES
@@ -22,7 +22,8 @@ from rope_jit.warm import SCALING_EXAMPLES
 
 def plan_rope(query, key, *, head_size, is_neox, inplace, rotary_dim=None, positions=None,
               indptr=None, offsets=None, cos_sin_cache=None, scaling="linear",
-              mrope_section=None, mrope_interleaved=False, inverse=False, num_sms=132):
+              mrope_section=None, mrope_interleaved=False, inverse=False, num_sms=132,
+              tuning=TUNING):
     """The planner fed the way the public functions feed it: a RopeCall (cache when a
     cos_sin_cache is given, else on the fly with the named scaling variant) and the
     arrays."""
@@ -34,7 +35,7 @@ def plan_rope(query, key, *, head_size, is_neox, inplace, rotary_dim=None, posit
                     None if mrope_section is None else check_mrope_section(mrope_section),
                     mrope_interleaved, inverse)
     return plan_call(call, RopeArrays(query, key, positions, indptr, offsets, cos_sin_cache),
-                     num_sms=num_sms)
+                     num_sms=num_sms, tuning=tuning)
 
 BASE = 1 << 32  # a 16-byte aligned fake device pointer
 ITEM = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int32": 4, "int64": 8,
@@ -556,6 +557,23 @@ def test_plan_uses_choose_launch():
     assert (p.spec.head_batch, p.launch) == (hb, launch)
     p1 = call()
     assert p1.spec.head_batch == 1
+
+
+def test_position_first_only_for_few_tokens_from_a_cache():
+    """POS_FIRST (the position load before the q/k addressing) exactly in the head-parallel
+    regime from a cache: decode's critical path is position -> cache row; with many tokens
+    it would cost bytes in flight. Never on the fly (no cache row) nor for mRoPE."""
+    few, many = 16, 65536
+    assert head_parallel(few, D // 16, HQ + HK, 132) and not head_parallel(many, D // 16, HQ + HK, 132)
+
+    def sized(n, **kw):
+        return dict(query=desc((n, HQ * D)), key=desc((n, HK * D)), **kw)
+    assert call(**sized(few, positions=desc((few,), "int64"))).spec.pos_first
+    assert not call(**sized(many, positions=desc((many,), "int64"))).spec.pos_first
+    assert not call_fly().spec.pos_first
+    assert not _mrope(**sized(few, positions=desc((3, few), "int64"))).spec.pos_first
+    # the rule follows the tuned regime boundary, not a token count of its own
+    assert not call(tuning=dataclasses.replace(TUNING, small_waves=0.0)).spec.pos_first
 
 
 @pytest.mark.parametrize("head", [2050, 4096])
