@@ -186,7 +186,7 @@ class KSpec:
             f"constexpr int STAGE_TOKENS = {self.stage_tokens};",
             f"constexpr int STAGES = {self.stages};",
             f"constexpr bool PDL = {_c_bool(self.pdl)};",
-            "constexpr bool POS_FIRST = false;",  # rope_jit's few-token position order
+            "constexpr bool FEW_TOKENS = false;",  # rope_jit's few-token path (position first)
         ]
         return "\n".join(lines) + "\n" + PARAM_DECL
 

@@ -69,10 +69,12 @@
 //     does not write the positions or the cache. Meant for decode, where the prologue
 //     (position -> cache row, or the sincos) is most of the kernel's latency.
 //
-//   POS_FIRST = false | true. From a cache, the position load is issued before the q/k
-//     addressing instead of after the first q/k loads: the planner's choice for few
-//     tokens (plan.head_parallel), where the position -> cache row chain is the critical
-//     path and bytes in flight do not matter.
+//   FEW_TOKENS = false | true. The planner's few-token regime (plan.head_parallel: decode
+//     and small prefill, where the chain of dependent latencies decides, not bytes in
+//     flight). From a cache the position load is issued before the q/k addressing
+//     instead of after the first q/k loads (position -> cache row is the critical path),
+//     and every mode rounds a chunk a pair of elements per conversion (rotate_chunk).
+//     Both cost 2-5% at 8192 tokens, so many tokens keep the original order.
 
 constexpr int HALF = ROT_DIM / 2;
 constexpr int CHUNKS = HALF / VEC;
@@ -153,29 +155,49 @@ __device__ __forceinline__ void cos_sin(const RopeParams& p, i64 pos, bool valid
   load_cos_sin(row, row + HALF, c, s);
 }
 
-// One pair (x1, x2) -> (x1*c - x2*s, x2*c + x1*s), in fp32.
-__device__ __forceinline__ void rotate(float& x1, float& x2, float c, float s) {
+// One pair (x1, x2) -> (x1*c - x2*s, x2*c + x1*s), in fp32, rounded once.
+__device__ __forceinline__ void rotate(scalar_t& a, scalar_t& b, float c, float s) {
+  const float x1 = to_float(a), x2 = to_float(b);
+  a = from_float<scalar_t>(fmaf(x1, c, -x2 * s));
+  b = from_float<scalar_t>(fmaf(x2, c, x1 * s));
+}
+__device__ __forceinline__ void rotate_pair(float& x1, float& x2, float c, float s) {
   const float a = x1, b = x2;
   x1 = fmaf(a, c, -b * s);
   x2 = fmaf(b, c, a * s);
 }
 
-// The chunk's pairs rotated in fp32 and rounded once, a vector at a time (round_vec: two
-// elements per conversion).
+// The chunk's pairs rotated in fp32 and rounded once. FEW_TOKENS: in float arrays, rounded
+// a vector at a time (round_vec: a pair per conversion), ~60 instructions fewer between the
+// loads and the stores; otherwise element by element in place (measured 2-5% faster at
+// 8192 tokens with an fp32 cache, for reasons the SASS does not show).
 __device__ __forceinline__ void rotate_chunk(vec_t& va, vec_t& vb, const float (&c)[VEC],
                                              const float (&s)[VEC]) {
+  if constexpr (!FEW_TOKENS) {
+    if constexpr (NEOX || VEC == 1) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) rotate(va.e[v], vb.e[v], c[v], s[v]);
+    } else {
+#pragma unroll
+      for (int u = 0; u < VEC / 2; ++u) {
+        rotate(va.e[2 * u], va.e[2 * u + 1], c[u], s[u]);
+        rotate(vb.e[2 * u], vb.e[2 * u + 1], c[VEC / 2 + u], s[VEC / 2 + u]);
+      }
+    }
+    return;
+  }
   float a[VEC], b[VEC];
 #pragma unroll
   for (int v = 0; v < VEC; ++v) { a[v] = to_float(va.e[v]); b[v] = to_float(vb.e[v]); }
   if constexpr (NEOX || VEC == 1) {
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) rotate(a[v], b[v], c[v], s[v]);
+    for (int v = 0; v < VEC; ++v) rotate_pair(a[v], b[v], c[v], s[v]);
   } else {
     // GPT-J: va holds pairs 0 .. VEC/2-1 of the chunk, vb pairs VEC/2 .. VEC-1.
 #pragma unroll
     for (int u = 0; u < VEC / 2; ++u) {
-      rotate(a[2 * u], a[2 * u + 1], c[u], s[u]);
-      rotate(b[2 * u], b[2 * u + 1], c[VEC / 2 + u], s[VEC / 2 + u]);
+      rotate_pair(a[2 * u], a[2 * u + 1], c[u], s[u]);
+      rotate_pair(b[2 * u], b[2 * u + 1], c[VEC / 2 + u], s[VEC / 2 + u]);
     }
   }
   va = round_vec<scalar_t, VEC>(a);
@@ -320,13 +342,11 @@ __device__ __forceinline__ void load_batch(const RopeParams& p, const TokenRows&
       const scalar_t* src;
       if (h < p.num_q_heads) {
         src = (const scalar_t*)p.q + r.q + h * (idx_t)p.q_stride_head;
-        b.dst[i] = OUT_OF_PLACE ? (scalar_t*)p.q_out + r.qo + h * (idx_t)p.qo_stride_head
-                                : (scalar_t*)src;  // in place the host passes q_out = q
+        b.dst[i] = (scalar_t*)p.q_out + r.qo + h * (idx_t)p.qo_stride_head;
       } else {
         const idx_t hk = h - (idx_t)p.num_q_heads;
         src = (const scalar_t*)p.k + r.k + hk * (idx_t)p.k_stride_head;
-        b.dst[i] = OUT_OF_PLACE ? (scalar_t*)p.k_out + r.ko + hk * (idx_t)p.ko_stride_head
-                                : (scalar_t*)src;
+        b.dst[i] = (scalar_t*)p.k_out + r.ko + hk * (idx_t)p.ko_stride_head;
       }
       b.va[i] = load_vec<scalar_t, VEC>(src + off + OFF_A);
       b.vb[i] = load_vec<scalar_t, VEC>(src + off + OFF_B);
@@ -370,15 +390,14 @@ __device__ __forceinline__ void register_rope(const RopeParams& p) {
 
   // The first batch's q/k loads go out before cos/sin are fetched (position -> cache row,
   // two dependent loads) or computed (double-precision math): their latencies overlap.
-  // POS_FIRST (few tokens, from a cache): the position load goes out even before the q/k
-  // addressing (~70 instructions), since that chain is the call's critical path; the
-  // compiler then issues the q/k loads with the cos/sin loads (decode: -0.1 us; with many
-  // tokens that costs bytes in flight: +3% at 8192). With PDL the q/k loads must wait for
-  // the previous kernel, so they go out after cos/sin instead.
+  // FEW_TOKENS, from a cache: the position load goes out even before the q/k addressing
+  // (~70 instructions); ptxas then issues the q/k loads with the cos/sin loads (decode:
+  // -0.1 us). With PDL the q/k loads must wait for the previous kernel, so they go out
+  // after cos/sin instead.
   int h0 = group * HEAD_BATCH;
   bool pos_valid = false;
   i64 pos = 0;
-  if constexpr (COS_SIN_FROM_CACHE && !MROPE && POS_FIRST) {
+  if constexpr (COS_SIN_FROM_CACHE && !MROPE && FEW_TOKENS) {
     if (active) pos = token_position(p, t, pos_valid);
   }
   TokenRows rows;
@@ -394,7 +413,7 @@ __device__ __forceinline__ void register_rope(const RopeParams& p) {
     if constexpr (MROPE) {
       mrope_cos_sin(p, t, chunk, c, s);
     } else {
-      if constexpr (!POS_FIRST) pos = token_position(p, t, pos_valid);
+      if constexpr (!FEW_TOKENS) pos = token_position(p, t, pos_valid);
       cos_sin(p, pos, pos_valid, chunk, c, s);
     }
   } else if constexpr (COS_SIN_PER_TOKEN) {

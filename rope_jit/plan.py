@@ -546,9 +546,8 @@ def plan_rope(call: RopeCall, arrays: RopeArrays, *, tuning=DEFAULT_TUNING,
         prefetch=prefetch, scaling=fly.variant, mrope_section=call.mrope_section,
         mrope_interleaved=call.mrope_interleaved and call.mrope_section is not None,
         inverse=call.inverse, min_blocks=tuning.min_blocks,
-        # few tokens: the position (-> cache row) load first (kernels/rope.cu POS_FIRST)
-        pos_first=(call.from_cache and call.mrope_section is None
-                   and head_parallel(num_tokens, chunks, nq + nk, num_sms, tuning)),
+        # kernels/rope.cu FEW_TOKENS: latency-bound, position first and paired rounding
+        few_tokens=head_parallel(num_tokens, chunks, nq + nk, num_sms, tuning),
         index_bits=index_bits(a, rot, num_tokens), pdl=call.pdl,
         token_cos_sin=call.token_cos_sin,
         out_neox=None if call.out_neox in (None, call.is_neox) else call.out_neox)

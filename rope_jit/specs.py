@@ -114,7 +114,7 @@ class RopeSpec:
     pdl: bool = False          # programmatic dependent launch: prologue before griddepcontrol.wait
     token_cos_sin: bool = False  # cos/sin arrays per token (transformers, flash-attn), no positions
     out_neox: bool | None = None  # pair order of the outputs; None: as the input's (neox)
-    pos_first: bool = False    # the position load before the q/k addressing (few tokens)
+    few_tokens: bool = False   # the few-token code path: position first, paired rounding
 
     kernel_name = "rope_kernel"
     params = ROPE_PARAMS
@@ -140,7 +140,7 @@ class RopeSpec:
                 f"{f' min-blocks {self.min_blocks}' if self.min_blocks != 1 else ''}"
                 f"{' index32' if self.index_bits == 32 else ''}"
                 f"{f' staged {self.staging}x{self.stage_tokens}x{self.stages}' if self.staging else ''}"
-                f"{' pdl' if self.pdl else ''}{' position first' if self.pos_first else ''}")
+                f"{' pdl' if self.pdl else ''}{' few-token' if self.few_tokens else ''}")
 
     def prelude(self) -> str:
         cache_t = C_TYPE[self.cache_dtype] if self.cache_dtype else "float"
@@ -176,7 +176,7 @@ class RopeSpec:
                   f"constexpr int STAGE_TOKENS = {self.stage_tokens};",
                   f"constexpr int STAGES = {self.stages};",
                   f"constexpr bool PDL = {c_bool(self.pdl)};",
-                  f"constexpr bool POS_FIRST = {c_bool(self.pos_first)};"]
+                  f"constexpr bool FEW_TOKENS = {c_bool(self.few_tokens)};"]
         return "\n".join(lines) + "\n" + self.params.c_decl
 
     def render(self) -> str:
