@@ -426,12 +426,23 @@ def environment(device: torch.device, dry_run: bool) -> dict:
     else:
         meta["device"] = f"CPU ({platform.processor() or platform.machine()})"
     meta["gpu_slug"] = report.gpu_slug(meta["device"])
-    try:
-        meta["git"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                     capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except Exception:
-        meta["git"] = None
+    meta["git"] = git_revision()
     return meta
+
+
+def git_revision() -> str | None:
+    """HEAD's short hash, '+changes' when the tracked files differ from it (a device copy of
+    a working tree carries an older .git), or None outside a checkout."""
+    try:
+        def git(*a):
+            return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        if not head:
+            return None
+        return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except Exception:
+        return None
 
 
 def output_dir(args: argparse.Namespace, device_name: str) -> Path:
