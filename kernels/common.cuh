@@ -121,19 +121,22 @@ __device__ __forceinline__ void from_float2(float lo, float hi, T& a, T& b) {
   b = from_float<T>(hi);
 }
 #if __CUDA_ARCH__ >= 800
+template <typename T>  // a converted pair, lo in the low half
+__device__ __forceinline__ void split_pair(unsigned int r, T& a, T& b) {
+  a.bits = (unsigned short)(r & 0xffffu);
+  b.bits = (unsigned short)(r >> 16);
+}
 template <>
 __device__ __forceinline__ void from_float2<bf16_t>(float lo, float hi, bf16_t& a, bf16_t& b) {
   unsigned int r;
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  a.bits = (unsigned short)(r & 0xffffu);
-  b.bits = (unsigned short)(r >> 16);
+  split_pair(r, a, b);
 }
 template <>
 __device__ __forceinline__ void from_float2<f16_t>(float lo, float hi, f16_t& a, f16_t& b) {
   unsigned int r;
   asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  a.bits = (unsigned short)(r & 0xffffu);
-  b.bits = (unsigned short)(r >> 16);
+  split_pair(r, a, b);
 }
 #endif
 template <typename F>

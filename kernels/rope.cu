@@ -161,6 +161,7 @@ __device__ __forceinline__ void rotate(scalar_t& a, scalar_t& b, float c, float 
   a = from_float<scalar_t>(fmaf(x1, c, -x2 * s));
   b = from_float<scalar_t>(fmaf(x2, c, x1 * s));
 }
+// The same in fp32, not rounded (FEW_TOKENS rounds a whole vector afterwards).
 __device__ __forceinline__ void rotate_pair(float& x1, float& x2, float c, float s) {
   const float a = x1, b = x2;
   x1 = fmaf(a, c, -b * s);

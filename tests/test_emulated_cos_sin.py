@@ -1,4 +1,6 @@
-"""The per-token cos/sin kernels run on the CPU: kernels/rope.cu compiled as host C++ by
+"""The plain kernel's per-token cos/sin paths, and its cache path in both code shapes (the
+few-token one: position first, vector rounding; the many-token one), run on the CPU:
+kernels/rope.cu compiled as host C++ by
 benchmarks/kernel_lab.py's emulator (g++ -DROPE_HOST_EMULATION, one OS thread per CUDA
 thread, shared memory poisoned per block), launched with rope_jit's own plan and packed
 kernel arguments on CPU tensors, against the float64 reference. So the kernel's index
@@ -22,8 +24,8 @@ torch = pytest.importorskip("torch")
 
 from rope_jit import reference  # noqa: E402
 from rope_jit.arrays import ArrayDesc  # noqa: E402
-from rope_jit.call import COS_SIN, token_cos_sin_call  # noqa: E402
-from rope_jit.plan import RopeArrays, plan_rope  # noqa: E402
+from rope_jit.call import COS_SIN, POSITIONS, RopeCall, token_cos_sin_call  # noqa: E402
+from rope_jit.plan import DEFAULT_TUNING, RopeArrays, plan_rope  # noqa: E402
 from rope_jit.specs import ROPE_PARAMS  # noqa: E402
 
 from gpu_cases import assert_rope_close  # noqa: E402
@@ -136,3 +138,54 @@ def test_emulated_kernel_against_reference(emulate, dtype, cos_dtype, layout, ro
     assert torch.equal(buf[..., rows:], before[..., rows:])  # v and padding untouched
     if not inplace:
         assert torch.equal(buf, before)
+
+
+@pytest.mark.parametrize("dtype, cache_dtype, rot, is_neox, inplace", [
+    ("bfloat16", "float32", 64, True, True),
+    ("bfloat16", "bfloat16", 32, False, False),
+    ("float32", "float32", 48, False, True),
+    ("float32", "bfloat16", 64, True, False),
+])
+def test_emulated_cache_path_few_and_many_token_code(emulate, dtype, cache_dtype, rot, is_neox,
+                                                     inplace):
+    """From a cache with positions (vLLM's call), the kernel the planner compiles for few
+    tokens (FEW_TOKENS: the position load first, rotated values rounded a vector at a time)
+    and the one for many (small_waves=0 forces it on the same tiny problem) both match the
+    float64 reference, positions past the cache giving the identity, and each other bit for
+    bit (one rounding, to nearest even, either way)."""
+    T, hq, hk, d, max_pos = 5, 3, 2, 64, 40
+    g = torch.Generator().manual_seed(1)
+    q0 = torch.randn(T, hq * d, generator=g).to(DTYPES[dtype])
+    k0 = torch.randn(T, hk * d, generator=g).to(DTYPES[dtype])
+    pos = torch.tensor([3, 39, 0, 40, 17], dtype=torch.int64)  # 40: past the cache
+    angles = torch.rand(max_pos, rot // 2, generator=g, dtype=torch.float64) * 100 - 50
+    cache = torch.cat([angles.cos(), angles.sin()], -1).to(DTYPES[cache_dtype])
+    call = RopeCall(inplace, d, rot, is_neox, POSITIONS, None)
+    outs = []
+    for tuning in (DEFAULT_TUNING, DEFAULT_TUNING.__class__(small_waves=0.0)):
+        q, k = q0.clone(), k0.clone()
+        plan = plan_rope(call, RopeArrays(_desc(q), _desc(k), _desc(pos), cos_sin_cache=_desc(cache)),
+                         num_sms=132, tuning=tuning)
+        assert plan.spec.few_tokens == (tuning is DEFAULT_TUNING)
+        if inplace:
+            qo, ko = q, k
+        else:
+            qo = torch.full(plan.q_out_shape, float("nan"), dtype=q.dtype)
+            ko = torch.full(plan.k_out_shape, float("nan"), dtype=k.dtype)
+        params = ROPE_PARAMS.packer.pack(q.data_ptr(), k.data_ptr(), qo.data_ptr(), ko.data_ptr(),
+                                         pos.data_ptr(), 0, cache.data_ptr(), 0, 0, *plan.static)
+        emulate(plan.spec, params, plan.launch.grid, plan.launch.block, plan.launch.smem)
+        if not inplace:
+            assert torch.equal(q, q0) and torch.equal(k, k0)
+        outs.append((qo, ko))
+    inside = (pos < max_pos).numpy()
+    c64 = np.zeros((T, rot // 2)) + 1.0
+    s64 = np.zeros((T, rot // 2))
+    cached = cache.double().numpy()[pos.clamp(max=max_pos - 1).numpy()]
+    c64[inside], s64[inside] = cached[inside, :rot // 2], cached[inside, rot // 2:]
+    for qo, ko in outs:
+        for out, x, h in ((qo, q0, hq), (ko, k0, hk)):
+            x64 = x.double().numpy().reshape(T, h, d)
+            y = reference.apply_rotary(x64, c64, s64, is_neox)
+            assert_rope_close(out.view(T, h, d), x64, y, dtype, d, rot, 1)
+    assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]))
