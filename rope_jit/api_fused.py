@@ -194,8 +194,9 @@ def rope_and_reshape_and_cache_flash(positions, query, key, value, head_size, co
 
 
 def fused_qk_norm_rope(qkv, num_heads_q, num_heads_k, num_heads_v, head_dim, eps, q_weight,
-                       k_weight, cos_sin_cache, is_neox, position_ids, *, rotary_dim=None,
-                       rope_theta=None, rope_scale=1.0, rope_scaling=None) -> None:
+                       k_weight, cos_sin_cache, is_neox, position_ids,
+                       forced_token_heads_per_warp=-1, *, rotary_dim=None, rope_theta=None,
+                       rope_scale=1.0, rope_scaling=None) -> None:
     """vLLM's ``fused_qk_norm_rope``: in place on qkv ``[num_tokens, (num_heads_q +
     num_heads_k + num_heads_v) * head_dim]`` (fp16/bf16, any token stride), every q head
     becomes RMSNorm(x) * q_weight and every k head RMSNorm(x) * k_weight (fp32:
@@ -203,10 +204,12 @@ def fused_qk_norm_rope(qkv, num_heads_q, num_heads_k, num_heads_v, head_dim, eps
     elements of each, rounded once; v heads untouched. Any even rotary dim up to any head
     size (512 and more with 16-byte aligned rows); q_weight / k_weight ``[head_dim]`` of any
     float dtype; position_ids int32/int64. With cos_sin_cache None, cos/sin are computed on
-    the fly (rotary_dim: the whole head unless given). Returns None."""
+    the fly (rotary_dim: the whole head unless given). forced_token_heads_per_warp as vLLM's:
+    -1 (or any value <= 0) lets rope_jit choose; N (a power of two up to 32) gives each
+    (token, head) row 32 / N threads. Returns None."""
     call = qk_norm_rope_call(num_heads_q, num_heads_k, num_heads_v, head_dim, eps, is_neox,
                              _frequencies(cos_sin_cache, rope_theta, rope_scale, rope_scaling),
-                             rotary_dim)
+                             rotary_dim, forced_token_heads_per_warp)
     route.qk_norm_rope(call, QKNormRopeArrays(qkv, q_weight, k_weight, position_ids,
                                               cos_sin_cache))
 

@@ -90,6 +90,7 @@ class QKNormRopeCall(NamedTuple):
     is_neox: bool
     frequencies: str | None = None
     rotary_dim: int | None = None
+    token_heads_per_warp: int = -1  # vLLM's forced_token_heads_per_warp; -1: the planner's
 
     @property
     def from_cache(self) -> bool:
@@ -106,7 +107,8 @@ OP_FIELDS = {
                     ("kv_cache_dtype", "str"), ("pdl", "bool")),
     QKNormRopeCall: (("num_heads_q", "int"), ("num_heads_k", "int"), ("num_heads_v", "int"),
                      ("head_dim", "int"), ("eps", "float"), ("is_neox", "bool"),
-                     ("frequencies", "str?"), ("rotary_dim", "int?")),
+                     ("frequencies", "str?"), ("rotary_dim", "int?"),
+                     ("token_heads_per_warp", "int")),
 }
 for _type, _fields in OP_FIELDS.items():
     assert tuple(n for n, _ in _fields) == _type._fields, "OP_FIELDS must follow the call type"
@@ -169,7 +171,16 @@ def fused_rope_call(op: str, is_neox, frequencies=None, head_size=None, rotary_d
 
 @memoized_constant
 def qk_norm_rope_call(num_heads_q, num_heads_k, num_heads_v, head_dim, eps, is_neox,
-                      frequencies=None, rotary_dim=None) -> QKNormRopeCall:
+                      frequencies=None, rotary_dim=None,
+                      forced_token_heads_per_warp=-1) -> QKNormRopeCall:
+    """forced_token_heads_per_warp (vLLM's): <= 0 lets the planner choose; N > 0 makes each
+    warp take N (token, head) rows, 32 / N threads a row: a power of two up to 32."""
+    per_warp = check_int(forced_token_heads_per_warp, "forced_token_heads_per_warp")
+    if per_warp <= 0:
+        per_warp = -1
+    elif per_warp > 32 or per_warp & (per_warp - 1):
+        raise ValueError(f"forced_token_heads_per_warp: expected -1 (the planner's choice) or a "
+                         f"power of two up to 32, got {per_warp}")
     counts = []
     for value, name in ((num_heads_q, "num_heads_q"), (num_heads_k, "num_heads_k"),
                         (num_heads_v, "num_heads_v"), (head_dim, "head_dim")):
@@ -179,7 +190,7 @@ def qk_norm_rope_call(num_heads_q, num_heads_k, num_heads_v, head_dim, eps, is_n
                              f"integer, got {n}")
         counts.append(n)
     return QKNormRopeCall(*counts, check_number(eps, "eps", minimum=0.0), check_bool(is_neox, "is_neox"),
-                          frequencies, _optional_rotary_dim(rotary_dim))
+                          frequencies, _optional_rotary_dim(rotary_dim), per_warp)
 
 
 def clear_fused_call_caches() -> None:

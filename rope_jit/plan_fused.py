@@ -837,9 +837,16 @@ def plan_qk_norm_rope(call: QKNormRopeCall, arrays: QKNormRopeArrays, *,
 
     vec = choose_vec(ITEMSIZE[qkv.dtype], [rot // 2, D - rot, D, strides[0]], [qkv.ptr])
     chunks, pass_vecs = rot // 2 // vec, (D - rot) // vec
-    lanes = min(32, _pow2_ceil(-(-(2 * chunks + pass_vecs) // 4)))  # about 4 vectors a thread
+    forced = call.token_heads_per_warp > 0
+    lanes = (32 // call.token_heads_per_warp if forced  # vLLM's rows per warp: 32 / N threads a row
+             else min(32, _pow2_ceil(-(-(2 * chunks + pass_vecs) // 4))))  # ~4 vectors a thread
     per_lane = 2 * -(-chunks // lanes) + -(-pass_vecs // lanes)
     if per_lane > MAX_LANE_VECTORS:
+        if forced:
+            raise ValueError(f"forced_token_heads_per_warp: {call.token_heads_per_warp} leaves "
+                             f"{lanes} threads for a head of {D}: {per_lane} vector accesses "
+                             f"each at vector width {vec}, at most {MAX_LANE_VECTORS}; use a "
+                             f"smaller value or -1")
         raise ValueError(f"head_dim: {D} needs {per_lane} vector accesses per thread at vector "
                          f"width {vec} (rows aligned to {vec * ITEMSIZE[qkv.dtype]} bytes); at most "
                          f"{MAX_LANE_VECTORS}")

@@ -282,6 +282,17 @@ QK = [  # head, rotary, dtype, weights, neox, cos/sin, heads q/k/v, tokens
 @pytest.mark.parametrize("case", QK, ids=[f"h{c[0]}r{c[1]}-{c[2]}-{'neox' if c[4] else 'gptj'}-{c[5] or 'fly'}"
                                           for c in QK])
 def test_qk_norm_rope(case):
+    check_qk_norm_rope(case)
+
+
+@pytest.mark.parametrize("per_warp", [1, 4, 32])
+def test_qk_norm_rope_forced_token_heads_per_warp(per_warp):
+    """vLLM's forced_token_heads_per_warp: 32, 8 and 1 threads a row (one of them more
+    threads than the row has chunks) give the same result as the planner's choice."""
+    check_qk_norm_rope(QK[0], per_warp, expect_lanes=32 // per_warp)
+
+
+def check_qk_norm_rope(case, per_warp=-1, expect_lanes=None):
     head, rot, dtype, wdt, neox, cdt, (hq, hk, hv), T = case
     rng = np.random.default_rng(head)
     width = (hq + hk + hv) * head
@@ -293,9 +304,10 @@ def test_qk_norm_rope(case):
     pos = rng.integers(0, MAX_POS, T)
     cache, cos, sin = cos_sin(rng, rot, pos, cdt, 1e6)
     call = qk_norm_rope_call(hq, hk, hv, head, 1e-6, neox, None if cdt else frequencies_json(1e6),
-                             None if cdt else rot)
+                             None if cdt else rot, per_warp)
     arrays = QKNormRopeArrays(qkv, qw, kw, pos, cache)
     plan = plan_qk_norm_rope(call, QKNormRopeArrays(*map(emu.desc, arrays)))
+    assert expect_lanes is None or plan.spec.lanes == expect_lanes
     emu.run(plan, [emu.pointer(x) for x in arrays])
     ref = reference.qk_norm_rope(x64, hq, hk, head, 1e-6, f64(qw), f64(kw), cos, sin, neox).reshape(T, -1, head)
     n = hq + hk

@@ -194,6 +194,12 @@ QK_CALL_ERRORS = [
     ((4, 1, 1, 64, -1e-6, True), ValueError, r"^eps: expected a finite number >= 0, got -1e-06"),
     ((4, 1, 1, 64, None, True), TypeError, r"^eps: expected a number, got NoneType"),
     ((4, 1, 1, 64, 1e-6, "yes"), TypeError, r"^is_neox: expected a bool, got str"),
+    ((4, 1, 1, 64, 1e-6, True, None, None, 2.0), TypeError,
+     r"^forced_token_heads_per_warp: expected an integer, got float"),
+    ((4, 1, 1, 64, 1e-6, True, None, None, 3), ValueError,
+     r"^forced_token_heads_per_warp: expected -1 \(the planner's choice\) or a power of two up to 32, got 3"),
+    ((4, 1, 1, 64, 1e-6, True, None, None, 64), ValueError,
+     r"^forced_token_heads_per_warp: expected -1 .* got 64"),
 ]
 
 
@@ -521,6 +527,25 @@ def test_qk_norm_rope_launch(head, rot):
     assert big.launch.smem == 2 * head * 4 + big.launch.block[2] * rot // 2 * 8
     v = dict(zip(ROPE_FREQ + ("eps",) + QK_NORM_ROPE_STATIC, p.static))
     assert (v["eps"], v["token_stride"], v["max_position"]) == (1e-6, 14 * head, 4096)
+
+
+def test_qk_norm_rope_forced_token_heads_per_warp():
+    """vLLM's forced_token_heads_per_warp N > 0: N (token, head) rows a warp, 32 / N threads
+    a row (the kernel's LANES); <= 0 is the planner's choice (-1 in the call, one plan)."""
+    auto = qk().spec.lanes
+    for n in (1, 2, 4, 8, 16):
+        p = qk(call=(4, 2, 2, 128, 1e-6, True, None, None, n))
+        lanes, block_heads, _ = p.launch.block
+        assert p.spec.lanes == lanes == 32 // n and (lanes * block_heads) % 32 == 0
+    for n in (0, -1, -7):
+        assert qk_norm_rope_call(4, 2, 2, 128, 1e-6, True, None, None, n).token_heads_per_warp == -1
+        assert qk(call=(4, 2, 2, 128, 1e-6, True, None, None, n)).spec.lanes == auto
+    # one thread a 128-wide head at vector width 8: 16 vector accesses, the most allowed
+    assert qk(call=(4, 2, 2, 128, 1e-6, True, None, None, 32)).spec.lanes == 1
+    with pytest.raises(ValueError, match=r"^forced_token_heads_per_warp: 32 leaves 1 threads for a "
+                                         r"head of 256: 32 vector accesses each"):
+        qk(call=(4, 2, 2, 256, 1e-6, True, None, None, 32), qkv=desc((T, 8 * 256)),
+           q_weight=desc((256,)), k_weight=desc((256,)), cos_sin_cache=desc((4096, 256), "float32"))
 
 
 def test_qk_norm_rope_on_the_fly_and_strided_rows():

@@ -38,6 +38,17 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[f"h{c[0]}r{c[1]}-{c[2]}-w{c[3]}-{'neox' if c[4] else 'gptj'}-"
                                              f"{c[5] or 'fly'}-T{c[7]}" for c in CASES])
 def test_fused_qk_norm_rope(case):
+    check_fused_qk_norm_rope(case)
+
+
+@pytest.mark.parametrize("per_warp", [1, 2, 8, 32])
+def test_forced_token_heads_per_warp(per_warp):
+    """vLLM's 12th argument: N (token, head) rows a warp, 32 / N threads a row (here 32 to 1
+    for 128-wide heads, 300 tokens), the same result as the planner's choice."""
+    check_fused_qk_norm_rope(CASES[0], per_warp)
+
+
+def check_fused_qk_norm_rope(case, per_warp=-1):
     head, rot, dtype, wdt, neox, cache_dtype, pos_dtype, T, (hq, hk, hv) = case
     seed = zlib.crc32(repr(case).encode()) & 0xFFFF
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -62,7 +73,7 @@ def test_fused_qk_norm_rope(case):
     x64 = to_numpy64(qkv)
     eps = 1e-6
     assert rope_jit.fused_qk_norm_rope(qkv, hq, hk, hv, head, eps, q_w, k_w, cache, neox, pos,
-                                       **kw) is None
+                                       per_warp, **kw) is None
     torch.cuda.synchronize()
     ref = reference.qk_norm_rope(x64, hq, hk, head, eps, to_numpy64(q_w), to_numpy64(k_w), cos,
                                  sin, neox).reshape(T, -1, head)
