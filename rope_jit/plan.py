@@ -47,6 +47,7 @@ class Tuning:
     small_block_fly: int = 256   # the same on the fly: fewer blocks recompute the same cos/sin tile
     prefetch: bool = True        # software-pipeline the head batches of a thread
     min_blocks: int = 1          # register cap (kernels/rope.cu __launch_bounds__): 1 = 128 regs
+    few_tokens: bool | None = None  # kernels/rope.cu FEW_TOKENS; None: in the head-parallel regime
 
 
 DEFAULT_TUNING = Tuning()  # measured on an H100 (benchmarks/NOTES.md)
@@ -547,7 +548,8 @@ def plan_rope(call: RopeCall, arrays: RopeArrays, *, tuning=DEFAULT_TUNING,
         mrope_interleaved=call.mrope_interleaved and call.mrope_section is not None,
         inverse=call.inverse, min_blocks=tuning.min_blocks,
         # kernels/rope.cu FEW_TOKENS: latency-bound, position first and paired rounding
-        few_tokens=head_parallel(num_tokens, chunks, nq + nk, num_sms, tuning),
+        few_tokens=(head_parallel(num_tokens, chunks, nq + nk, num_sms, tuning)
+                    if tuning.few_tokens is None else tuning.few_tokens),
         index_bits=index_bits(a, rot, num_tokens), pdl=call.pdl,
         token_cos_sin=call.token_cos_sin,
         out_neox=None if call.out_neox in (None, call.is_neox) else call.out_neox)

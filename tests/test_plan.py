@@ -576,6 +576,10 @@ def test_few_token_path_exactly_in_the_head_parallel_regime():
     assert _mrope(**sized(few, positions=desc((3, few), "int64"))).spec.few_tokens
     # the rule follows the tuned regime boundary, not a token count of its own
     assert not call(tuning=dataclasses.replace(TUNING, small_waves=0.0)).spec.few_tokens
+    # a tuned entry may set it either way (rope-jit tune measures both)
+    forced_on = dataclasses.replace(TUNING, few_tokens=True)
+    assert call(**sized(many, positions=desc((many,), "int64")), tuning=forced_on).spec.few_tokens
+    assert not call(tuning=dataclasses.replace(TUNING, few_tokens=False)).spec.few_tokens
 
 
 @pytest.mark.parametrize("head", [2050, 4096])

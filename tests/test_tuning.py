@@ -60,6 +60,21 @@ def test_damaged_or_foreign_tables_are_ignored(cache_dir, damage):
     assert tuning.TuningTable.load(KEY).get(SHAPE, 8192) is None
 
 
+def test_few_token_knob_round_trips_and_old_entries_mean_the_rule(cache_dir):
+    """few_tokens (kernels/rope.cu FEW_TOKENS) is stored as true/false/null; an entry
+    written before the knob existed (no key) reads as None: the planner's regime rule."""
+    t = tuning.TuningTable(KEY)
+    for bucket, value in ((1, True), (8192, False)):
+        t.put(SHAPE, bucket, dataclasses.replace(DEFAULT_TUNING, few_tokens=value))
+    path = t.save()
+    data = json.loads(path.read_text())
+    assert data["entries"][tuning._entry_key(SHAPE, 8192)]["tuning"]["few_tokens"] is False
+    del data["entries"][tuning._entry_key(SHAPE, 1)]["tuning"]["few_tokens"]  # an older entry
+    path.write_text(json.dumps(data))
+    loaded = tuning.TuningTable.load(KEY)
+    assert loaded.get(SHAPE, 1).few_tokens is None and loaded.get(SHAPE, 8192).few_tokens is False
+
+
 def test_read_only_table_is_read(cache_dir):
     t = tuning.TuningTable(KEY)
     t.put(SHAPE, 1, dataclasses.replace(DEFAULT_TUNING, small_block=64))
