@@ -690,8 +690,8 @@ def _add_tune_parser(sub) -> None:
         formatter_class=_HelpFormatter,
         description="Time candidate launch knobs (heads per batch, waves, block shape, "
                     "prefetch, register cap, the few-token code path) for each call shape at "
-                    "each token bucket on this "
-                    "GPU, and store the fastest beside the compiled kernels. Later calls of that "
+                    "each token bucket on this GPU, and store the fastest beside the compiled "
+                    "kernels. Later calls of that "
                     "shape class and bucket use them; warming covers them. Nothing is measured "
                     "during calls unless ROPE_JIT_AUTOTUNE=1.")
     _add_call_options(p, "tuned")
