@@ -9,6 +9,15 @@ caps any in-place kernel below the copy bandwidth. Measured in the same run as t
 implementations, it separates what the layout allows from kernel inefficiency.
 
 Bytes are counted like the benchmark's: touched bytes read + written.
+
+The chain floor adds what every position-indexed kernel must do on top: the touch kernel
+whose threads also load their token's position and then, dependent on it, 16 bytes of that
+position's row of a table shaped like an fp32 cos/sin cache (rows at random, as the
+benchmark's positions), added in before the store. At a few tokens a call is one latency
+chain (launch, position, cache row, store) where a copy is launch, load, store: this row is
+the floor of that chain on this GPU, what "x copy time" can reach with a cache at all.
+Charged like the implementations: touched bytes read + written, 8 bytes of position and
+one cache row per token.
 """
 from __future__ import annotations
 
@@ -33,6 +42,25 @@ extern "C" __global__ void touch_prefix(uint4* x, long long rows, int vecs_per_r
 }
 """
 TOUCH_KERNEL = "touch_prefix"
+
+CHAIN_SOURCE = r"""
+extern "C" __global__ void touch_prefix_chained(uint4* x, const long long* pos,
+                                                const uint4* table, long long rows,
+                                                int vecs_per_row, int row_stride_vecs,
+                                                int rows_per_token, int table_row_vecs) {
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  long long r = i / vecs_per_row;
+  if (r >= rows) return;
+  int v = (int)(i - r * vecs_per_row);
+  const long long p = pos[r / rows_per_token];  // in flight with the row's own load
+  uint4* px = x + r * row_stride_vecs + v;
+  uint4 a = *px;
+  const uint4 c = table[p * table_row_vecs + v % table_row_vecs];  // waits for p
+  a.x += c.x; a.y += c.y; a.z += c.z; a.w += c.w;
+  *px = a;
+}
+"""
+CHAIN_KERNEL = "touch_prefix_chained"
 
 
 @dataclass(frozen=True)
@@ -62,6 +90,36 @@ class TouchPattern:
     def moved_bytes(self) -> int:
         """Touched bytes read + written: the bytes a call is charged."""
         return 2 * self.rows * self.touched_bytes
+
+
+@dataclass(frozen=True)
+class ChainPattern:
+    """A TouchPattern whose rows belong to tokens of ``rows_per_token`` rows each, every
+    token reading one random row of ``table_row_bytes`` from a table of ``table_rows``."""
+    touch: TouchPattern
+    rows_per_token: int
+    table_row_bytes: int
+    table_rows: int
+
+    def __post_init__(self):
+        if self.rows_per_token < 1 or self.touch.rows % self.rows_per_token:
+            raise ValueError(f"ChainPattern: rows_per_token {self.rows_per_token} must divide "
+                             f"the pattern's {self.touch.rows} rows")
+        if self.table_row_bytes < VECTOR_BYTES or self.table_row_bytes % VECTOR_BYTES:
+            raise ValueError(f"ChainPattern: table_row_bytes {self.table_row_bytes} is not a "
+                             f"positive multiple of the {VECTOR_BYTES}-byte vector")
+        if self.table_rows < 1:
+            raise ValueError(f"ChainPattern: table_rows must be >= 1, got {self.table_rows}")
+
+    @property
+    def tokens(self) -> int:
+        return self.touch.rows // self.rows_per_token
+
+    @property
+    def moved_bytes(self) -> int:
+        """As a call with a cache is charged: touched bytes read + written, a position
+        (8 bytes) and a table row per token."""
+        return self.touch.moved_bytes + self.tokens * (8 + self.table_row_bytes)
 
 
 def _cupy_stream(torch_stream):
@@ -111,6 +169,27 @@ class PrefixTouch:
                              cp.int32(vecs_per_row), cp.int32(pattern.row_bytes // VECTOR_BYTES)))
 
 
+class ChainedTouch:
+    """The chained touch kernel on the GPU."""
+
+    def __init__(self):
+        self._kernel = _CupyKernel(CHAIN_SOURCE, CHAIN_KERNEL)
+
+    def __call__(self, buf: torch.Tensor, pos: torch.Tensor, table: torch.Tensor,
+                 chain: ChainPattern) -> None:
+        import cupy as cp
+
+        t = chain.touch
+        vecs_per_row = t.touched_bytes // VECTOR_BYTES
+        grid = ((t.rows * vecs_per_row + BLOCK_THREADS - 1) // BLOCK_THREADS,)
+        self._kernel.launch(grid, (BLOCK_THREADS,),
+                            (cp.uint64(buf.data_ptr()), cp.uint64(pos.data_ptr()),
+                             cp.uint64(table.data_ptr()), cp.int64(t.rows),
+                             cp.int32(vecs_per_row), cp.int32(t.row_bytes // VECTOR_BYTES),
+                             cp.int32(chain.rows_per_token),
+                             cp.int32(chain.table_row_bytes // VECTOR_BYTES)))
+
+
 # The narrowing ceiling of the fused FP8 ops: every input byte read once in 16-byte vectors
 # and written at half width (the high byte of each 16-bit element: bf16 -> e5m2 by
 # truncation) to another buffer in 8-byte vectors, one vector per thread: what reading
@@ -147,6 +226,18 @@ def touch_prefix_torch(buf: torch.Tensor, pattern: TouchPattern) -> None:
     rows[:, :pattern.touched_bytes].add_(1)
 
 
+def touch_chained_torch(buf: torch.Tensor, pos: torch.Tensor, table: torch.Tensor,
+                        chain: ChainPattern) -> None:
+    """The same bytes with torch ops (gather, add): the dry run's stand-in on the CPU."""
+    t = chain.touch
+    words = t.touched_bytes // 4
+    rows = buf.view(torch.int32)[:t.buffer_bytes // 4].view(t.rows, t.row_bytes // 4)
+    row_words = chain.table_row_bytes // 4
+    cache = table.view(torch.int32)[:chain.table_rows * row_words].view(chain.table_rows, row_words)
+    per_token = cache.index_select(0, pos).repeat_interleave(chain.rows_per_token, 0)
+    rows[:, :words] += per_token[:, torch.arange(words, device=buf.device) % row_words]
+
+
 def pattern_calls(pattern: TouchPattern, sets: int, device: torch.device) -> list:
     """One touch per buffer set (each its own buffer), as the rows' implementations rotate."""
     bufs = [torch.empty(pattern.buffer_bytes, dtype=torch.uint8, device=device) for _ in range(sets)]
@@ -154,4 +245,18 @@ def pattern_calls(pattern: TouchPattern, sets: int, device: torch.device) -> lis
     return [(lambda b=b: touch(b, pattern)) for b in bufs]
 
 
+def chain_calls(chain: ChainPattern, sets: int, device: torch.device) -> list:
+    """One chained touch per buffer set (each its own buffer and positions, uniform over
+    the table's rows), one table for all, as the benchmark's cache."""
+    t = chain.touch
+    table = torch.randint(0, 2 ** 20, (chain.table_rows * chain.table_row_bytes // 4,),
+                          dtype=torch.int32, device=device)
+    bufs = [(torch.empty(t.buffer_bytes, dtype=torch.uint8, device=device),
+             torch.randint(0, chain.table_rows, (chain.tokens,), dtype=torch.int64, device=device))
+            for _ in range(sets)]
+    touch = _gpu_chain if device.type == "cuda" else touch_chained_torch
+    return [(lambda b=b, p=p: touch(b, p, table, chain)) for b, p in bufs]
+
+
 _gpu_touch = PrefixTouch()  # one kernel object for every row (CuPy compiles it once)
+_gpu_chain = ChainedTouch()

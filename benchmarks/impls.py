@@ -16,6 +16,8 @@ uniform in [0, 100000), caches built by ``rope_jit.compute_cos_sin_cache``.
 * ``rope_jit/cache_fp32``, ``rope_jit/cache_bf16``: ``apply_rope_inplace_with_cache``;
 * ``rope_jit/on_the_fly``: ``apply_rope_pos_ids_inplace``; ``rope_jit/fly_llama3``,
   ``rope_jit/fly_yarn``: the same with a ``rope_scaling`` variant;
+* ``rope_jit/cos_sin``: ``apply_rotary_pos_emb_inplace`` fed what Liger is fed (bf16 cos/sin
+  per token, gathered outside the call): no position -> cache-row load in the kernel;
 * ``flashinfer/cache_fp32``, ``flashinfer/on_the_fly``: FlashInfer's own kernels (ctypes);
 * ``liger_kernel``: ``liger_rotary_pos_emb`` on the ``[1, H, T, D]`` views of the
   ``[1, T, H, D]`` storage that Hugging Face models pass it, bf16 cos/sin ``[1, T, R]``
@@ -40,7 +42,7 @@ import numpy as np
 import torch
 
 import rope_jit
-from ceilings import TouchPattern
+from ceilings import ChainPattern, TouchPattern
 from checks import TOLERANCES, check_rope, make_rope_check_case
 from errors import Unavailable
 from peers import CompiledRope, Peers, liger_resolved_impl, torch_rope
@@ -101,6 +103,11 @@ class OpFamily(abc.ABC):
     def touch_pattern(self, shape, tokens: int) -> TouchPattern | None:
         """The in-place access pattern of the pattern-ceiling row, or None for no such row."""
 
+    def chain_pattern(self, shape, tokens: int) -> ChainPattern | None:
+        """The chain floor row's pattern (the touch plus a position -> table row chain per
+        token), or None for no such row."""
+        return None
+
     @abc.abstractmethod
     def bytes_per_call(self, shape, tokens: int, impl: Impl) -> int:
         """Bytes one call is charged (achieved bandwidth = this / time)."""
@@ -138,6 +145,10 @@ class OpFamily(abc.ABC):
                     decode_max_tokens=self.decode_max_tokens, small_tokens=self.small_tokens,
                     implementations={i.name: i.describe() for i in impls},
                     references=dict(
+                        chain_floor="the pattern ceiling's kernel with a position -> fp32 "
+                                    "cache-row load chain per token (benchmarks/ceilings.py): "
+                                    "the floor of any kernel that indexes a cache by position; "
+                                    "charged as a call with an fp32 cache",
                         pattern_ceiling="benchmarks/ceilings.py's kernel loading and storing "
                                         "back, in place, the bytes an in-place call must touch "
                                         "(16-byte vectors); charged those bytes read + written",
@@ -254,26 +265,48 @@ def _torch_compile(ctx: RopeContext, tokens: int) -> ApplyFn:
     return lambda pos, q, k: fn(pos, q, k, cache, s.rotary_dim, s.is_neox)
 
 
-def _liger(ctx: RopeContext, tokens: int) -> ApplyFn:
-    s, cache, rope = ctx.shape, ctx.caches["bfloat16"], ctx.peers.liger_rope
-    if not s.is_neox:
-        raise Unavailable("n/a", "Liger's kernel does NeoX (rotate-half) style only")
+def _gathered_cos_sin(cache: torch.Tensor) -> Callable:
+    """cos_sin(pos) -> (cos, sin), each [T, R] (halves duplicated), as Hugging Face models
+    build them once per forward and share them across layers: the gather stays out of the
+    timed call (it runs on the first call with these positions, the warm-up, outside the
+    graph)."""
     last = {}
 
     def cos_sin(pos):
-        # HF models build cos/sin [1, T, R] (halves duplicated) once per forward and share
-        # them across layers, so the gather stays out of the timed call: it is done on the
-        # first call with these positions (the warm-up, outside the graph).
         if last.get("pos") is not pos:
             c, sn = cache.index_select(0, pos).chunk(2, dim=-1)
-            last.update(pos=pos, cos=torch.cat((c, c), -1)[None], sin=torch.cat((sn, sn), -1)[None])
+            last.update(pos=pos, cos=torch.cat((c, c), -1), sin=torch.cat((sn, sn), -1))
         return last["cos"], last["sin"]
+    return cos_sin
+
+
+def _neox_only(shape: RopeShape, who: str) -> None:
+    if not shape.is_neox:
+        raise Unavailable("n/a", f"{who} NeoX (rotate-half) style only")
+
+
+def _liger(ctx: RopeContext, tokens: int) -> ApplyFn:
+    s, rope = ctx.shape, ctx.peers.liger_rope
+    _neox_only(s, "Liger's kernel does")
+    cos_sin = _gathered_cos_sin(ctx.caches["bfloat16"])
 
     def apply(pos, q, k):
         # Liger takes [B, H, T, D] views of [B, T, H, D] storage and rotates that storage;
         # the rotary width is that of cos/sin (R: partial rotary rotates the first R dims)
         cos, sin = cos_sin(pos)
-        rope(q[None].transpose(1, 2), k[None].transpose(1, 2), cos, sin)
+        rope(q[None].transpose(1, 2), k[None].transpose(1, 2), cos[None], sin[None])
+    return apply
+
+
+def _rope_jit_cos_sin(ctx: RopeContext, tokens: int) -> ApplyFn:
+    """Liger's inputs exactly (bf16 cos/sin per token, gathered outside the call), through
+    transformers' in-place form: the same kernel without the position -> cache row load."""
+    _neox_only(ctx.shape, "apply_rotary_pos_emb takes")
+    cos_sin = _gathered_cos_sin(ctx.caches["bfloat16"])
+
+    def apply(pos, q, k):
+        cos, sin = cos_sin(pos)
+        rope_jit.apply_rotary_pos_emb_inplace(q, k, cos, sin, unsqueeze_dim=-2)
     return apply
 
 
@@ -314,6 +347,9 @@ class RopeFamily(OpFamily):
             Impl("rope_jit/fly_yarn", _rope_jit_on_the_fly(FLY_VARIANTS["yarn"]), "rope_jit",
                  "apply_rope_pos_ids_inplace, rope_scaling yarn (DeepSeek-V3's)",
                  rope_scaling=FLY_VARIANTS["yarn"]),
+            Impl("rope_jit/cos_sin", _rope_jit_cos_sin, "rope_jit",
+                 "apply_rotary_pos_emb_inplace, bf16 cos/sin [T, R] gathered outside the call "
+                 "(Liger's inputs)", cache_dtype="bfloat16"),
         ]
         skipped = {}
         if peers.flashinfer is not None:
@@ -367,6 +403,11 @@ class RopeFamily(OpFamily):
         return TouchPattern(rows=tokens * (shape.num_q_heads + shape.num_kv_heads),
                             row_bytes=shape.head_size * 2, touched_bytes=shape.rotary_dim * 2)
 
+    def chain_pattern(self, shape: RopeShape, tokens: int) -> ChainPattern:
+        return ChainPattern(self.touch_pattern(shape, tokens),
+                            rows_per_token=shape.num_q_heads + shape.num_kv_heads,
+                            table_row_bytes=shape.rotary_dim * 4, table_rows=MAX_POSITION)
+
     def bytes_per_call(self, shape: RopeShape, tokens: int, impl: Impl) -> int:
         return rope_bytes(shape, tokens, impl.cache_itemsize, impl.inplace)
 
@@ -388,7 +429,9 @@ class RopeFamily(OpFamily):
     def comparisons(self) -> list[dict]:
         return [dict(label="cache", subject="rope_jit/cache_fp32", peers=list(CACHE_PEERS)),
                 dict(label="on the fly", subject="rope_jit/on_the_fly",
-                     peers=["flashinfer/on_the_fly"])]
+                     peers=["flashinfer/on_the_fly"]),
+                dict(label="cos/sin per token", subject="rope_jit/cos_sin",
+                     peers=["liger_kernel"])]
 
     def targets(self, shapes: list) -> list[dict]:
         ours = ["rope_jit/cache_fp32", "rope_jit/cache_bf16", "rope_jit/on_the_fly",
@@ -413,7 +456,7 @@ class RopeFamily(OpFamily):
     def bytes_formula(self) -> str:
         return ("in place 2·T·(Hq+Hk)·R·2, out of place 2·T·(Hq+Hk)·D·2; + 8·T (positions) "
                 "+ T·R·cache itemsize (0 on the fly); copy 2·T·(Hq+Hk)·D·2; "
-                "pattern ceiling 2·T·(Hq+Hk)·R·2")
+                "pattern ceiling 2·T·(Hq+Hk)·R·2; chain floor as an fp32 cache")
 
 
 FAMILIES: dict[str, OpFamily] = {f.name: f for f in (RopeFamily(),)}

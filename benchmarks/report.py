@@ -26,7 +26,7 @@ from pathlib import Path
 from errors import short_error
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
-REFERENCE_ROWS = ("pattern_ceiling", "copy")  # measured per row, beside the implementations
+REFERENCE_ROWS = ("chain_floor", "pattern_ceiling", "copy")  # measured per row, beside the implementations
 PLOT_NAME = "bandwidth.png"
 
 # words of a device name that say nothing about its speed class
@@ -211,6 +211,15 @@ def target_misses(results: dict) -> tuple[int, list[tuple[str, str, list[str]]]]
     return checked, misses
 
 
+def _reference_text(r: dict | None, small_tokens: int) -> str:
+    """A reference row's cell: x copy time at few tokens, else % of copy; — if absent."""
+    if r is None or r["status"] != "ok":
+        return "—"
+    if r["tokens"] <= small_tokens and r.get("x_copy") is not None:
+        return f"{r['x_copy']:.2f}x"
+    return fmt_pct(r["percent_of_copy"])
+
+
 def _subject_text(r: dict | None, small_tokens: int) -> str:
     return "—" if r is None else cell(r, small_tokens)
 
@@ -230,19 +239,21 @@ def render_summary(results: dict) -> list[str]:
             continue
         small = fam.get("small_tokens", 128)
         labels = list(dict.fromkeys((c["label"], c["subject_name"]) for c in fcomps))
-        header = "| shape | tokens | copy | pattern ceiling |"
+        header = "| shape | tokens | copy | pattern ceiling | chain floor |"
         for label, subject in labels:
             header += f" `{subject}` | ÷ fastest {label} peer |"
-        out += [header, "|---|---:|---:|---:|" + "---|---|" * len(labels)]
+        out += [header, "|---|---:|---:|---:|---:|" + "---|---|" * len(labels)]
         keyed = {(c["shape"], c["tokens"], c["label"]): c for c in fcomps}
         for shape in shapes_of(results, fname):
             rows = rows_of(results, fname, shape["name"])
             for t in sorted({r["tokens"] for r in rows}):
                 ref = {r["impl"]: r for r in rows if r["tokens"] == t}
                 copy, pat = ref.get("copy"), ref.get("pattern_ceiling")
+                chain = ref.get("chain_floor")
                 line = (f"| {shape['name']} | {t} | "
                         f"{fmt_us(copy['seconds']) if copy and copy['status'] == 'ok' else '—'} | "
-                        f"{fmt_pct(pat['percent_of_copy']) if pat and pat['status'] == 'ok' else '—'} |")
+                        f"{_reference_text(pat, small)} | "
+                        f"{_reference_text(chain, small)} |")
                 for label, _ in labels:
                     c = keyed.get((shape["name"], t, label))
                     if c is None:
@@ -313,9 +324,11 @@ def render_decode(results: dict) -> list[str]:
         impls = [n for n in fam["implementations"] if any(r["impl"] == n for r in rows)]
         out += [f"## Decode (≤ {limit} tokens): time / copy time", "",
                 "The copy column is the time of a device copy of the inputs (the latency floor); "
-                "every other cell is time over it. Bold: the fastest on the row.", "",
-                "| shape | tokens | copy | " + " | ".join(f"`{n}`" for n in impls) + " |",
-                "|---|---:|---:|" + "---:|" * len(impls)]
+                "every other cell is time over it. The chain floor: the in-place touch with a "
+                "position -> cache-row load per token, the floor of any kernel reading a cache "
+                "by position. Bold: the fastest implementation on the row.", "",
+                "| shape | tokens | copy | chain floor | " + " | ".join(f"`{n}`" for n in impls) + " |",
+                "|---|---:|---:|---:|" + "---:|" * len(impls)]
         for shape in shapes_of(results, fname):
             srows = [r for r in rows if r["shape"] == shape["name"]]
             for t in sorted({r["tokens"] for r in srows}):
@@ -335,7 +348,9 @@ def render_decode(results: dict) -> list[str]:
                         text = f"{ok[n]['x_copy']:.2f}x"
                         cells.append(f"**{text}**" if n == best else text)
                 copy_text = fmt_us(copy["seconds"]) if copy and copy["status"] == "ok" else "—"
-                out.append(f"| {shape['name']} | {t} | {copy_text} | " + " | ".join(cells) + " |")
+                chain_text = _reference_text(by_impl.get("chain_floor"), limit)
+                out.append(f"| {shape['name']} | {t} | {copy_text} | {chain_text} | "
+                           + " | ".join(cells) + " |")
         out.append("")
     return out
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Side-by-side RoPE benchmark: rope_jit against FlashInfer, Liger-Kernel, vLLM, the PyTorch
-formula (eager and torch.compile), a device copy and the pattern ceiling; one GPU, one
-process, one run.
+formula (eager and torch.compile), a device copy, the pattern ceiling and the chain floor;
+one GPU, one process, one run.
 
     python benchmarks/run.py --quick     # smoke run: 2 token counts, fewer replays
     python benchmarks/run.py             # the full sweep
@@ -15,13 +15,14 @@ The modules (see benchmarks/README.md):
   (FlashInfer's .so through ctypes, Liger's wheel, vLLM, the PyTorch formula);
 * checks.py: every implementation against the float64 reference before it is timed;
 * timing.py: CUDA-graph replay over rotating buffer sets, the copy; ceilings.py: the
-  pattern-ceiling kernel;
+  pattern-ceiling and chain-floor kernels;
 * report.py: results.json, RESULTS.md and bandwidth.png, kept per GPU;
 * this file: the arguments and the sweep.
 
 For each op family, shape and token count T (the shape's check row first: the largest
-T <= 1024 asked for), one row: a device copy of one input set and the pattern-ceiling
-kernel, then each implementation, checked on the check row (one that fails is WRONG and
+T <= 1024 asked for), one row: a device copy of one input set, the pattern-ceiling kernel
+and the chain floor (the same with a position -> cache-row load per token), then each
+implementation, checked on the check row (one that fails is WRONG and
 never timed) and timed by CUDA-graph replay (median over replays; an implementation
 allowed to, when capture fails, by events around eager calls, marked †). Then host time
 per warm call: back-to-back calls at one token, ``time.perf_counter`` around the loop.
@@ -39,7 +40,7 @@ FlashInfer: ``bash ../shared/peers/flashinfer/build.sh 90 .peers`` builds
 ``PYTHONPATH=/tmp/site``. Both are git-ignored folders to name in the device call's carry.
 
 ``--dry-run`` runs the same pipeline on the CPU (the PyTorch formula, its check, the
-pattern touch as a torch op, the report; GPU-only implementations report errors) to test
+pattern and chained touches as torch ops, the report; GPU-only implementations report errors) to test
 this script without a GPU, writing to a temporary folder unless ``--out`` is given. Its
 timings mean nothing.
 """
@@ -65,7 +66,7 @@ import torch  # noqa: E402
 
 import rope_jit  # noqa: E402
 import report  # noqa: E402
-from ceilings import pattern_calls  # noqa: E402
+from ceilings import chain_calls, pattern_calls  # noqa: E402
 from errors import FatalCuda, Unavailable, short_error  # noqa: E402
 from impls import FAMILIES, Impl, OpFamily  # noqa: E402
 from peers import Peers, compile_settings, load_peers  # noqa: E402
@@ -163,6 +164,20 @@ def measure_references(family: OpFamily, ctx, tokens: int, sets: int, timer,
             rec.error(f"{s.name} T={tokens} pattern_ceiling", e)
             ensure_cuda_usable(device)
             rec.row(fam, s.name, tokens, "pattern_ceiling", "error", pattern.moved_bytes,
+                    note=short_error(e))
+        free_memory(device)
+    chain = family.chain_pattern(s, tokens)
+    if chain is not None:
+        try:
+            seconds = timer.graph(chain_calls(chain, sets, device))
+            rec.row(fam, s.name, tokens, "chain_floor", "ok", chain.moved_bytes,
+                    seconds=seconds, copy_seconds=copy_seconds, timing="cuda-graph")
+        except FatalCuda:
+            raise
+        except Exception as e:
+            rec.error(f"{s.name} T={tokens} chain_floor", e)
+            ensure_cuda_usable(device)
+            rec.row(fam, s.name, tokens, "chain_floor", "error", chain.moved_bytes,
                     note=short_error(e))
         free_memory(device)
     return copy_seconds, pattern_bw

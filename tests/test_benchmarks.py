@@ -82,8 +82,56 @@ def test_cpu_touch_changes_exactly_the_prefix_of_every_row():
     assert bool((rows[:, :16] == 1).all()) and bool((rows[:, 16:] == 0).all())
 
 
+def test_chain_floor_is_charged_like_a_call_with_an_fp32_cache():
+    s, T = SHAPES["llama3-8b"], 16
+    c = ROPE.chain_pattern(s, T)
+    assert c.touch == ROPE.touch_pattern(s, T) and c.rows_per_token == 40 and c.tokens == T
+    assert c.table_row_bytes == 128 * 4
+    assert c.moved_bytes == ROPE.bytes_per_call(s, T, impl_named("rope_jit/cache_fp32"))
+    with pytest.raises(ValueError, match="rows_per_token"):
+        ceilings.ChainPattern(ceilings.TouchPattern(6, 32, 16), 4, 16, 10)
+    with pytest.raises(ValueError, match="table_row_bytes"):
+        ceilings.ChainPattern(ceilings.TouchPattern(6, 32, 16), 3, 24, 10)
+
+
+def _chain_case(device):
+    """3 tokens of 2 rows (48 bytes, 32 touched), a table of 5 rows of 16 bytes."""
+    c = ceilings.ChainPattern(ceilings.TouchPattern(rows=6, row_bytes=48, touched_bytes=32),
+                              rows_per_token=2, table_row_bytes=16, table_rows=5)
+    g = torch.Generator().manual_seed(3)
+    buf = torch.randint(0, 256, (c.touch.buffer_bytes,), dtype=torch.uint8, generator=g)
+    table = torch.randint(0, 2 ** 20, (5 * 4,), dtype=torch.int32, generator=g)
+    pos = torch.tensor([4, 0, 2], dtype=torch.int64)
+    return c, buf.to(device), pos.to(device), table.to(device)
+
+
+def test_cpu_chained_touch_adds_each_tokens_table_row_to_its_rows_prefix():
+    c, buf, pos, table = _chain_case("cpu")
+    before = buf.clone().view(torch.int32).view(6, 12)
+    ceilings.touch_chained_torch(buf, pos, table, c)
+    after = buf.view(torch.int32).view(6, 12)
+    rows = table.view(5, 4)
+    for r in range(6):
+        want = rows[pos[r // 2]].repeat(2)  # 32 touched bytes: the 16-byte row twice
+        assert torch.equal(after[r, :8], before[r, :8] + want)
+        assert torch.equal(after[r, 8:], before[r, 8:])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_chained_touch_matches_the_torch_stand_in():
+    c, buf, pos, table = _chain_case("cuda")
+    want = buf.clone()
+    ceilings.touch_chained_torch(want, pos, table, c)
+    guard = torch.full((64,), 0xA5, dtype=torch.uint8, device="cuda")
+    padded = torch.cat([buf, guard])  # bytes past the pattern's buffer stay untouched
+    ceilings.ChainedTouch()(padded, pos, table, c)
+    torch.cuda.synchronize()
+    assert torch.equal(padded[:buf.numel()], want)
+    assert bool((padded[buf.numel():] == 0xA5).all())
+
+
 @pytest.mark.nvrtc
-@pytest.mark.parametrize("source", ["TOUCH_SOURCE", "NARROW_SOURCE"])
+@pytest.mark.parametrize("source", ["TOUCH_SOURCE", "NARROW_SOURCE", "CHAIN_SOURCE"])
 def test_ceiling_kernel_sources_compile_for_sm90(source):
     from cupy.cuda import nvrtc
 
@@ -259,14 +307,18 @@ def synthetic_results() -> dict:
     fi = impls.Impl("flashinfer/cache_fp32", None, "peer", "FlashInfer", cache_dtype="float32",
                     tolerance="fp32_2ulp")
     chosen = [built["rope_jit/cache_fp32"], built["rope_jit/on_the_fly"], fi, built["torch_compile"]]
-    times = {1: dict(copy=1.0e-6, pattern_ceiling=1.1e-6, fp32=1.6e-6, fly=2.0e-6, fi=1.5e-6, tc=5e-6),
-             8192: dict(copy=40e-6, pattern_ceiling=42e-6, fp32=50e-6, fly=48e-6, fi=55e-6, tc=70e-6)}
+    times = {1: dict(copy=1.0e-6, pattern_ceiling=1.1e-6, chain=1.4e-6, fp32=1.6e-6, fly=2.0e-6,
+                     fi=1.5e-6, tc=5e-6),
+             8192: dict(copy=40e-6, pattern_ceiling=42e-6, chain=43e-6, fp32=50e-6, fly=48e-6,
+                        fi=55e-6, tc=70e-6)}
     for T, t in times.items():
         rec.row("rope", s.name, T, "copy", "ok", 2 * ROPE.input_bytes(s, T), seconds=t["copy"],
                 copy_seconds=t["copy"], timing="cuda-graph")
         pat = ROPE.touch_pattern(s, T)
         pat_bw = rec.row("rope", s.name, T, "pattern_ceiling", "ok", pat.moved_bytes,
                          seconds=t["pattern_ceiling"], copy_seconds=t["copy"])["bandwidth"]
+        rec.row("rope", s.name, T, "chain_floor", "ok", ROPE.chain_pattern(s, T).moved_bytes,
+                seconds=t["chain"], copy_seconds=t["copy"])
         for impl, key in zip(chosen, ("fp32", "fly", "fi", "tc")):
             rec.row("rope", s.name, T, impl.name, "ok", ROPE.bytes_per_call(s, T, impl), seconds=t[key],
                     copy_seconds=t["copy"], pattern_bandwidth=pat_bw if impl.inplace else None,
@@ -318,7 +370,18 @@ def test_report_decode_table_bolds_the_fastest():
     md = report.render_markdown(synthetic_results())
     decode = md[md.index("## Decode"):md.index("## Host time")]
     row = next(line for line in decode.splitlines() if line.startswith("| llama3-8b | 1 |"))
-    assert "| 1.00 µs | 1.60x | 2.00x | **1.50x** | 5.00x |" in row
+    assert "| 1.00 µs | 1.40x | 1.60x | 2.00x | **1.50x** | 5.00x |" in row  # chain floor 2nd
+
+
+def test_report_summary_shows_the_chain_floor_beside_the_pattern_ceiling():
+    summary = report.render_summary(synthetic_results())
+    assert "| copy | pattern ceiling | chain floor |" in summary[4]
+    one = next(line for line in summary if line.startswith("| llama3-8b | 1 |"))
+    big = next(line for line in summary if line.startswith("| llama3-8b | 8192 |"))
+    assert "| 1.00 µs | 1.10x | 1.40x |" in one  # few tokens: x copy time, as the cells
+    s = SHAPES["llama3-8b"]
+    chain_pct = 100 * ROPE.chain_pattern(s, 8192).moved_bytes / 43e-6 / 4.0e12
+    assert f"| 40.0 µs | {report.fmt_pct(100 * ROPE.touch_pattern(s, 8192).moved_bytes / 42e-6 / 4.0e12)} | {report.fmt_pct(chain_pct)} |" in big
 
 
 def test_report_host_time_checks_and_notes():
