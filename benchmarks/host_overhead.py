@@ -64,11 +64,15 @@ def steps(q, k, pos, cache) -> list:
         ("current_device() (cupy runtime)", per_call(current_device)),
         ("fw.stream(0) (torch raw stream)", per_call(lambda: fw.stream(0))),
     ]
+    # launch.run_rope's key: call, then the fingerprints of query, key, positions, indptr,
+    # offsets, cache, cos, sin (absent: None), then the tuning (None: this device's)
     sig_parts = (call, fw.fingerprint(q)[0], fw.fingerprint(k)[0], fw.fingerprint(pos)[0],
-                 None, None, fw.fingerprint(cache)[0], None)
+                 None, None, fw.fingerprint(cache)[0], None, None, None)
     rows.append(("plan look-up (hash of the key + dict get)",
                  per_call(lambda: launch._plans.get(sig_parts))))
     prep = launch._plans.get(sig_parts)
+    if prep is None:
+        raise RuntimeError("the plan key above no longer matches launch.run_rope's: update it")
     buf, addr, _keep = launch.plan_buffer(prep)
     ptrs = (q.data_ptr(), k.data_ptr(), q.data_ptr(), k.data_ptr(), pos.data_ptr(), 0,
             cache.data_ptr())

@@ -105,7 +105,8 @@ class OpFamily(abc.ABC):
 
     def chain_pattern(self, shape, tokens: int) -> ChainPattern | None:
         """The chain floor row's pattern (the touch plus a position -> table row chain per
-        token), or None for no such row."""
+        token), or None for no such row (the default; the rope family: above its decode
+        rows)."""
         return None
 
     @abc.abstractmethod
@@ -403,7 +404,12 @@ class RopeFamily(OpFamily):
         return TouchPattern(rows=tokens * (shape.num_q_heads + shape.num_kv_heads),
                             row_bytes=shape.head_size * 2, touched_bytes=shape.rotary_dim * 2)
 
-    def chain_pattern(self, shape: RopeShape, tokens: int) -> ChainPattern:
+    def chain_pattern(self, shape: RopeShape, tokens: int) -> ChainPattern | None:
+        # decode rows only: there a call is one latency chain and this row its floor; with
+        # many tokens a kernel hides the chain behind other tokens' loads (a one-vector
+        # thread cannot), so the row would be no floor at all
+        if tokens > self.decode_max_tokens:
+            return None
         return ChainPattern(self.touch_pattern(shape, tokens),
                             rows_per_token=shape.num_q_heads + shape.num_kv_heads,
                             table_row_bytes=shape.rotary_dim * 4, table_rows=MAX_POSITION)

@@ -447,7 +447,8 @@ def summary_text(results: dict) -> str:
 
 def plot_bandwidth(results: dict, path: Path) -> None:
     """Achieved bandwidth (TB/s) vs tokens, one subplot per shape, one line per
-    implementation, the copy and pattern ceiling rows dotted, the measured copy bandwidth
+    implementation, the reference rows (copy, pattern ceiling, chain floor) dotted or dashed
+    in grey, the measured copy bandwidth
     as a dashed line."""
     import matplotlib
 
@@ -463,7 +464,8 @@ def plot_bandwidth(results: dict, path: Path) -> None:
     names = list(dict.fromkeys(n for fname, _ in panels for n in column_order(results, fname, _["name"])))
     palette = [plt.cm.tab10(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)] + [plt.cm.Dark2(i) for i in range(8)]
     colors = {n: palette[i % len(palette)] for i, n in enumerate(x for x in names if x not in REFERENCE_ROWS)}
-    reference_style = {"copy": dict(ls=":", color="0.45"), "pattern_ceiling": dict(ls="-.", color="0.25")}
+    reference_style = {"copy": dict(ls=":", color="0.45"), "pattern_ceiling": dict(ls="-.", color="0.25"),
+                       "chain_floor": dict(ls="--", color="0.6")}
     handles = {}
     for ax, (fname, shape) in zip(axes.flat, panels):
         top, ticks = ceiling, set()
