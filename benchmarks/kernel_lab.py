@@ -187,6 +187,7 @@ class KSpec:
             f"constexpr int STAGES = {self.stages};",
             f"constexpr bool PDL = {_c_bool(self.pdl)};",
             "constexpr bool FEW_TOKENS = false;",  # rope_jit's few-token path (position first)
+            "constexpr bool TOKENS_2D = true;",    # rope_jit's [batch, seq] token split
         ]
         return "\n".join(lines) + "\n" + PARAM_DECL
 

@@ -75,6 +75,9 @@
 //     instead of after the first q/k loads (position -> cache row is the critical path),
 //     and every mode rounds a chunk a pair of elements per conversion (rotate_chunk).
 //     Both cost 2-5% at 8192 tokens, so many tokens keep the original order.
+//
+//   TOKENS_2D = false | true. Token dims [batch, seq] with their own strides (a division
+//     per token) or, false, one token dim: the split and its code are compiled out.
 
 constexpr int HALF = ROT_DIM / 2;
 constexpr int CHUNKS = HALF / VEC;
@@ -205,6 +208,20 @@ __device__ __forceinline__ void rotate_chunk(vec_t& va, vec_t& vb, const float (
   vb = round_vec<scalar_t, VEC>(b);
 }
 
+// Token dims are [tokens] or [batch, seq] with independent strides. TOKENS_2D false (the
+// planner saw one token dim): no division, and none of its code ahead of the first loads.
+__device__ __forceinline__ void split_token(const RopeParams& p, idx_t t, idx_t& outer,
+                                            idx_t& inner) {
+  outer = 0;
+  inner = t;
+  if constexpr (TOKENS_2D) {
+    if (p.inner_tokens != p.num_tokens) {
+      outer = t / (idx_t)p.inner_tokens;
+      inner = t - outer * (idx_t)p.inner_tokens;
+    }
+  }
+}
+
 // Position of token t in position row `row` (mRoPE: 0, 1, 2; else 0). valid false: no
 // request owns the token, or t is past the end.
 __device__ __forceinline__ i64 token_position(const RopeParams& p, idx_t t, bool& valid,
@@ -217,11 +234,8 @@ __device__ __forceinline__ i64 token_position(const RopeParams& p, idx_t t, bool
     valid = b >= 0;
     return valid ? (i64)((const index_t*)p.offsets)[b] + ((i64)t - (i64)indptr[b]) : 0;
   } else {
-    idx_t outer = 0, inner = t;
-    if (p.inner_tokens != p.num_tokens) {
-      outer = t / (idx_t)p.inner_tokens;
-      inner = t - outer * (idx_t)p.inner_tokens;
-    }
+    idx_t outer, inner;
+    split_token(p, t, outer, inner);
     return (i64)((const index_t*)p.positions)[row * (idx_t)p.pos_stride_row +
                                               outer * (idx_t)p.pos_stride_outer +
                                               inner * (idx_t)p.pos_stride_inner];
@@ -273,17 +287,6 @@ struct Batch {
 struct TokenRows {
   idx_t q, k, qo, ko, cos_row, sin_row;
 };
-
-// Token dims are [tokens] or [batch, seq] with independent strides.
-__device__ __forceinline__ void split_token(const RopeParams& p, idx_t t, idx_t& outer,
-                                            idx_t& inner) {
-  outer = 0;
-  inner = t;
-  if (p.inner_tokens != p.num_tokens) {
-    outer = t / (idx_t)p.inner_tokens;
-    inner = t - outer * (idx_t)p.inner_tokens;
-  }
-}
 
 __device__ __forceinline__ TokenRows token_rows(const RopeParams& p, idx_t t) {
   idx_t outer, inner;

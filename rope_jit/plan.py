@@ -551,6 +551,7 @@ def plan_rope(call: RopeCall, arrays: RopeArrays, *, tuning=DEFAULT_TUNING,
         few_tokens=(head_parallel(num_tokens, chunks, nq + nk, num_sms, tuning)
                     if tuning.few_tokens is None else tuning.few_tokens),
         index_bits=index_bits(a, rot, num_tokens), pdl=call.pdl,
+        tokens_2d=tokens.shape[-1] != num_tokens,  # a [batch, seq] split (batch > 1)
         token_cos_sin=call.token_cos_sin,
         out_neox=None if call.out_neox in (None, call.is_neox) else call.out_neox)
 

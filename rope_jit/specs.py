@@ -115,6 +115,7 @@ class RopeSpec:
     token_cos_sin: bool = False  # cos/sin arrays per token (transformers, flash-attn), no positions
     out_neox: bool | None = None  # pair order of the outputs; None: as the input's (neox)
     few_tokens: bool = False   # the few-token code path: position first, paired rounding
+    tokens_2d: bool = True     # token dims [batch, seq] (a division per token); False: [tokens]
 
     kernel_name = "rope_kernel"
     params = ROPE_PARAMS
@@ -140,7 +141,8 @@ class RopeSpec:
                 f"{f' min-blocks {self.min_blocks}' if self.min_blocks != 1 else ''}"
                 f"{' index32' if self.index_bits == 32 else ''}"
                 f"{f' staged {self.staging}x{self.stage_tokens}x{self.stages}' if self.staging else ''}"
-                f"{' pdl' if self.pdl else ''}{' few-token' if self.few_tokens else ''}")
+                f"{' pdl' if self.pdl else ''}{' few-token' if self.few_tokens else ''}"
+                f"{'' if self.tokens_2d else ' 1d-tokens'}")
 
     def prelude(self) -> str:
         cache_t = C_TYPE[self.cache_dtype] if self.cache_dtype else "float"
@@ -176,7 +178,8 @@ class RopeSpec:
                   f"constexpr int STAGE_TOKENS = {self.stage_tokens};",
                   f"constexpr int STAGES = {self.stages};",
                   f"constexpr bool PDL = {c_bool(self.pdl)};",
-                  f"constexpr bool FEW_TOKENS = {c_bool(self.few_tokens)};"]
+                  f"constexpr bool FEW_TOKENS = {c_bool(self.few_tokens)};",
+                  f"constexpr bool TOKENS_2D = {c_bool(self.tokens_2d)};"]
         return "\n".join(lines) + "\n" + self.params.c_decl
 
     def render(self) -> str:

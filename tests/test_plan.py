@@ -243,6 +243,7 @@ def test_layout_tokens_by_heads_times_d():
     s = static(p)
     assert p.spec.head_size == D and p.spec.rotary_dim == D
     assert s["num_tokens"] == T and s["inner_tokens"] == T
+    assert not p.spec.tokens_2d  # one token dim: kernels/rope.cu compiles the split out
     assert (s["num_q_heads"], s["num_k_heads"]) == (HQ, HK)
     assert (s["q_stride_outer"], s["q_stride_inner"], s["q_stride_head"]) == (0, HQ * D, D)
     assert (s["k_stride_outer"], s["k_stride_inner"], s["k_stride_head"]) == (0, HK * D, D)
@@ -294,6 +295,7 @@ def test_layout_batch_seq(four_d):
     p = call(query=q, key=k, positions=pos, inplace=False)
     s = static(p)
     assert s["num_tokens"] == Bn * Sn and s["inner_tokens"] == Sn
+    assert p.spec.tokens_2d  # the kernel divides a token index into (batch, seq)
     assert (s["q_stride_outer"], s["q_stride_inner"], s["q_stride_head"]) == (Sn * 1024, 1024, D)
     assert (s["k_stride_outer"], s["k_stride_inner"], s["k_stride_head"]) == (Sn * HK * D, HK * D, D)
     assert (s["pos_stride_outer"], s["pos_stride_inner"]) == (4 * Sn, 2)
