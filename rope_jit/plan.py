@@ -538,6 +538,9 @@ def plan_rope(call: RopeCall, arrays: RopeArrays, *, tuning=DEFAULT_TUNING,
     if on_the_fly:  # kernels/rope.cu: tokens x (R/2 float2 + NPOS x (position, flag))
         npos = 3 if call.mrope_section is not None else 1
         launch = Launch(launch.grid, launch.block, launch.block[2] * (rot.dim // 2 * 8 + 16 * npos))
+    # kernels/rope.cu FEW_TOKENS: latency-bound, position first and paired rounding
+    regime = head_parallel(num_tokens, chunks, nq + nk, num_sms, tuning)
+    few = regime if tuning.few_tokens is None else tuning.few_tokens
     spec = RopeSpec(
         head_size=head_size, rotary_dim=rot.dim, dtype=a.query.dtype,
         cache_dtype=(a.cos_sin_cache.dtype if call.from_cache
@@ -547,11 +550,13 @@ def plan_rope(call: RopeCall, arrays: RopeArrays, *, tuning=DEFAULT_TUNING,
         prefetch=prefetch, scaling=fly.variant, mrope_section=call.mrope_section,
         mrope_interleaved=call.mrope_interleaved and call.mrope_section is not None,
         inverse=call.inverse, min_blocks=tuning.min_blocks,
-        # kernels/rope.cu FEW_TOKENS: latency-bound, position first and paired rounding
-        few_tokens=(head_parallel(num_tokens, chunks, nq + nk, num_sms, tuning)
-                    if tuning.few_tokens is None else tuning.few_tokens),
+        few_tokens=few,
         index_bits=index_bits(a, rot, num_tokens), pdl=call.pdl,
-        tokens_2d=tokens.shape[-1] != num_tokens,  # a [batch, seq] split (batch > 1)
+        # the [batch, seq] split compiled out for one token dim in the few-token path of the
+        # few-token regime only: with many tokens (or few_tokens tuned on there) that build
+        # measured 2-41% slower at 8192 tokens (ptxas schedules it differently;
+        # benchmarks/NOTES.md section 15), so they keep the runtime test
+        tokens_2d=tokens.shape[-1] != num_tokens or not (regime and few),
         token_cos_sin=call.token_cos_sin,
         out_neox=None if call.out_neox in (None, call.is_neox) else call.out_neox)
 

@@ -243,7 +243,15 @@ def test_layout_tokens_by_heads_times_d():
     s = static(p)
     assert p.spec.head_size == D and p.spec.rotary_dim == D
     assert s["num_tokens"] == T and s["inner_tokens"] == T
-    assert not p.spec.tokens_2d  # one token dim: kernels/rope.cu compiles the split out
+    # one token dim: kernels/rope.cu compiles the split out, in the few-token path only
+    assert p.spec.few_tokens and not p.spec.tokens_2d
+    many = call(query=desc((8192, HQ * D)), key=desc((8192, HK * D)),
+                positions=desc((8192,), "int64"))
+    assert not many.spec.few_tokens and many.spec.tokens_2d
+    forced = call(query=desc((8192, HQ * D)), key=desc((8192, HK * D)),
+                  positions=desc((8192,), "int64"),
+                  tuning=dataclasses.replace(TUNING, few_tokens=True))
+    assert forced.spec.few_tokens and forced.spec.tokens_2d  # tuned on outside the regime
     assert (s["num_q_heads"], s["num_k_heads"]) == (HQ, HK)
     assert (s["q_stride_outer"], s["q_stride_inner"], s["q_stride_head"]) == (0, HQ * D, D)
     assert (s["k_stride_outer"], s["k_stride_inner"], s["k_stride_head"]) == (0, HK * D, D)
