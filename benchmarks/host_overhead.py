@@ -75,7 +75,7 @@ def steps(q, k, pos, cache) -> list:
         raise RuntimeError("the plan key above no longer matches launch.run_rope's: update it")
     buf, addr, _keep = launch.plan_buffer(prep)
     ptrs = (q.data_ptr(), k.data_ptr(), q.data_ptr(), k.data_ptr(), pos.data_ptr(), 0,
-            cache.data_ptr())
+            cache.data_ptr(), 0, 0)  # specs.ROPE_POINTERS: ..., cache, cos, sin
     rows.append(("pack the pointers", per_call(lambda: launch._POINTERS.pack_into(buf, 0, *ptrs))))
     drv = driver_module()
     stream = fw.stream(0)
