@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import subprocess
 import sys
@@ -446,8 +447,11 @@ def environment(device: torch.device, dry_run: bool) -> dict:
 
 
 def git_revision() -> str | None:
-    """HEAD's short hash, '+changes' when the tracked files differ from it (a device copy of
-    a working tree carries an older .git), or None outside a checkout."""
+    """$ROPE_JIT_GIT_REVISION when set (a device copy of a working tree carries an older
+    .git: the caller names the commit it copied), else HEAD's short hash, '+changes' when
+    the tracked files differ from it, or None outside a checkout."""
+    if os.environ.get("ROPE_JIT_GIT_REVISION"):
+        return os.environ["ROPE_JIT_GIT_REVISION"]
     try:
         def git(*a):
             return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,

@@ -531,3 +531,11 @@ def test_time_budget_cuts_rows_and_says_so():
                     Peers(CPU), CpuTimer(3), rec, deadline, notes)
     assert rec.rows == [] and deadline.missed == ["w64 T=32", "w64 T=4"]
     assert "not measured: the time budget" in notes[0]
+
+
+def test_git_revision_names_the_commit_a_device_copy_came_from(monkeypatch):
+    monkeypatch.setenv("ROPE_JIT_GIT_REVISION", "abc1234")
+    assert run.git_revision() == "abc1234"
+    monkeypatch.delenv("ROPE_JIT_GIT_REVISION")
+    rev = run.git_revision()
+    assert rev is None or rev.split("+")[0].isalnum()  # this checkout's HEAD (or no git)
