@@ -136,52 +136,46 @@ class Deadline:
 
 def measure_references(family: OpFamily, ctx, tokens: int, sets: int, timer,
                        rec: Recorder) -> tuple[float | None, float | None]:
-    """The copy and pattern-ceiling rows: (copy seconds, pattern bandwidth), None where
-    not measured."""
+    """The copy, pattern-ceiling and chain-floor rows: (copy seconds, pattern bandwidth),
+    None where not measured."""
     s, device, fam = ctx.shape, ctx.device, family.name
     per_set = family.input_bytes(s, tokens)
-    copy_seconds = pattern_bw = None
+    copy = _reference_row(rec, fam, s.name, tokens, "copy", 2 * per_set,
+                          lambda: time_copy(per_set, sets, timer, device), device, None,
+                          is_copy=True)
+    copy_seconds = copy["seconds"] if copy["status"] == "ok" else None
+    pattern_bw = None
+    pattern, chain = family.touch_pattern(s, tokens), family.chain_pattern(s, tokens)
+    if pattern is not None:
+        r = _reference_row(rec, fam, s.name, tokens, "pattern_ceiling", pattern.moved_bytes,
+                           lambda: timer.graph(pattern_calls(pattern, sets, device)), device,
+                           copy_seconds)
+        pattern_bw = r["bandwidth"] if r["status"] == "ok" else None
+    if chain is not None:
+        _reference_row(rec, fam, s.name, tokens, "chain_floor", chain.moved_bytes,
+                       lambda: timer.graph(chain_calls(chain, sets, device)), device,
+                       copy_seconds)
+    return copy_seconds, pattern_bw
+
+
+def _reference_row(rec: Recorder, fam: str, shape: str, tokens: int, name: str, nbytes: int,
+                   measure, device, copy_seconds: float | None, *, is_copy: bool = False) -> dict:
+    """Time one reference row (the copy; ceilings.py's pattern ceiling and chain floor):
+    measure() -> seconds by graph replay, charged nbytes (is_copy: the copy row itself,
+    whose x copy is 1)."""
     try:
-        copy_seconds = time_copy(per_set, sets, timer, device)
-        rec.row(fam, s.name, tokens, "copy", "ok", 2 * per_set, seconds=copy_seconds,
-                copy_seconds=copy_seconds, timing="cuda-graph")
+        seconds = measure()
+        r = rec.row(fam, shape, tokens, name, "ok", nbytes, seconds=seconds,
+                    copy_seconds=seconds if is_copy else copy_seconds,
+                    timing="cuda-graph")
     except FatalCuda:
         raise
     except Exception as e:
-        rec.error(f"{s.name} T={tokens} copy", e)
+        rec.error(f"{shape} T={tokens} {name}", e)
         ensure_cuda_usable(device)
-        rec.row(fam, s.name, tokens, "copy", "error", 2 * per_set, note=short_error(e))
+        r = rec.row(fam, shape, tokens, name, "error", nbytes, note=short_error(e))
     free_memory(device)
-    pattern = family.touch_pattern(s, tokens)
-    if pattern is not None:
-        try:
-            seconds = timer.graph(pattern_calls(pattern, sets, device))
-            r = rec.row(fam, s.name, tokens, "pattern_ceiling", "ok", pattern.moved_bytes,
-                        seconds=seconds, copy_seconds=copy_seconds, timing="cuda-graph")
-            pattern_bw = r["bandwidth"]
-        except FatalCuda:
-            raise
-        except Exception as e:
-            rec.error(f"{s.name} T={tokens} pattern_ceiling", e)
-            ensure_cuda_usable(device)
-            rec.row(fam, s.name, tokens, "pattern_ceiling", "error", pattern.moved_bytes,
-                    note=short_error(e))
-        free_memory(device)
-    chain = family.chain_pattern(s, tokens)
-    if chain is not None:
-        try:
-            seconds = timer.graph(chain_calls(chain, sets, device))
-            rec.row(fam, s.name, tokens, "chain_floor", "ok", chain.moved_bytes,
-                    seconds=seconds, copy_seconds=copy_seconds, timing="cuda-graph")
-        except FatalCuda:
-            raise
-        except Exception as e:
-            rec.error(f"{s.name} T={tokens} chain_floor", e)
-            ensure_cuda_usable(device)
-            rec.row(fam, s.name, tokens, "chain_floor", "error", chain.moved_bytes,
-                    note=short_error(e))
-        free_memory(device)
-    return copy_seconds, pattern_bw
+    return r
 
 
 def measure_impl(family: OpFamily, impl: Impl, ctx, tokens: int, inputs: list[tuple], case,
