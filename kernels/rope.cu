@@ -79,8 +79,9 @@
 //   TOKENS_2D = false | true. Token dims [batch, seq] with their own strides (a division
 //     per token, when the planner's runtime test says so) or, false, one token dim: the
 //     split and its code are compiled out (72 fewer instructions ahead of a one-token
-//     call's first loads). The planner compiles it out in the FEW_TOKENS path only: with
-//     many tokens that build measured 2-41% slower (ptxas schedules it differently).
+//     call's first loads). The planner compiles it out in the FEW_TOKENS path of the
+//     few-token regime only: with many tokens that build measured 2-41% slower (ptxas
+//     schedules it differently).
 
 constexpr int HALF = ROT_DIM / 2;
 constexpr int CHUNKS = HALF / VEC;
