@@ -15,7 +15,8 @@ whose threads also load their token's position and then, dependent on it, 16 byt
 position's row of a table shaped like an fp32 cos/sin cache (rows at random, as the
 benchmark's positions), added in before the store. At a few tokens a call is one latency
 chain (launch, position, cache row, store) where a copy is launch, load, store: this row is
-the floor of that chain on this GPU, what "x copy time" can reach with a cache at all.
+what that chain costs a bare kernel on this GPU, the reference for "x copy time" with a
+cache (a reference, not a proven bound: a kernel may schedule the chain better).
 Charged like the implementations: touched bytes read + written, 8 bytes of position and
 one cache row per token.
 """

@@ -148,7 +148,7 @@ class OpFamily(abc.ABC):
                     references=dict(
                         chain_floor="the pattern ceiling's kernel with a position -> fp32 "
                                     "cache-row load chain per token (benchmarks/ceilings.py): "
-                                    "the floor of any kernel that indexes a cache by position; "
+                                    "what that latency chain costs a bare kernel (decode rows); "
                                     "charged as a call with an fp32 cache",
                         pattern_ceiling="benchmarks/ceilings.py's kernel loading and storing "
                                         "back, in place, the bytes an in-place call must touch "

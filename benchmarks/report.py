@@ -325,8 +325,8 @@ def render_decode(results: dict) -> list[str]:
         out += [f"## Decode (≤ {limit} tokens): time / copy time", "",
                 "The copy column is the time of a device copy of the inputs (the latency floor); "
                 "every other cell is time over it. The chain floor: the in-place touch with a "
-                "position -> cache-row load per token, the floor of any kernel reading a cache "
-                "by position. Bold: the fastest implementation on the row.", "",
+                "position -> cache-row load per token: what that latency chain costs a bare "
+                "kernel. Bold: the fastest implementation on the row.", "",
                 "| shape | tokens | copy | chain floor | " + " | ".join(f"`{n}`" for n in impls) + " |",
                 "|---|---:|---:|---:|" + "---:|" * len(impls)]
         for shape in shapes_of(results, fname):
