@@ -689,11 +689,11 @@ def _add_tune_parser(sub) -> None:
         "tune", help="measure launch knobs on this GPU and keep the fastest (needs a GPU)",
         formatter_class=_HelpFormatter,
         description="Time candidate launch knobs (heads per batch, waves, block shape, "
-                    "prefetch, register cap, the few-token code path) for each call shape at "
-                    "each token bucket on this GPU, and store the fastest beside the compiled "
-                    "kernels. Later calls of that "
-                    "shape class and bucket use them; warming covers them. Nothing is measured "
-                    "during calls unless ROPE_JIT_AUTOTUNE=1.")
+                    "prefetch, register cap, the few-token code path, the access width at "
+                    "decode) for each call shape at each token bucket on this GPU, and store "
+                    "the fastest beside the compiled kernels. Later calls of that shape class "
+                    "and bucket use them; warming covers them. Nothing is measured during "
+                    "calls unless ROPE_JIT_AUTOTUNE=1.")
     _add_call_options(p, "tuned")
     p.add_argument("--tokens", nargs="+", type=_positive_int, default=list(_TUNE_TOKENS),
                    help="token counts to tune (each stands for its power-of-two bucket)")

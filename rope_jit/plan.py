@@ -48,6 +48,8 @@ class Tuning:
     prefetch: bool = True        # software-pipeline the head batches of a thread
     min_blocks: int = 1          # register cap (kernels/rope.cu __launch_bounds__): 1 = 128 regs
     few_tokens: bool | None = None  # kernels/rope.cu FEW_TOKENS; None: in the head-parallel regime
+    few_vec: int = 0             # head-parallel regime: at most this many elements a q/k access
+                                 # (0: the widest aligned), so a thread's chunk is shorter
 
 
 DEFAULT_TUNING = Tuning()  # measured on an H100 (benchmarks/NOTES.md)
@@ -384,9 +386,9 @@ def choose_vec(itemsize: int, must_divide: list[int], pointers: list[int]) -> in
 
 
 def _vector_widths(call: RopeCall, a: RopeArrays, rot: _Rotary, head_size: int,
-                   heads: list) -> tuple:
+                   heads: list, max_vec: int = 0) -> tuple:
     """(vec, cache_vec, chunks): elements per q/k access, per cache access, and threads per
-    head row (a thread owns `vec` frequencies)."""
+    head row (a thread owns `vec` frequencies); max_vec > 0 caps vec."""
     must_divide = [rot.dim // 2, call.rope_dim_offset]
     for h in heads:
         if h is not None:
@@ -395,6 +397,8 @@ def _vector_widths(call: RopeCall, a: RopeArrays, rot: _Rotary, head_size: int,
         must_divide.append(head_size - rot.dim)
     ptrs = [a.query.ptr] + ([a.key.ptr] if a.key is not None else [])
     vec = choose_vec(a.query.itemsize, must_divide, ptrs)
+    if max_vec:
+        vec = min(vec, max_vec)
     cache_vec = 1
     if call.from_cache:
         c = a.cos_sin_cache
@@ -529,6 +533,14 @@ def plan_rope(call: RopeCall, arrays: RopeArrays, *, tuning=DEFAULT_TUNING,
         tuning = tuning(shape, num_tokens)
     qo, ko = _outputs(call, a, tokens, head_size, q, k)
     vec, cache_vec, chunks = _vector_widths(call, a, rot, head_size, [q, k, qo, ko])
+    fv = tuning.few_vec  # a power of two below the widest access, or nothing to do
+    if 0 < fv < vec and fv & (fv - 1) == 0 and rot.dim // 2 // fv <= 512 and head_parallel(
+            num_tokens, rot.dim // 2 // fv, nq + nk, num_sms, tuning):
+        # decode: shorter chunks, more threads; the latency after the loads land is the
+        # thread's rotate-and-round (FlashInfer's head-parallel GPT-J kernel: one 16-byte
+        # q/k vector a thread, 43 instructions from its last load to its store; ours two
+        # vectors and 85). A tuner knob until measured (benchmarks/NOTES.md section 15).
+        vec, cache_vec, chunks = _vector_widths(call, a, rot, head_size, [q, k, qo, ko], fv)
     head_batch, per_group, launch = choose_launch(num_tokens, chunks, nq + nk, num_sms,
                                                   on_the_fly, tuning)
     # Prefetching the next batch costs registers (occupancy); it pays only when a thread

@@ -43,6 +43,8 @@ KNOBS = {
     # the few-token code path off or on against the regime rule (measured on the H200: 8%
     # slower to 5% faster at 1024 tokens, depending on the shape)
     "few_tokens": (None, False, True),
+    # shorter chunks in the head-parallel regime (0: the widest aligned access)
+    "few_vec": (0, 4, 2),
 }
 MIN_GAIN = 0.01          # a candidate must be 1% faster than the incumbent to replace it
 L2_MULTIPLE = 4          # rotating buffers total at least this many L2 sizes

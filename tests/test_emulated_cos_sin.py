@@ -11,6 +11,8 @@ GPU tests (tests/test_gpu_cos_sin.py) cover fp16.
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
 import shutil
 import subprocess
@@ -149,10 +151,10 @@ def test_emulated_kernel_against_reference(emulate, dtype, cos_dtype, layout, ro
 def test_emulated_cache_path_few_and_many_token_code(emulate, dtype, cache_dtype, rot, is_neox,
                                                      inplace):
     """From a cache with positions (vLLM's call), the kernel the planner compiles for few
-    tokens (FEW_TOKENS: the position load first, rotated values rounded a vector at a time)
-    and the one for many (small_waves=0 forces it on the same tiny problem) both match the
+    tokens (FEW_TOKENS: the position load first, rotated values rounded a vector at a time),
+    the one for many, and the few-token one with 2-element accesses (few_vec) all match the
     float64 reference, positions past the cache giving the identity, and each other bit for
-    bit (one rounding, to nearest even, either way)."""
+    bit (one rounding, to nearest even, any way)."""
     T, hq, hk, d, max_pos = 5, 3, 2, 64, 40
     g = torch.Generator().manual_seed(1)
     q0 = torch.randn(T, hq * d, generator=g).to(DTYPES[dtype])
@@ -162,11 +164,16 @@ def test_emulated_cache_path_few_and_many_token_code(emulate, dtype, cache_dtype
     cache = torch.cat([angles.cos(), angles.sin()], -1).to(DTYPES[cache_dtype])
     call = RopeCall(inplace, d, rot, is_neox, POSITIONS, None)
     outs = []
-    for tuning in (DEFAULT_TUNING, DEFAULT_TUNING.__class__(small_waves=0.0)):
+    # the few-token kernel, the many-token one (small_waves=0 forces it on the same tiny
+    # problem) and the few-token one with half-width accesses (few_vec: shorter chunks)
+    tunings = (DEFAULT_TUNING, dataclasses.replace(DEFAULT_TUNING, small_waves=0.0),
+               dataclasses.replace(DEFAULT_TUNING, few_vec=2))
+    for tuning in tunings:
         q, k = q0.clone(), k0.clone()
         plan = plan_rope(call, RopeArrays(_desc(q), _desc(k), _desc(pos), cos_sin_cache=_desc(cache)),
                          num_sms=132, tuning=tuning)
-        assert plan.spec.few_tokens == (tuning is DEFAULT_TUNING)
+        assert plan.spec.few_tokens == (tuning.small_waves > 0)
+        assert (plan.spec.vec == 2) == (tuning.few_vec == 2)
         if inplace:
             qo, ko = q, k
         else:
@@ -188,4 +195,4 @@ def test_emulated_cache_path_few_and_many_token_code(emulate, dtype, cache_dtype
             x64 = x.double().numpy().reshape(T, h, d)
             y = reference.apply_rotary(x64, c64, s64, is_neox)
             assert_rope_close(out.view(T, h, d), x64, y, dtype, d, rot, 1)
-    assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]))
+    assert all(torch.equal(a, b) for o in outs[1:] for a, b in zip(outs[0], o))

@@ -592,6 +592,30 @@ def test_few_token_path_exactly_in_the_head_parallel_regime():
     assert not call(tuning=dataclasses.replace(TUNING, few_tokens=False)).spec.few_tokens
 
 
+def test_few_vec_shortens_chunks_in_the_head_parallel_regime_only():
+    """Tuning.few_vec caps the q/k access at decode (more, shorter threads), never with many
+    tokens, never above what alignment allows, and only to a power of two."""
+    few, many = 16, 65536
+
+    def sized(n):
+        return dict(query=desc((n, HQ * D)), key=desc((n, HK * D)), positions=desc((n,), "int64"))
+    widest = call(**sized(few))
+    assert widest.spec.vec == 8 and widest.launch.block[0] == D // 2 // 8
+    for cap in (4, 2):
+        p = call(**sized(few), tuning=dataclasses.replace(TUNING, few_vec=cap))
+        assert p.spec.vec == cap and p.spec.cache_vec <= cap and p.spec.few_tokens
+        chunks = D // 2 // cap
+        hb, _, launch = choose_launch(few, chunks, HQ + HK, 132, False)
+        assert p.launch == launch and p.spec.head_batch == hb == 1
+    capped_many = call(**sized(many), tuning=dataclasses.replace(TUNING, few_vec=2))
+    assert capped_many.spec.vec == 8  # outside the regime: the widest access
+    assert call(**sized(few), tuning=dataclasses.replace(TUNING, few_vec=3)).spec.vec == 8
+    # a query only 4-byte aligned gets vec 2 anyway: a cap of 4 changes nothing
+    odd = call(query=desc((few, HQ * D), ptr=BASE + 4), key=desc((few, HK * D)),
+               positions=desc((few,), "int64"), tuning=dataclasses.replace(TUNING, few_vec=4))
+    assert odd.spec.vec == 2
+
+
 @pytest.mark.parametrize("head", [2050, 4096])
 def test_huge_rotary_dim_is_refused_or_fits(head):
     """A rotary dim whose chunk count exceeds 1024 threads is either refused up front
