@@ -266,17 +266,19 @@ def _torch_compile(ctx: RopeContext, tokens: int) -> ApplyFn:
     return lambda pos, q, k: fn(pos, q, k, cache, s.rotary_dim, s.is_neox)
 
 
-def _gathered_cos_sin(cache: torch.Tensor) -> Callable:
-    """cos_sin(pos) -> (cos, sin), each [T, R] (halves duplicated), as Hugging Face models
-    build them once per forward and share them across layers: the gather stays out of the
-    timed call (it runs on the first call with these positions, the warm-up, outside the
-    graph)."""
+def _gathered_cos_sin(cache: torch.Tensor, lead: tuple = ()) -> Callable:
+    """cos_sin(pos) -> (cos, sin), each [*lead, T, R] (halves duplicated), as Hugging Face
+    models build them once per forward and share them across layers: the gather stays out
+    of the timed call (it runs on the first call with these positions, the warm-up, outside
+    the graph)."""
     last = {}
 
     def cos_sin(pos):
         if last.get("pos") is not pos:
             c, sn = cache.index_select(0, pos).chunk(2, dim=-1)
-            last.update(pos=pos, cos=torch.cat((c, c), -1), sin=torch.cat((sn, sn), -1))
+            shape = (*lead, pos.shape[0], 2 * c.shape[-1])
+            last.update(pos=pos, cos=torch.cat((c, c), -1).view(shape),
+                        sin=torch.cat((sn, sn), -1).view(shape))
         return last["cos"], last["sin"]
     return cos_sin
 
@@ -289,13 +291,13 @@ def _neox_only(shape: RopeShape, who: str) -> None:
 def _liger(ctx: RopeContext, tokens: int) -> ApplyFn:
     s, rope = ctx.shape, ctx.peers.liger_rope
     _neox_only(s, "Liger's kernel does")
-    cos_sin = _gathered_cos_sin(ctx.caches["bfloat16"])
+    cos_sin = _gathered_cos_sin(ctx.caches["bfloat16"], lead=(1,))
 
     def apply(pos, q, k):
         # Liger takes [B, H, T, D] views of [B, T, H, D] storage and rotates that storage;
         # the rotary width is that of cos/sin (R: partial rotary rotates the first R dims)
         cos, sin = cos_sin(pos)
-        rope(q[None].transpose(1, 2), k[None].transpose(1, 2), cos[None], sin[None])
+        rope(q[None].transpose(1, 2), k[None].transpose(1, 2), cos, sin)
     return apply
 
 

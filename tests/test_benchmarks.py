@@ -539,3 +539,17 @@ def test_git_revision_names_the_commit_a_device_copy_came_from(monkeypatch):
     monkeypatch.delenv("ROPE_JIT_GIT_REVISION")
     rev = run.git_revision()
     assert rev is None or rev.split("+")[0].isalnum()  # this checkout's HEAD (or no git)
+
+
+def test_gathered_cos_sin_duplicates_halves_once_per_positions_tensor():
+    """Liger's and rope_jit/cos_sin's inputs: cache rows at the positions, each half
+    repeated (HF's cat((freqs, freqs))), built on the first call with a positions tensor."""
+    cache = torch.randn(10, 8)
+    pos = torch.tensor([3, 1])
+    cos_sin = impls._gathered_cos_sin(cache, lead=(1,))
+    cos, sin = cos_sin(pos)
+    assert cos.shape == sin.shape == (1, 2, 8)
+    assert torch.equal(cos[0], torch.cat((cache[pos, :4], cache[pos, :4]), -1))
+    assert torch.equal(sin[0], torch.cat((cache[pos, 4:], cache[pos, 4:]), -1))
+    assert cos_sin(pos)[0] is cos  # the same positions: no new gather
+    assert impls._gathered_cos_sin(cache)(pos)[0].shape == (2, 8)
