@@ -26,7 +26,8 @@ from pathlib import Path
 from errors import short_error
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
-REFERENCE_ROWS = ("chain_floor", "pattern_ceiling", "copy")  # measured per row, beside the implementations
+# measured per row, beside the implementations
+REFERENCE_ROWS = ("chain_floor", "pattern_ceiling", "copy")
 PLOT_NAME = "bandwidth.png"
 
 # words of a device name that say nothing about its speed class
@@ -447,9 +448,8 @@ def summary_text(results: dict) -> str:
 
 def plot_bandwidth(results: dict, path: Path) -> None:
     """Achieved bandwidth (TB/s) vs tokens, one subplot per shape, one line per
-    implementation, the reference rows (copy, pattern ceiling, chain floor) dotted or dashed
-    in grey, the measured copy bandwidth
-    as a dashed line."""
+    implementation, the reference rows (copy, pattern ceiling, chain floor) in grey, the
+    measured copy bandwidth as a dashed black line."""
     import matplotlib
 
     matplotlib.use("Agg")
