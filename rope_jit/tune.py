@@ -59,7 +59,7 @@ class Measured:
     tuning: Tuning
     us: float            # the winner's median launch time
     start_us: float      # the knobs the call had before tuning
-    candidates: int
+    candidates: int      # distinct kernels and launches measured
 
 
 def _relevant(knob: str, on_the_fly: bool) -> bool:
@@ -114,6 +114,11 @@ class _Bench:
         if not fly:
             self.arrays["cache"] = _random(rng, (65536, rot), call.cache_dtype)
 
+    def plan(self, tuning):
+        """The plan this call gets with `tuning` (knobs, or a ShapeClass -> Tuning lookup)."""
+        q, k = self.sets[0]
+        return launch.plan_of(self.rope_call, q, k, **self.arrays, tuning=tuning)
+
     def time_us(self, tuning: Tuning) -> float:
         """Median launch time of `tuning` (microseconds)."""
         cp = self.cp
@@ -146,11 +151,17 @@ def tune_call(call: warm.CallShape, num_tokens: int, *, device: int = 0,
     the call gets today (tuned entry, built-in or default)."""
     bench = _Bench(call, num_tokens, device)
     fly = call.cache_dtype is None
-    today = launch.plan_of(bench.rope_call, *bench.sets[0], **bench.arrays,
-                           tuning=DeviceTuning(device))
+    today = bench.plan(DeviceTuning(device))
     start = today.tuning
+
+    def kernel_of(t: Tuning) -> tuple:
+        p = bench.plan(t)
+        return p.spec, p.launch
+
+    # Knobs that plan the same kernel and launch share one measurement: such a candidate
+    # cannot win on timing noise (decode buckets, where several knobs change nothing).
     best, best_us = start, bench.time_us(start)
-    start_us, tried = best_us, {start: best_us}
+    start_us, tried, measured = best_us, {start}, {kernel_of(start): best_us}
     for _round in range(2):
         moved = False
         for knob, values in KNOBS.items():
@@ -162,12 +173,16 @@ def tune_call(call: warm.CallShape, num_tokens: int, *, device: int = 0,
                 cand = dataclasses.replace(best, **{knob: v})
                 if cand in tried:
                     continue
-                us = tried[cand] = bench.time_us(cand)
+                tried.add(cand)
+                kernel = kernel_of(cand)
+                if kernel in measured:
+                    continue
+                us = measured[kernel] = bench.time_us(cand)
                 if us < best_us * (1 - MIN_GAIN):
                     best, best_us, moved = cand, us, True
         if not moved:
             break
-    return Measured(today.shape, token_bucket(num_tokens), best, best_us, start_us, len(tried))
+    return Measured(today.shape, token_bucket(num_tokens), best, best_us, start_us, len(measured))
 
 
 def changed_knobs(t: Tuning) -> str:

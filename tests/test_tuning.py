@@ -203,3 +203,37 @@ def test_untuned_buckets_take_the_nearest_tuned_one(cache_dir, monkeypatch):
     lookup = _device_tuning(monkeypatch, entries=[(SHAPE, 16, a), (SHAPE, 1024, b)])
     assert lookup(SHAPE, 100) == a and lookup(SHAPE, 5000) == b
     tuning.forget_tables()
+
+
+def test_tune_call_measures_each_kernel_once_so_no_op_knobs_cannot_win(monkeypatch):
+    """Coordinate descent with a bench whose kernel depends on head_batch alone: every
+    other knob plans the same kernel and launch, so it is never timed (timing noise cannot
+    pick it), and the winner differs from the start in head_batch only."""
+    from types import SimpleNamespace
+
+    from rope_jit import tune
+
+    start = DEFAULT_TUNING
+    timed = []
+
+    class FakeBench:
+        def __init__(self, call, num_tokens, device):
+            pass
+
+        def plan(self, t):
+            t = start if not isinstance(t, Tuning) else t
+            return SimpleNamespace(tuning=t, shape=SHAPE, spec=("kernel", t.head_batch),
+                                   launch=None)
+
+        def time_us(self, t):
+            timed.append(t)
+            # head_batch 4 is fastest; any other knob would "win" by 5% if it were timed
+            base = {1: 10.0, 2: 9.0, 4: 8.0}[t.head_batch]
+            return base * (0.95 if t != dataclasses.replace(start, head_batch=t.head_batch) else 1.0)
+
+    monkeypatch.setattr(tune, "_Bench", FakeBench)
+    monkeypatch.setattr(tune, "DeviceTuning", lambda device: None)
+    m = tune.tune_call(SimpleNamespace(cache_dtype="float32"), 8192)
+    assert m.tuning == dataclasses.replace(start, head_batch=4)
+    assert m.us == 8.0 and m.start_us == 9.0
+    assert sorted(t.head_batch for t in timed) == [1, 2, 4] and m.candidates == 3
