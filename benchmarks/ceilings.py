@@ -170,25 +170,22 @@ class PrefixTouch:
                              cp.int32(vecs_per_row), cp.int32(pattern.row_bytes // VECTOR_BYTES)))
 
 
-class ChainedTouch:
-    """The chained touch kernel on the GPU."""
+_chained = _CupyKernel(CHAIN_SOURCE, CHAIN_KERNEL)
 
-    def __init__(self):
-        self._kernel = _CupyKernel(CHAIN_SOURCE, CHAIN_KERNEL)
 
-    def __call__(self, buf: torch.Tensor, pos: torch.Tensor, table: torch.Tensor,
-                 chain: ChainPattern) -> None:
-        import cupy as cp
+def touch_chained(buf: torch.Tensor, pos: torch.Tensor, table: torch.Tensor,
+                  chain: ChainPattern) -> None:
+    """The chained touch kernel on the GPU: buf's rows touched, each token's table row added."""
+    import cupy as cp
 
-        t = chain.touch
-        vecs_per_row = t.touched_bytes // VECTOR_BYTES
-        grid = ((t.rows * vecs_per_row + BLOCK_THREADS - 1) // BLOCK_THREADS,)
-        self._kernel.launch(grid, (BLOCK_THREADS,),
-                            (cp.uint64(buf.data_ptr()), cp.uint64(pos.data_ptr()),
-                             cp.uint64(table.data_ptr()), cp.int64(t.rows),
-                             cp.int32(vecs_per_row), cp.int32(t.row_bytes // VECTOR_BYTES),
-                             cp.int32(chain.rows_per_token),
-                             cp.int32(chain.table_row_bytes // VECTOR_BYTES)))
+    t = chain.touch
+    vecs_per_row = t.touched_bytes // VECTOR_BYTES
+    grid = ((t.rows * vecs_per_row + BLOCK_THREADS - 1) // BLOCK_THREADS,)
+    _chained.launch(grid, (BLOCK_THREADS,),
+                    (cp.uint64(buf.data_ptr()), cp.uint64(pos.data_ptr()),
+                     cp.uint64(table.data_ptr()), cp.int64(t.rows), cp.int32(vecs_per_row),
+                     cp.int32(t.row_bytes // VECTOR_BYTES), cp.int32(chain.rows_per_token),
+                     cp.int32(chain.table_row_bytes // VECTOR_BYTES)))
 
 
 # The narrowing ceiling of the fused FP8 ops: every input byte read once in 16-byte vectors
@@ -255,9 +252,8 @@ def chain_calls(chain: ChainPattern, sets: int, device: torch.device) -> list:
     bufs = [(torch.empty(t.buffer_bytes, dtype=torch.uint8, device=device),
              torch.randint(0, chain.table_rows, (chain.tokens,), dtype=torch.int64, device=device))
             for _ in range(sets)]
-    touch = _gpu_chain if device.type == "cuda" else touch_chained_torch
+    touch = touch_chained if device.type == "cuda" else touch_chained_torch
     return [(lambda b=b, p=p: touch(b, p, table, chain)) for b, p in bufs]
 
 
 _gpu_touch = PrefixTouch()  # one kernel object for every row (CuPy compiles it once)
-_gpu_chain = ChainedTouch()

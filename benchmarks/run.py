@@ -21,8 +21,8 @@ The modules (see benchmarks/README.md):
 
 For each op family, shape and token count T (the shape's check row first: the largest
 T <= 1024 asked for), one row: a device copy of one input set, the pattern-ceiling kernel
-and the chain floor (the same with a position -> cache-row load per token), then each
-implementation, checked on the check row (one that fails is WRONG and
+and, at decode rows, the chain floor (the same with a position -> cache-row load per
+token), then each implementation, checked on the check row (one that fails is WRONG and
 never timed) and timed by CUDA-graph replay (median over replays; an implementation
 allowed to, when capture fails, by events around eager calls, marked †). Then host time
 per warm call: back-to-back calls at one token, ``time.perf_counter`` around the loop.
@@ -40,8 +40,8 @@ FlashInfer: ``bash ../shared/peers/flashinfer/build.sh 90 .peers`` builds
 ``PYTHONPATH=/tmp/site``. Both are git-ignored folders to name in the device call's carry.
 
 ``--dry-run`` runs the same pipeline on the CPU (the PyTorch formula, its check, the
-pattern and chained touches as torch ops, the report; GPU-only implementations report errors) to test
-this script without a GPU, writing to a temporary folder unless ``--out`` is given. Its
+pattern and chained touches as torch ops, the report; GPU-only implementations report
+errors) to test this script without a GPU, writing to a temporary folder unless ``--out`` is given. Its
 timings mean nothing.
 """
 from __future__ import annotations

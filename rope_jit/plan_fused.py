@@ -671,8 +671,9 @@ def choose_fused_launch(num_tokens: int, items: int, half: int, num_sms: int, ch
     A thread does up to batch_cap * thread_batches items of one token in batches of
     item_batch, each batch's loads in flight before its first store, when there is work for
     a full GPU (2048 threads per SM) of such threads; else one batch, and fewer items when
-    the whole problem would not fill the GPU once, so few tokens still spread over every SM. item_batch is the next power of two of what a thread does, capped at
-    batch_cap: few tokens compile a lean kernel of one item a thread. The item lanes of a
+    the whole problem would not fill the GPU once, so few tokens still spread over every
+    SM. item_batch is the next power of two of what a thread does, capped at batch_cap: few
+    tokens compile a lean kernel of one item a thread. The item lanes of a
     block (a power of two, 32 to block_threads) cover a token's items in `splits` blocks;
     the rest of the threads take more tokens. Shared memory: the tokens' cos/sin tile.
 

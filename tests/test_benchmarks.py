@@ -125,7 +125,7 @@ def test_gpu_chained_touch_matches_the_torch_stand_in():
     ceilings.touch_chained_torch(want, pos, table, c)
     guard = torch.full((64,), 0xA5, dtype=torch.uint8, device="cuda")
     padded = torch.cat([buf, guard])  # bytes past the pattern's buffer stay untouched
-    ceilings.ChainedTouch()(padded, pos, table, c)
+    ceilings.touch_chained(padded, pos, table, c)
     torch.cuda.synchronize()
     assert torch.equal(padded[:buf.numel()], want)
     assert bool((padded[buf.numel():] == 0xA5).all())
