@@ -120,7 +120,26 @@ __device__ __forceinline__ void from_float2(float lo, float hi, T& a, T& b) {
   a = from_float<T>(lo);
   b = from_float<T>(hi);
 }
+// PairWord<T>::cvt: a pair converted by one instruction into one 32-bit word (lo in the
+// low half), where T has such an instruction (ok).
+template <typename T> struct PairWord { static constexpr bool ok = false; };
 #if __CUDA_ARCH__ >= 800
+template <> struct PairWord<bf16_t> {
+  static constexpr bool ok = true;
+  static __device__ __forceinline__ unsigned int cvt(float lo, float hi) {
+    unsigned int r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+};
+template <> struct PairWord<f16_t> {
+  static constexpr bool ok = true;
+  static __device__ __forceinline__ unsigned int cvt(float lo, float hi) {
+    unsigned int r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+};
 template <typename T>  // a converted pair, lo in the low half
 __device__ __forceinline__ void split_pair(unsigned int r, T& a, T& b) {
   a.bits = (unsigned short)(r & 0xffffu);
@@ -128,15 +147,11 @@ __device__ __forceinline__ void split_pair(unsigned int r, T& a, T& b) {
 }
 template <>
 __device__ __forceinline__ void from_float2<bf16_t>(float lo, float hi, bf16_t& a, bf16_t& b) {
-  unsigned int r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  split_pair(r, a, b);
+  split_pair(PairWord<bf16_t>::cvt(lo, hi), a, b);
 }
 template <>
 __device__ __forceinline__ void from_float2<f16_t>(float lo, float hi, f16_t& a, f16_t& b) {
-  unsigned int r;
-  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  split_pair(r, a, b);
+  split_pair(PairWord<f16_t>::cvt(lo, hi), a, b);
 }
 #endif
 template <typename F>
@@ -180,6 +195,43 @@ __device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
   return v;
 }
 
+// 1 and 0 in a cos/sin cache's storage type, as constants (no conversion instruction).
+template <typename T> __device__ __forceinline__ T one_value();
+template <> __device__ __forceinline__ float one_value<float>() { return 1.f; }
+template <> __device__ __forceinline__ bf16_t one_value<bf16_t>() { return {0x3f80}; }
+template <> __device__ __forceinline__ f16_t one_value<f16_t>() { return {0x3c00}; }
+template <typename T> __device__ __forceinline__ T zero_value() { return T{}; }
+
+// v = *p when ok, else v unchanged. On the GPU a predicated load whose address is worked
+// out whether or not ok holds: as a plain `if`, ptxas moves the address arithmetic (and its
+// constant loads) under the predicate, behind the test that decides it (decode's
+// position -> cache row chain: ~10 more dependent instructions).
+template <typename T, int N>
+__device__ __forceinline__ void load_vec_if(bool ok, const T* p, Vec<T, N>& v) {
+#if defined(__CUDA_ARCH__)
+  typedef typename Vec<T, N>::word_t word_t;
+  const word_t* w = reinterpret_cast<const word_t*>(p);
+  if constexpr (sizeof(word_t) == 16) {
+    asm volatile("{ .reg .pred q; setp.ne.u32 q, %4, 0;\n"
+                 "@q ld.global.v4.u32 {%0, %1, %2, %3}, [%5]; }\n"
+                 : "+r"(v.word.x), "+r"(v.word.y), "+r"(v.word.z), "+r"(v.word.w)
+                 : "r"((unsigned)ok), "l"(w));
+  } else if constexpr (sizeof(word_t) == 8) {
+    asm volatile("{ .reg .pred q; setp.ne.u32 q, %2, 0;\n"
+                 "@q ld.global.v2.u32 {%0, %1}, [%3]; }\n"
+                 : "+r"(v.word.x), "+r"(v.word.y) : "r"((unsigned)ok), "l"(w));
+  } else if constexpr (sizeof(word_t) == 4) {
+    asm volatile("{ .reg .pred q; setp.ne.u32 q, %1, 0;\n"
+                 "@q ld.global.u32 %0, [%2]; }\n"
+                 : "+r"(v.word) : "r"((unsigned)ok), "l"(w));
+  } else {
+    if (ok) v.word = *w;
+  }
+#else
+  if (ok) v = load_vec<T, N>(p);
+#endif
+}
+
 template <typename T, int N>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
   *reinterpret_cast<typename Vec<T, N>::word_t*>(p) = v.word;
@@ -193,6 +245,26 @@ __device__ __forceinline__ Vec<T, N> round_vec(const float (&x)[N]) {
   for (int i = 0; i + 1 < N; i += 2) from_float2<T>(x[i], x[i + 1], v.e[i], v.e[i + 1]);
   if constexpr (N % 2 == 1) v.e[N - 1] = from_float<T>(x[N - 1]);
   return v;
+}
+
+// The same values, the converted words put into the vector whole: through the 16-bit
+// elements (round_vec) ptxas leaves a no-op shift-and-permute per word. Used where the
+// rotate-to-store path is a call's latency (decode); other kernels keep round_vec, whose
+// schedules were measured.
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> round_vec_words(const float (&x)[N]) {
+  if constexpr (PairWord<T>::ok && (N == 2 || N == 4 || N == 8)) {
+    unsigned int w[N / 2];
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) w[i] = PairWord<T>::cvt(x[2 * i], x[2 * i + 1]);
+    Vec<T, N> v;
+    if constexpr (N == 2) v.word = w[0];
+    else if constexpr (N == 4) v.word = uint2{w[0], w[1]};
+    else v.word = uint4{w[0], w[1], w[2], w[3]};
+    return v;
+  } else {
+    return round_vec<T, N>(x);
+  }
 }
 
 // Ragged batches (FlashInfer's indptr + offsets): request b owns tokens

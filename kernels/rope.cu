@@ -83,6 +83,13 @@
 //     few-token regime only: with many tokens that build measured 2-41% slower (ptxas
 //     schedules it differently).
 
+// The decode build (FEW_TOKENS with one token dim): a call is one latency chain, so its
+// addressing takes the fewest dependent instructions (one 32-bit offset per pointer, the
+// output pointer the input's in place, the cache row clamped instead of branched on).
+// Builds for many tokens keep the original code: ptxas schedules those loops differently
+// when their code changes (session 6 measured 2-41% swings at 8192 tokens).
+constexpr bool DECODE = FEW_TOKENS && !TOKENS_2D;
+
 constexpr int HALF = ROT_DIM / 2;
 constexpr int CHUNKS = HALF / VEC;
 constexpr int PASS_VECS = OUT_OF_PLACE ? (HEAD_SIZE - ROT_DIM) / VEC : 0;
@@ -133,13 +140,25 @@ __device__ __forceinline__ int mrope_row(int j) {
 
 typedef Vec<scalar_t, VEC> vec_t;
 
-// cos/sin of the VEC frequencies starting at crow / srow, converted to fp32.
+// cos/sin of the VEC frequencies starting at crow / srow, converted to fp32. ok false (the
+// decode build's predicated loads): the identity, cos 1 and sin 0.
 __device__ __forceinline__ void load_cos_sin(const cache_t* crow, const cache_t* srow,
-                                             float (&c)[VEC], float (&s)[VEC]) {
+                                             float (&c)[VEC], float (&s)[VEC], bool ok = true) {
 #pragma unroll
   for (int i = 0; i < VEC; i += CACHE_VEC) {
-    const Vec<cache_t, CACHE_VEC> cv = load_vec<cache_t, CACHE_VEC>(crow + i);
-    const Vec<cache_t, CACHE_VEC> sv = load_vec<cache_t, CACHE_VEC>(srow + i);
+    Vec<cache_t, CACHE_VEC> cv, sv;
+    if constexpr (DECODE) {
+#pragma unroll
+      for (int j = 0; j < CACHE_VEC; ++j) {
+        cv.e[j] = one_value<cache_t>();
+        sv.e[j] = zero_value<cache_t>();
+      }
+      load_vec_if<cache_t, CACHE_VEC>(ok, crow + i, cv);
+      load_vec_if<cache_t, CACHE_VEC>(ok, srow + i, sv);
+    } else {
+      cv = load_vec<cache_t, CACHE_VEC>(crow + i);
+      sv = load_vec<cache_t, CACHE_VEC>(srow + i);
+    }
 #pragma unroll
     for (int j = 0; j < CACHE_VEC; ++j) {
       c[i + j] = to_float(cv.e[j]);
@@ -153,6 +172,14 @@ __device__ __forceinline__ void load_cos_sin(const cache_t* crow, const cache_t*
 // is never read out of bounds.
 __device__ __forceinline__ void cos_sin(const RopeParams& p, i64 pos, bool valid, int chunk,
                                         float (&c)[VEC], float (&s)[VEC]) {
+  if constexpr (DECODE) {
+    // The row's address does not wait on the range test (only the load is predicated on
+    // it), so the load goes out a few instructions after the position lands.
+    const bool in_cache = valid && (unsigned long long)pos < (unsigned long long)p.max_position;
+    const cache_t* row = ((const cache_t*)p.cache + chunk * VEC) + (idx_t)pos * (idx_t)p.cache_stride;
+    load_cos_sin(row, row + HALF, c, s, in_cache);
+    return;
+  }
   if (!(valid && pos >= 0 && pos < p.max_position)) {
 #pragma unroll
     for (int v = 0; v < VEC; ++v) { c[v] = 1.f; s[v] = 0.f; }
@@ -208,8 +235,13 @@ __device__ __forceinline__ void rotate_chunk(vec_t& va, vec_t& vb, const float (
       rotate_pair(b[2 * u], b[2 * u + 1], c[VEC / 2 + u], s[VEC / 2 + u]);
     }
   }
-  va = round_vec<scalar_t, VEC>(a);
-  vb = round_vec<scalar_t, VEC>(b);
+  if constexpr (DECODE) {
+    va = round_vec_words<scalar_t, VEC>(a);
+    vb = round_vec_words<scalar_t, VEC>(b);
+  } else {
+    va = round_vec<scalar_t, VEC>(a);
+    vb = round_vec<scalar_t, VEC>(b);
+  }
 }
 
 // Token dims are [tokens] or [batch, seq] with independent strides. TOKENS_2D false (the
@@ -298,6 +330,10 @@ __device__ __forceinline__ TokenRows token_rows(const RopeParams& p, idx_t t) {
   // rot_offset: the rotated dims start that far into each head (vLLM's rope_dim_offset;
   // in place only, so the outputs are the inputs)
   const idx_t off = (idx_t)p.rot_offset;
+  if constexpr (DECODE && !OUT_OF_PLACE) {  // load_batch writes where it reads
+    return {inner * (idx_t)p.q_stride_inner + off, inner * (idx_t)p.k_stride_inner + off, 0, 0,
+            inner * (idx_t)p.cos_stride_inner, inner * (idx_t)p.sin_stride_inner};
+  }
   return {outer * (idx_t)p.q_stride_outer + inner * (idx_t)p.q_stride_inner + off,
           outer * (idx_t)p.k_stride_outer + inner * (idx_t)p.k_stride_inner + off,
           outer * (idx_t)p.qo_stride_outer + inner * (idx_t)p.qo_stride_inner + off,
@@ -348,7 +384,14 @@ __device__ __forceinline__ void load_batch(const RopeParams& p, const TokenRows&
     const int h = h0 + i;
     if (h < num_heads) {
       const scalar_t* src;
-      if (h < p.num_q_heads) {
+      if constexpr (DECODE && !OUT_OF_PLACE) {
+        // one 32-bit offset, one pointer, no branch; in place the output is the input
+        const bool is_q = h < p.num_q_heads;
+        const idx_t o = is_q ? r.q + h * (idx_t)p.q_stride_head
+                             : r.k + (h - (idx_t)p.num_q_heads) * (idx_t)p.k_stride_head;
+        src = (is_q ? (const scalar_t*)p.q : (const scalar_t*)p.k) + (o + off);
+        b.dst[i] = const_cast<scalar_t*>(src) - off;
+      } else if (h < p.num_q_heads) {
         src = (const scalar_t*)p.q + r.q + h * (idx_t)p.q_stride_head;
         b.dst[i] = (scalar_t*)p.q_out + r.qo + h * (idx_t)p.qo_stride_head;
       } else {
@@ -356,12 +399,13 @@ __device__ __forceinline__ void load_batch(const RopeParams& p, const TokenRows&
         src = (const scalar_t*)p.k + r.k + hk * (idx_t)p.k_stride_head;
         b.dst[i] = (scalar_t*)p.k_out + r.ko + hk * (idx_t)p.ko_stride_head;
       }
-      b.va[i] = load_vec<scalar_t, VEC>(src + off + OFF_A);
-      b.vb[i] = load_vec<scalar_t, VEC>(src + off + OFF_B);
+      if constexpr (!(DECODE && !OUT_OF_PLACE)) src += off;
+      b.va[i] = load_vec<scalar_t, VEC>(src + OFF_A);
+      b.vb[i] = load_vec<scalar_t, VEC>(src + OFF_B);
 #pragma unroll
       for (int m = 0; m < PASS_PER_THREAD; ++m) {
         const int pv = chunk + m * CHUNKS;
-        if (pv < PASS_VECS) b.pass[i][m] = load_vec<scalar_t, VEC>(src + ROT_DIM + pv * VEC);
+        if (pv < PASS_VECS) b.pass[i][m] = load_vec<scalar_t, VEC>(src - off + ROT_DIM + pv * VEC);
       }
     }
   }
