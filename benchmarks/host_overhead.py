@@ -74,9 +74,11 @@ def steps(q, k, pos, cache) -> list:
     if prep is None:
         raise RuntimeError("the plan key above no longer matches launch.run_rope's: update it")
     buf, addr, _keep = launch.plan_buffer(prep)
-    ptrs = (q.data_ptr(), k.data_ptr(), q.data_ptr(), k.data_ptr(), pos.data_ptr(), 0,
-            cache.data_ptr(), 0, 0)  # specs.ROPE_POINTERS: ..., cache, cos, sin
-    rows.append(("pack the pointers", per_call(lambda: launch._POINTERS.pack_into(buf, 0, *ptrs))))
+    ptrs = (pos.data_ptr(), cache.data_ptr(), q.data_ptr(), k.data_ptr(), 0, 0, q.data_ptr(),
+            k.data_ptr(), 0)  # specs.ROPE_POINTERS: positions, cache, q, k, cos, sin, q_out, ...
+    off = launch._POINTER_OFFSET
+    rows.append(("pack the pointers",
+                 per_call(lambda: launch._POINTERS.pack_into(buf, off, *ptrs))))
     drv = driver_module()
     stream = fw.stream(0)
     g, b = prep.grid, prep.block

@@ -75,8 +75,10 @@ PLAN_CACHE_SIZE = 4096
 _plans = BoundedCache(PLAN_CACHE_SIZE)
 _single_device = False  # set once a GPU is seen and it is the only one: no device switch check
 
-# Pointers are packed per call; the rest of the struct (frequencies, strides) per plan.
+# Pointers are packed per call (at ROPE_PARAMS.pointer_offset, in ROPE_POINTERS order); the
+# rest of the struct (frequencies, strides) per plan.
 _POINTERS = struct.Struct("<" + "q" * len(ROPE_POINTERS))
+_POINTER_OFFSET = ROPE_PARAMS.pointer_offset
 _THREAD_BUFFERS_MAX = 256
 
 
@@ -105,9 +107,9 @@ class _Prepared(PreparedLaunch):
 
 def plan_buffer(prep, params=ROPE_PARAMS) -> tuple:
     """This thread's argument buffer of a prepared plan (any object hashed by identity with
-    a ``static`` tuple: the struct's values after its pointers), static part packed:
-    (buffer, address of the void* array that points at it, that array). The pointers are
-    packed per call at offset 0."""
+    a ``static`` tuple: the struct's fixed values, ``params.static_names`` order), those
+    packed: (buffer, address of the void* array that points at it, that array). The pointers
+    are packed per call at ``params.pointer_offset``."""
     bufs = getattr(_tls, "plans", None)
     if bufs is None:
         bufs = _tls.plans = {}
@@ -116,8 +118,7 @@ def plan_buffer(prep, params=ROPE_PARAMS) -> tuple:
         if len(bufs) >= _THREAD_BUFFERS_MAX:
             bufs.clear()
         buf = ctypes.create_string_buffer(params.size)
-        pointers = len(params.names) - len(prep.static)
-        params.packer.pack_into(buf, 0, *((0,) * pointers), *prep.static)
+        params.pack_static_into(buf, prep.static)
         argv = (ctypes.c_void_p * 1)(ctypes.addressof(buf))
         b = bufs[prep] = (buf, ctypes.addressof(argv), argv)
     return b
@@ -229,8 +230,8 @@ def run_rope(call: RopeCall, query, key, positions=None, indptr=None, offsets=No
         outs = (q_out, k_out)
     if prep.func:
         buf, argv, _keep = plan_buffer(prep)
-        _POINTERS.pack_into(buf, 0, q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr or ind_ptr, off_ptr, c_ptr,
-                            cos_ptr, sin_ptr)
+        _POINTERS.pack_into(buf, _POINTER_OFFSET, pos_ptr or ind_ptr, c_ptr, q_ptr, k_ptr, cos_ptr,
+                            sin_ptr, qo_ptr, ko_ptr, off_ptr)
         dev = prep.device  # launch_plan's body, inline: one call less on the warm path
         if _single_device or dev == current_device():
             _launch_prepared(prep, fw.stream(dev), argv)

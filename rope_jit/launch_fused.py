@@ -111,7 +111,7 @@ def run_fused(call: FusedRopeCall | QKNormRopeCall, arrays: tuple, *, fw: Framew
             ptrs[i] = fw.fingerprint(out)[1]
     if prep.func:
         buf, argv, _keep = plan_buffer(prep, kind.params)
-        kind.pointers.pack_into(buf, 0, *ptrs)
+        kind.pointers.pack_into(buf, kind.params.pointer_offset, *ptrs)
         launch_plan(prep, fw, argv)
     return tuple(arrays[i] for i in prep.returns) if prep.returns else None
 

@@ -18,7 +18,7 @@ from .arrays import HOST, ArrayDesc, contiguous_strides
 from .call import COS_SIN, INDPTR, RopeCall, check_int
 from .dtypes import FLOAT_DTYPES, INDEX_DTYPES
 from .scaling import OnTheFly, on_the_fly_values
-from .specs import ROPE_FREQ, ROPE_STATIC, RopeSpec
+from .specs import ROPE_PARAMS, RopeSpec
 
 
 class RopeArrays(NamedTuple):
@@ -79,7 +79,7 @@ class Launch:
 class RopePlan:
     spec: RopeSpec | None     # None: nothing to do (no tokens or no heads)
     launch: Launch | None
-    static: tuple             # values of specs.ROPE_FREQ + ROPE_STATIC, in order
+    static: tuple             # values of specs.ROPE_PARAMS.static_names, in order
     device: int
     q_out_shape: tuple
     k_out_shape: tuple | None
@@ -588,7 +588,7 @@ def plan_rope(call: RopeCall, arrays: RopeArrays, *, tuning=DEFAULT_TUNING,
         pos_stride_row=tokens.pos_row_stride, rot_offset=call.rope_dim_offset,
         **dict(zip(("cos_stride_outer", "cos_stride_inner", "sin_stride_outer",
                     "sin_stride_inner"), rot.cos_sin_strides)))
-    static = tuple(values[n] for n in ROPE_FREQ + ROPE_STATIC)
+    static = tuple(values[n] for n in ROPE_PARAMS.static_names)
     return RopePlan(spec, launch, static, a.query.device, q_out_shape, k_out_shape, shape,
                     num_tokens, tuning)
 

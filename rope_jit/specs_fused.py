@@ -43,7 +43,7 @@ FUSED_ROPE_STATIC = (
 FUSED_ROPE_PARAMS = ParamStruct(
     "FusedRopeParams",
     [(n, "q") for n in FUSED_ROPE_POINTERS] + [(n, "d") for n in ROPE_FREQ + FUSED_ROPE_MULS]
-    + [(n, "q") for n in FUSED_ROPE_STATIC])
+    + [(n, "q") for n in FUSED_ROPE_STATIC], pointers=FUSED_ROPE_POINTERS)
 
 CACHE_MODES = ("none", "slots", "paged")
 K_ROPE_OUTS = ("none", "array", "inplace")
@@ -159,7 +159,7 @@ QK_NORM_ROPE_STATIC = ("num_tokens", "token_stride", "pos_stride", "max_position
 QK_NORM_ROPE_PARAMS = ParamStruct(
     "QKNormRopeParams",
     [(n, "q") for n in QK_NORM_ROPE_POINTERS] + [(n, "d") for n in ROPE_FREQ + ("eps",)]
-    + [(n, "q") for n in QK_NORM_ROPE_STATIC])
+    + [(n, "q") for n in QK_NORM_ROPE_STATIC], pointers=QK_NORM_ROPE_POINTERS)
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,7 @@ def run(plan, pointers) -> None:
     in the params struct's order)."""
     if plan.spec is None:
         return
-    run_struct(plan.spec, plan.spec.params.packer.pack(*pointers, *plan.static), plan.launch)
+    run_struct(plan.spec, plan.spec.params.pack(pointers, plan.static), plan.launch)
 
 
 def run_struct(spec, struct_bytes: bytes, launch) -> None:

@@ -28,7 +28,7 @@ from rope_jit import reference  # noqa: E402
 from rope_jit.arrays import ArrayDesc  # noqa: E402
 from rope_jit.call import COS_SIN, POSITIONS, RopeCall, token_cos_sin_call  # noqa: E402
 from rope_jit.plan import DEFAULT_TUNING, RopeArrays, plan_rope  # noqa: E402
-from rope_jit.specs import ROPE_PARAMS  # noqa: E402
+from rope_jit.specs import ROPE_PARAMS, ROPE_POINTERS  # noqa: E402
 
 from gpu_cases import assert_rope_close  # noqa: E402
 
@@ -70,6 +70,11 @@ def _desc(t):
                      str(t.dtype).replace("torch.", ""), 0)
 
 
+def pack(plan, **pointers) -> bytes:
+    """The kernel's argument struct: the named pointers (others 0) and the plan's values."""
+    return ROPE_PARAMS.pack(tuple(pointers.get(n, 0) for n in ROPE_POINTERS), plan.static)
+
+
 def run(emulate, call, q, k, cos, sin):
     """What launch.run_rope does, on CPU tensors: plan, outputs (NaN-poisoned), the packed
     argument struct, one launch."""
@@ -81,8 +86,8 @@ def run(emulate, call, q, k, cos, sin):
         qo = torch.full(plan.q_out_shape, float("nan"), dtype=q.dtype)
         ko = torch.full(plan.k_out_shape, float("nan"), dtype=k.dtype) if k is not None else None
     ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
-    params = ROPE_PARAMS.packer.pack(ptr(q), ptr(k), ptr(qo), ptr(ko), 0, 0, 0, ptr(cos),
-                                     ptr(sin), *plan.static)
+    params = pack(plan, q=ptr(q), k=ptr(k), q_out=ptr(qo), k_out=ptr(ko), cos=ptr(cos),
+                  sin=ptr(sin))
     emulate(plan.spec, params, plan.launch.grid, plan.launch.block, plan.launch.smem)
     return plan.spec, qo, ko
 
@@ -179,8 +184,8 @@ def test_emulated_cache_path_few_and_many_token_code(emulate, dtype, cache_dtype
         else:
             qo = torch.full(plan.q_out_shape, float("nan"), dtype=q.dtype)
             ko = torch.full(plan.k_out_shape, float("nan"), dtype=k.dtype)
-        params = ROPE_PARAMS.packer.pack(q.data_ptr(), k.data_ptr(), qo.data_ptr(), ko.data_ptr(),
-                                         pos.data_ptr(), 0, cache.data_ptr(), 0, 0, *plan.static)
+        params = pack(plan, q=q.data_ptr(), k=k.data_ptr(), q_out=qo.data_ptr(),
+                      k_out=ko.data_ptr(), positions=pos.data_ptr(), cache=cache.data_ptr())
         emulate(plan.spec, params, plan.launch.grid, plan.launch.block, plan.launch.smem)
         if not inplace:
             assert torch.equal(q, q0) and torch.equal(k, k0)

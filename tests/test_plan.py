@@ -1,7 +1,7 @@
 """Validation and launch planning (rope_jit.plan) on ArrayDesc values: no GPU, no CuPy.
 
 * every error of docs/errors.md: exception type AND a message that names the argument;
-* layouts and strides landing in the right named kernel parameters (specs.ROPE_STATIC);
+* layouts and strides landing in the right named kernel parameters (specs.ROPE_PARAMS);
 * vector widths (choose_vec), cache vector widths, and the dispatch rules (choose_launch).
 """
 
@@ -16,7 +16,7 @@ from rope_jit.call import INDPTR, POSITIONS, RopeCall, check_mrope_section, freq
 from rope_jit.plan import DEFAULT_TUNING as TUNING
 from rope_jit.plan import RopeArrays, choose_launch, choose_vec, head_parallel, plan_positions
 from rope_jit.plan import plan_rope as plan_call
-from rope_jit.specs import ROPE_FREQ, ROPE_STATIC
+from rope_jit.specs import ROPE_PARAMS
 from rope_jit.warm import SCALING_EXAMPLES
 
 
@@ -71,8 +71,8 @@ def call_fly(**overrides):
 
 
 def static(plan) -> dict:
-    assert len(plan.static) == len(ROPE_FREQ) + len(ROPE_STATIC)
-    return dict(zip(ROPE_FREQ + ROPE_STATIC, plan.static))
+    assert len(plan.static) == len(ROPE_PARAMS.static_names)
+    return dict(zip(ROPE_PARAMS.static_names, plan.static))
 
 
 def test_valid_baselines():
@@ -327,7 +327,7 @@ def test_key_none():
     p = call(key=None, inplace=False)
     s = static(p)
     assert s["num_k_heads"] == 0
-    assert all(s[n] == 0 for n in ROPE_STATIC if n.startswith(("k_", "ko_")))
+    assert all(s[n] == 0 for n in ROPE_PARAMS.static_names if n.startswith(("k_", "ko_")))
     assert p.k_out_shape is None and p.spec is not None
 
 
