@@ -25,8 +25,8 @@ import threading
 from dataclasses import dataclass
 
 from . import jit
-from ._cuda import (PdlLaunch, current_device, cupy_module, device_arch, device_count,
-                    driver_module, external_stream, launch_packed, num_sms)
+from ._cuda import (PdlLaunch, cupy_empty, cupy_module, current_device, device_arch,
+                    device_count, driver_module, external_stream, launch_packed, num_sms)
 from .arrays import _BY_TYPE, HOST, Framework, describe, framework_of
 from .call import RopeCall, check_int
 from .dtypes import numpy_dtype
@@ -387,17 +387,20 @@ def run_positions(indptr, offsets, nnz):
         return out if fw.name == "numpy" else fw.from_host(out, None)
     if nnz is None:
         nnz = _last_entry(indptr, ind)
-    out = fw.empty((nnz,), index_dtype, ind.device, indptr)
-    if nnz == 0:
-        return out
-    func = jit.get_function(PositionsSpec(index_dtype), ind.device)
-    out_ptr = describe(out).ptr
-    ind_ptr = ind.ptr if fw.native else _cupy_view(ind).data.ptr
-    block = 256
-    with cupy_module().cuda.Device(ind.device):
-        launch_packed(func, (-(-nnz // block), 1, 1), (block, 1, 1), 0, fw.stream(ind.device),
-                      POSITIONS_PARAMS.packer, (ind_ptr, off.ptr, out_ptr, nnz, batch))
-    return out
+    # A foreign framework (JAX) gets the result after the launch: its DLPack import then
+    # orders its reads after the kernel (imported before, it could read the buffer unwritten).
+    out = (fw.empty((nnz,), index_dtype, ind.device, indptr) if fw.native
+           else cupy_empty((nnz,), index_dtype, ind.device))
+    if nnz > 0:
+        func = jit.get_function(PositionsSpec(index_dtype), ind.device)
+        out_ptr = describe(out).ptr
+        ind_ptr = ind.ptr if fw.native else _cupy_view(ind).data.ptr
+        block = 256
+        with cupy_module().cuda.Device(ind.device):
+            launch_packed(func, (-(-nnz // block), 1, 1), (block, 1, 1), 0,
+                          fw.stream(ind.device), POSITIONS_PARAMS.packer,
+                          (ind_ptr, off.ptr, out_ptr, nnz, batch))
+    return out if fw.native else fw.from_cupy(out, indptr)
 
 
 def _last_entry(indptr, d) -> int:
