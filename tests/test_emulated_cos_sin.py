@@ -158,13 +158,14 @@ def test_emulated_cache_path_few_and_many_token_code(emulate, dtype, cache_dtype
     """From a cache with positions (vLLM's call), the kernel the planner compiles for few
     tokens (FEW_TOKENS: the position load first, rotated values rounded a vector at a time),
     the one for many, and the few-token one with 2-element accesses (few_vec) all match the
-    float64 reference, positions past the cache giving the identity, and each other bit for
-    bit (one rounding, to nearest even, any way)."""
-    T, hq, hk, d, max_pos = 5, 3, 2, 64, 40
+    float64 reference, positions outside the cache giving the identity, and each other bit
+    for bit (one rounding, to nearest even, any way). The few-token kernels here are the
+    decode build (one token dim: predicated cache-row loads, 32-bit offsets)."""
+    T, hq, hk, d, max_pos = 6, 3, 2, 64, 40
     g = torch.Generator().manual_seed(1)
     q0 = torch.randn(T, hq * d, generator=g).to(DTYPES[dtype])
     k0 = torch.randn(T, hk * d, generator=g).to(DTYPES[dtype])
-    pos = torch.tensor([3, 39, 0, 40, 17], dtype=torch.int64)  # 40: past the cache
+    pos = torch.tensor([3, 39, 0, 40, 17, -1], dtype=torch.int64)  # 40, -1: outside the cache
     angles = torch.rand(max_pos, rot // 2, generator=g, dtype=torch.float64) * 100 - 50
     cache = torch.cat([angles.cos(), angles.sin()], -1).to(DTYPES[cache_dtype])
     call = RopeCall(inplace, d, rot, is_neox, POSITIONS, None)
@@ -177,7 +178,7 @@ def test_emulated_cache_path_few_and_many_token_code(emulate, dtype, cache_dtype
         q, k = q0.clone(), k0.clone()
         plan = plan_rope(call, RopeArrays(_desc(q), _desc(k), _desc(pos), cos_sin_cache=_desc(cache)),
                          num_sms=132, tuning=tuning)
-        assert plan.spec.few_tokens == (tuning.small_waves > 0)
+        assert plan.spec.few_tokens == (tuning.small_waves > 0) == (not plan.spec.tokens_2d)
         assert (plan.spec.vec == 2) == (tuning.few_vec == 2)
         if inplace:
             qo, ko = q, k
@@ -190,10 +191,10 @@ def test_emulated_cache_path_few_and_many_token_code(emulate, dtype, cache_dtype
         if not inplace:
             assert torch.equal(q, q0) and torch.equal(k, k0)
         outs.append((qo, ko))
-    inside = (pos < max_pos).numpy()
+    inside = ((pos >= 0) & (pos < max_pos)).numpy()
     c64 = np.zeros((T, rot // 2)) + 1.0
     s64 = np.zeros((T, rot // 2))
-    cached = cache.double().numpy()[pos.clamp(max=max_pos - 1).numpy()]
+    cached = cache.double().numpy()[pos.clamp(0, max_pos - 1).numpy()]
     c64[inside], s64[inside] = cached[inside, :rot // 2], cached[inside, rot // 2:]
     for qo, ko in outs:
         for out, x, h in ((qo, q0, hq), (ko, k0, hk)):

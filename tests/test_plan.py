@@ -16,7 +16,7 @@ from rope_jit.call import INDPTR, POSITIONS, RopeCall, check_mrope_section, freq
 from rope_jit.plan import DEFAULT_TUNING as TUNING
 from rope_jit.plan import RopeArrays, choose_launch, choose_vec, head_parallel, plan_positions
 from rope_jit.plan import plan_rope as plan_call
-from rope_jit.specs import ROPE_PARAMS
+from rope_jit.specs import ROPE_LEAD, ROPE_PARAMS, ROPE_POINTERS, ParamStruct
 from rope_jit.warm import SCALING_EXAMPLES
 
 
@@ -1070,3 +1070,34 @@ def test_cos_sin_shape_class_is_the_cache_one():
                          sin=desc((1, S, DT), "float16")), tuning=lookup)
     ((shape, tokens),) = seen
     assert shape.cos_sin == "float16" and tokens == B * S and shape.num_heads == HQ_T + HK_T
+
+
+def test_argument_struct_layout_and_packing():
+    """The kernel's argument struct: the fields a decode call's exit test and position load
+    read share one 64-byte constant-cache line on sm_90 (arguments at c[0x0][0x210]); the
+    pointers are contiguous, packed alone at pointer_offset; the plan's values fill the
+    rest, in static_names order."""
+
+    p = ROPE_PARAMS
+    offset = {n: 8 * i for i, n in enumerate(p.names)}
+    hot = ("num_tokens", "num_q_heads", "num_k_heads", "pos_stride_inner", "positions")
+    assert {(0x210 + offset[n]) // 64 for n in hot} == {0x210 // 64}
+    assert p.pointer_offset == offset[ROPE_POINTERS[0]] == 8 * len(ROPE_LEAD)
+    assert p.names[len(ROPE_LEAD):len(ROPE_LEAD) + len(ROPE_POINTERS)] == ROPE_POINTERS
+    assert set(p.static_names).isdisjoint(ROPE_POINTERS)
+    assert len(p.static_names) + len(ROPE_POINTERS) == len(p.names)
+    assert p.c_decl.index("num_tokens;") < p.c_decl.index("positions;") < p.c_decl.index(
+        "q;") < p.c_decl.index("freq_exponent;")
+
+    static = tuple(range(1, len(p.static_names) + 1))  # distinct values (doubles too)
+    pointers = tuple(1000 + i for i in range(len(ROPE_POINTERS)))
+    fields = dict(zip(p.names, p.packer.unpack(p.pack(pointers, static))))
+    assert all(fields[n] == v for n, v in zip(ROPE_POINTERS, pointers))
+    assert all(fields[n] == v for n, v in zip(p.static_names, static))
+    buf = bytearray(p.size)
+    p.pack_static_into(buf, static)
+    fields = dict(zip(p.names, p.packer.unpack(bytes(buf))))
+    assert all(fields[n] == 0 for n in ROPE_POINTERS)
+    assert all(fields[n] == v for n, v in zip(p.static_names, static))
+    with pytest.raises(ValueError, match="contiguous"):
+        ParamStruct("Bad", [("a", "q"), ("n", "q"), ("b", "q")], pointers=("a", "b"))
