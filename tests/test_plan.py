@@ -1077,7 +1077,6 @@ def test_argument_struct_layout_and_packing():
     read share one 64-byte constant-cache line on sm_90 (arguments at c[0x0][0x210]); the
     pointers are contiguous, packed alone at pointer_offset; the plan's values fill the
     rest, in static_names order."""
-
     p = ROPE_PARAMS
     offset = {n: 8 * i for i, n in enumerate(p.names)}
     hot = ("num_tokens", "num_q_heads", "num_k_heads", "pos_stride_inner", "positions")
