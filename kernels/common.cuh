@@ -124,22 +124,17 @@ __device__ __forceinline__ void from_float2(float lo, float hi, T& a, T& b) {
 // low half), where T has such an instruction (ok).
 template <typename T> struct PairWord { static constexpr bool ok = false; };
 #if __CUDA_ARCH__ >= 800
-template <> struct PairWord<bf16_t> {
+template <bool BF16> struct HalfPairWord {  // cvt.rn.{bf16x2,f16x2}.f32 takes hi first
   static constexpr bool ok = true;
   static __device__ __forceinline__ unsigned int cvt(float lo, float hi) {
     unsigned int r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    if constexpr (BF16) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
   }
 };
-template <> struct PairWord<f16_t> {
-  static constexpr bool ok = true;
-  static __device__ __forceinline__ unsigned int cvt(float lo, float hi) {
-    unsigned int r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-  }
-};
+template <> struct PairWord<bf16_t> : HalfPairWord<true> {};
+template <> struct PairWord<f16_t> : HalfPairWord<false> {};
 template <typename T>  // a converted pair, lo in the low half
 __device__ __forceinline__ void split_pair(unsigned int r, T& a, T& b) {
   a.bits = (unsigned short)(r & 0xffffu);
