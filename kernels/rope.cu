@@ -85,7 +85,8 @@
 
 // The decode build (FEW_TOKENS with one token dim): a call is one latency chain, so its
 // addressing takes the fewest dependent instructions (one 32-bit offset per pointer, the
-// output pointer the input's in place, the cache row clamped instead of branched on).
+// output pointer the input's in place, the cache row's address worked out before its range
+// test, results put into vectors a word at a time).
 // Builds for many tokens keep the original code: ptxas schedules those loops differently
 // when their code changes (session 6 measured 2-41% swings at 8192 tokens).
 constexpr bool DECODE = FEW_TOKENS && !TOKENS_2D;
@@ -176,7 +177,8 @@ __device__ __forceinline__ void cos_sin(const RopeParams& p, i64 pos, bool valid
     // The row's address does not wait on the range test (only the load is predicated on
     // it), so the load goes out a few instructions after the position lands.
     const bool in_cache = valid && (unsigned long long)pos < (unsigned long long)p.max_position;
-    const cache_t* row = ((const cache_t*)p.cache + chunk * VEC) + (idx_t)pos * (idx_t)p.cache_stride;
+    const cache_t* row =
+        ((const cache_t*)p.cache + chunk * VEC) + (idx_t)pos * (idx_t)p.cache_stride;
     load_cos_sin(row, row + HALF, c, s, in_cache);
     return;
   }
@@ -405,7 +407,8 @@ __device__ __forceinline__ void load_batch(const RopeParams& p, const TokenRows&
 #pragma unroll
       for (int m = 0; m < PASS_PER_THREAD; ++m) {
         const int pv = chunk + m * CHUNKS;
-        if (pv < PASS_VECS) b.pass[i][m] = load_vec<scalar_t, VEC>(src - off + ROT_DIM + pv * VEC);
+        if (pv < PASS_VECS)
+          b.pass[i][m] = load_vec<scalar_t, VEC>(src - off + ROT_DIM + pv * VEC);
       }
     }
   }
