@@ -42,7 +42,7 @@ for name, hq, hk, D, R, neox in shapes:
         srcs = [torch.empty(per, dtype=torch.uint8, device="cuda") for _ in range(n)]
         dst = torch.empty(per, dtype=torch.uint8, device="cuda")
         res["copy"] = (time_calls([lambda s=s: dst.copy_(s) for s in srcs]), 2 * per)
-        del srcs, dst
+        srcs = dst = None  # free them before the next row (the lambdas above have run)
         if lib is not None:
             st = lambda: torch.cuda.current_stream().cuda_stream
             res["fi_c32"] = (time_calls([lambda q=q, k=k: lib.fi_cache_bf16(q.data_ptr(), k.data_ptr(), c32.data_ptr(), pos.data_ptr(), T, hq, hk, R, D, hq*D, D, hk*D, D, int(not neox), st()) for q, k in zip(qs, ks)]), base + T * R * 4)
