@@ -385,30 +385,33 @@ __device__ __forceinline__ void load_batch(const RopeParams& p, const TokenRows&
   for (int i = 0; i < HEAD_BATCH; ++i) {
     const int h = h0 + i;
     if (h < num_heads) {
-      const scalar_t* src;
       if constexpr (DECODE && !OUT_OF_PLACE) {
-        // one 32-bit offset, one pointer, no branch; in place the output is the input
+        // one 32-bit offset, one pointer, no branch; in place the output is the input (and
+        // there is no pass-through part to copy)
         const bool is_q = h < p.num_q_heads;
         const idx_t o = is_q ? r.q + h * (idx_t)p.q_stride_head
                              : r.k + (h - (idx_t)p.num_q_heads) * (idx_t)p.k_stride_head;
-        src = (is_q ? (const scalar_t*)p.q : (const scalar_t*)p.k) + (o + off);
-        b.dst[i] = const_cast<scalar_t*>(src) - off;
-      } else if (h < p.num_q_heads) {
-        src = (const scalar_t*)p.q + r.q + h * (idx_t)p.q_stride_head;
-        b.dst[i] = (scalar_t*)p.q_out + r.qo + h * (idx_t)p.qo_stride_head;
+        const scalar_t* at = (is_q ? (const scalar_t*)p.q : (const scalar_t*)p.k) + (o + off);
+        b.dst[i] = const_cast<scalar_t*>(at) - off;  // rotate_store_batch adds the chunk back
+        b.va[i] = load_vec<scalar_t, VEC>(at + OFF_A);
+        b.vb[i] = load_vec<scalar_t, VEC>(at + OFF_B);
       } else {
-        const idx_t hk = h - (idx_t)p.num_q_heads;
-        src = (const scalar_t*)p.k + r.k + hk * (idx_t)p.k_stride_head;
-        b.dst[i] = (scalar_t*)p.k_out + r.ko + hk * (idx_t)p.ko_stride_head;
-      }
-      if constexpr (!(DECODE && !OUT_OF_PLACE)) src += off;
-      b.va[i] = load_vec<scalar_t, VEC>(src + OFF_A);
-      b.vb[i] = load_vec<scalar_t, VEC>(src + OFF_B);
+        const scalar_t* src;
+        if (h < p.num_q_heads) {
+          src = (const scalar_t*)p.q + r.q + h * (idx_t)p.q_stride_head;
+          b.dst[i] = (scalar_t*)p.q_out + r.qo + h * (idx_t)p.qo_stride_head;
+        } else {
+          const idx_t hk = h - (idx_t)p.num_q_heads;
+          src = (const scalar_t*)p.k + r.k + hk * (idx_t)p.k_stride_head;
+          b.dst[i] = (scalar_t*)p.k_out + r.ko + hk * (idx_t)p.ko_stride_head;
+        }
+        b.va[i] = load_vec<scalar_t, VEC>(src + off + OFF_A);
+        b.vb[i] = load_vec<scalar_t, VEC>(src + off + OFF_B);
 #pragma unroll
-      for (int m = 0; m < PASS_PER_THREAD; ++m) {
-        const int pv = chunk + m * CHUNKS;
-        if (pv < PASS_VECS)
-          b.pass[i][m] = load_vec<scalar_t, VEC>(src - off + ROT_DIM + pv * VEC);
+        for (int m = 0; m < PASS_PER_THREAD; ++m) {
+          const int pv = chunk + m * CHUNKS;
+          if (pv < PASS_VECS) b.pass[i][m] = load_vec<scalar_t, VEC>(src + ROT_DIM + pv * VEC);
+        }
       }
     }
   }

@@ -539,7 +539,8 @@ def plan_rope(call: RopeCall, arrays: RopeArrays, *, tuning=DEFAULT_TUNING,
         # decode: shorter chunks, more threads; the latency after the loads land is the
         # thread's rotate-and-round (FlashInfer's head-parallel GPT-J kernel: one 16-byte
         # q/k vector a thread, 43 instructions from its last load to its store; ours two
-        # vectors and 85). A tuner knob until measured (benchmarks/NOTES.md section 15).
+        # vectors and 85). Measured by the tuner on the H200: wins within decode noise
+        # only, so a knob, not the rule (benchmarks/NOTES.md section 16).
         vec, cache_vec, chunks = _vector_widths(call, a, rot, head_size, [q, k, qo, ko], fv)
     head_batch, per_group, launch = choose_launch(num_tokens, chunks, nq + nk, num_sms,
                                                   on_the_fly, tuning)
