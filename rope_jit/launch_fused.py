@@ -31,16 +31,22 @@ from .specs_fused import FUSED_ROPE_PARAMS, QK_NORM_ROPE_PARAMS
 
 class _Kind(NamedTuple):
     """What differs between the call types: the planner's arrays (their fields are the
-    kernel's pointers, in order), the planner, the kernel-argument struct."""
+    kernel's pointers, in the public functions' order), the planner, the kernel-argument
+    struct, its pointers' packer and `order`: (array index, field) of each pointer in the
+    struct's order (which is the order a decode call reads them, not the arrays')."""
 
     arrays: type
     plan: Callable
     params: ParamStruct
     pointers: struct.Struct
+    order: tuple
 
 
 def _kind(arrays: type, plan: Callable, params: ParamStruct) -> _Kind:
-    return _Kind(arrays, plan, params, struct.Struct("<" + "q" * len(arrays._fields)))
+    fields = arrays._fields
+    order = tuple((fields.index(n), n) for n in params.pointers)
+    assert len(order) == len(fields), f"{arrays.__name__} must have the kernel's pointers"
+    return _Kind(arrays, plan, params, struct.Struct("<" + "q" * len(order)), order)
 
 
 _KINDS = {
@@ -51,7 +57,7 @@ _KINDS = {
 
 @dataclass(frozen=True, eq=False)
 class _Prepared(PreparedLaunch):
-    allocate: tuple     # (array index, shape, dtype) of each output to allocate
+    allocate: tuple     # (array index, pointer index, shape, dtype) of each output to allocate
     returns: tuple      # array indices of the outputs the call returns
     pdl: object = None  # a _cuda.PdlLaunch when the call asked for enable_pdl
 
@@ -69,18 +75,18 @@ def _prepare(kind: _Kind, call, arrays: tuple) -> _Prepared:
     check_pdl_device(pdl, plan.device)
     func = jit.get_function(plan.spec, plan.device) if plan.spec is not None else 0
     index = {f: i for i, f in enumerate(fields)}
+    slot = {f: j for j, f in enumerate(kind.params.pointers)}
     launch = plan.launch
     return _Prepared(func, launch.grid if launch else (), launch.block if launch else (),
                      launch.smem if launch else 0, plan.static, plan.device,
-                     tuple((index[f], shape, dtype) for f, shape, dtype in plan.outputs),
+                     tuple((index[f], slot[f], shape, dtype) for f, shape, dtype in plan.outputs),
                      tuple(index[f] for f in RETURNS.get(getattr(call, "op", None), ())),
                      pdl_launcher(pdl, func, launch))
 
 
 def run_fused(call: FusedRopeCall | QKNormRopeCall, arrays: tuple, *, fw: Framework | None = None):
-    """Run a fused call on arrays of any supported framework, given in the kernel's pointer
-    order (the fields of plan_fused.FusedRopeArrays or QKNormRopeArrays; None where
-    absent). Returns the outputs of a FlashInfer function (given ones as they were,
+    """Run a fused call on arrays of any supported framework, given in the order of the
+    fields of plan_fused.FusedRopeArrays or QKNormRopeArrays (None where absent). Returns the outputs of a FlashInfer function (given ones as they were,
     missing ones new, of the caller's array type), else None.
 
     fw: the first array's Framework when the caller already knows it.
@@ -92,8 +98,9 @@ def run_fused(call: FusedRopeCall | QKNormRopeCall, arrays: tuple, *, fw: Framew
         return _run_foreign(fw, call, arrays)
     kind = _KINDS[type(call)]
     fp, first_type = fw.fingerprint, type(first)
-    sig, ptrs = [call], []
-    for obj, field in zip(arrays, kind.arrays._fields):
+    sig, ptrs = [call], []  # in the struct's pointer order
+    for i, field in kind.order:
+        obj = arrays[i]
         f, ptr = (ABSENT if obj is None else fp(obj) if type(obj) is first_type
                   else fingerprint_of(obj, arg_name(call, field)))
         sig.append(f)
@@ -106,9 +113,9 @@ def run_fused(call: FusedRopeCall | QKNormRopeCall, arrays: tuple, *, fw: Framew
         note_devices()
     if prep.allocate:
         arrays = list(arrays)
-        for i, shape, dtype in prep.allocate:
+        for i, j, shape, dtype in prep.allocate:
             out = arrays[i] = fw.empty(shape, dtype, prep.device, first)
-            ptrs[i] = fw.fingerprint(out)[1]
+            ptrs[j] = fw.fingerprint(out)[1]
     if prep.func:
         buf, argv, _keep = plan_buffer(prep, kind.params)
         kind.pointers.pack_into(buf, kind.params.pointer_offset, *ptrs)

@@ -21,16 +21,16 @@ from .dtypes import FLOAT_DTYPES, FP8_DTYPES, ITEMSIZE
 from .plan import (Launch, choose_vec, device_array, float_array, index_array, norm_strides,
                    same_device)
 from .scaling import OnTheFly, on_the_fly_values
-from .specs import ROPE_FREQ
-from .specs_fused import (FUSED_ROPE_MULS, FUSED_ROPE_POINTERS, FUSED_ROPE_STATIC,
-                          QK_NORM_ROPE_STATIC, FusedRopeSpec, QKNormRopeSpec)
+from .specs_fused import (FUSED_ROPE_PARAMS, QK_NORM_ROPE_PARAMS, FusedRopeSpec,
+                          QKNormRopeSpec)
 
 _HALF_DTYPES = ("float16", "bfloat16")
 
 
 class FusedRopeArrays(NamedTuple):
     """The arrays of one fused RoPE call, described; None where the call has none. The
-    fields are the kernel's pointers, in order (specs_fused.FUSED_ROPE_POINTERS)."""
+    fields are the kernel's pointers (specs_fused.FUSED_ROPE_POINTERS, which orders them
+    as the kernel reads them), in the public functions' order: q_rope first."""
 
     q_rope: ArrayDesc
     k_rope: ArrayDesc | None = None
@@ -54,7 +54,8 @@ class FusedRopeArrays(NamedTuple):
     v_scale: ArrayDesc | None = None
 
 
-assert FusedRopeArrays._fields == FUSED_ROPE_POINTERS, "FusedRopeArrays must follow the kernel"
+assert sorted(FusedRopeArrays._fields) == sorted(FUSED_ROPE_PARAMS.pointers), \
+    "FusedRopeArrays must have the kernel's pointers"
 
 # What each public function calls the arrays (errors name them so); fields not listed keep
 # their own name.
@@ -112,7 +113,7 @@ QK_COS_SIN_IN_REGS = True  # kernels/qk_norm_rope.cu: few tokens from a cache, n
 class FusedPlan:
     spec: FusedRopeSpec | QKNormRopeSpec | None   # None: nothing to launch
     launch: Launch | None
-    static: tuple          # the struct's values after the pointers, in order
+    static: tuple          # the struct's other values, in its params' static_names order
     device: int
     outputs: tuple = ()    # (field, shape, dtype) of each output to allocate, in field order
 
@@ -776,19 +777,24 @@ def plan_rope_fused(call: FusedRopeCall, arrays: FusedRopeArrays, *,
     for prefix, dest in (("krc", c.k_rope), ("knc", c.k_nope), ("vc", c.v)):
         values.update({f"{prefix}_page": dest.page, f"{prefix}_entry": dest.entry,
                        f"{prefix}_head": dest.head, f"{prefix}_off": dest.offset})
-    static = tuple(values.get(n, 0) for n in ROPE_FREQ + FUSED_ROPE_MULS + FUSED_ROPE_STATIC)
+    static = tuple(values.get(n, 0) for n in FUSED_ROPE_PARAMS.static_names)
     return FusedPlan(spec, launch, static, a.q_rope.device, o.allocate)
 
 
 # ------------------------------------------------------------------ QK RMSNorm + RoPE
 
 class QKNormRopeArrays(NamedTuple):
+    """The kernel's pointers (specs_fused.QK_NORM_ROPE_POINTERS), in the public order."""
+
     qkv: ArrayDesc
     q_weight: ArrayDesc | None = None
     k_weight: ArrayDesc | None = None
     position_ids: ArrayDesc | None = None
     cos_sin_cache: ArrayDesc | None = None
 
+
+assert sorted(QKNormRopeArrays._fields) == sorted(QK_NORM_ROPE_PARAMS.pointers), \
+    "QKNormRopeArrays must have the kernel's pointers"
 
 MAX_LANE_VECTORS = 16  # vector accesses per thread (registers) in kernels/qk_norm_rope.cu
 
@@ -875,5 +881,5 @@ def plan_qk_norm_rope(call: QKNormRopeCall, arrays: QKNormRopeArrays, *,
                   pos_stride=pos_stride, max_position=cs.max_position,
                   cache_stride=cs.cache_stride, q_weight_stride=weight_strides[0],
                   k_weight_stride=weight_strides[1])
-    static = tuple(values[n] for n in ROPE_FREQ + ("eps",) + QK_NORM_ROPE_STATIC)
+    static = tuple(values[n] for n in QK_NORM_ROPE_PARAMS.static_names)
     return FusedPlan(spec, launch, static, qkv.device)

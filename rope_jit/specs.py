@@ -40,8 +40,8 @@ class ParamStruct:
     """A kernel-argument struct of 8-byte fields: 'q' is a long long (also pointers), 'd' a double.
 
     `pointers`: the names of the fields that change every call, contiguous in the struct (the
-    warm path packs them alone, at ``pointer_offset``); every other field is fixed per plan,
-    its values (``static_names`` order) packed once per plan buffer."""
+    warm path packs them alone, at ``pointer_offset``, in ``pointers`` order); every other
+    field is fixed per plan, its values (``static_names`` order) packed once per plan buffer."""
 
     def __init__(self, c_name: str, fields_: list, pointers: tuple = ()):
         self.c_name = c_name
@@ -53,6 +53,7 @@ class ParamStruct:
         first = self.names.index(pointers[0]) if pointers else 0
         if self.names[first:first + len(pointers)] != tuple(pointers):
             raise ValueError(f"{c_name}: the pointer fields must be contiguous")
+        self.pointers = tuple(pointers)
         self.pointer_offset = 8 * first
         self._lead = first
         self._pointers = len(pointers)

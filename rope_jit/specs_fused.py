@@ -15,35 +15,50 @@ from .specs import ROPE_FREQ, ParamStruct, c_bool, render_source
 
 # ------------------------------------------------------------------ RoPE + quantize + KV write
 
+# Fields in the order a decode call reads them, for the reason given above specs.ROPE_LEAD
+# (on sm_90 struct bytes 0-47 share the arguments' first constant-cache line, then 64 bytes
+# a line). kernels/rope_fused.cu tests the token (split_items, num_tokens), loads its
+# position and its slot or request (dest_index), then issues its item loads (q/k/v rows),
+# the cos/sin row, the rest of the cache row, the stores. So the lead and pos_ids fill the
+# first line; the pointers every call reads, then vLLM's / SGLang's, the second; the rest
+# are grouped by what each function reads: a vLLM / SGLang call touches 5 lines, vLLM's MLA
+# 6, rope_quantize_fp8 7, the paged append 9 (tests/test_fused_plan.py checks these).
+FUSED_ROPE_LEAD = ("num_tokens", "split_items", "pos_stride", "num_slots", "slot_stride")
 # Kernel pointers, one per array a fused call may pass (rope_jit.plan_fused.FusedRopeArrays
-# has these fields, in this order): packed per call, the rest of the struct per plan.
+# has the same fields, in the public functions' order; the warm path packs them in this
+# one): packed per call, the rest of the struct per plan.
 FUSED_ROPE_POINTERS = (
-    "q_rope", "k_rope", "q_nope", "k_nope", "v",
-    "q_rope_out", "k_rope_out", "q_nope_out", "k_nope_out",
-    "cache0", "cache1", "pos_ids", "cos_sin_cache",
-    "slot_mapping", "batch_indices", "positions", "kv_indices", "kv_indptr",
-    "k_scale", "v_scale",
+    "pos_ids", "cos_sin_cache", "q_rope", "k_rope", "v", "slot_mapping", "cache0", "cache1",
+    "k_nope", "q_nope", "batch_indices", "positions", "kv_indptr", "kv_indices",
+    "q_rope_out", "q_nope_out", "k_rope_out", "k_nope_out", "k_scale", "v_scale",
 )
 # Multipliers of what is stored: q outputs, k outputs (arrays), k and v into the caches.
 FUSED_ROPE_MULS = ("q_mul", "k_mul", "kc_mul", "vc_mul")
-FUSED_ROPE_STATIC = (
-    "num_tokens", "split_items", "max_position", "cache_stride", "kn_off",
-    "pos_stride", "slot_stride", "batch_stride", "positions_stride", "kv_indices_stride",
-    "kv_indptr_stride",
-    # (token, head) strides of the arrays
-    "qr_st", "qr_sh", "kr_st", "kr_sh", "qn_st", "qn_sh", "kn_st", "kn_sh", "v_st", "v_sh",
-    "qro_st", "qro_sh", "kro_st", "kro_sh", "qno_st", "qno_sh", "kno_st", "kno_sh",
-    # cache destinations: (page, entry, head) strides and an element offset in the row
-    "krc_page", "krc_entry", "krc_head", "krc_off",
+FUSED_ROPE_REST = (
+    # every call: the cos/sin row, the (token, head) strides of q, k and v (read even
+    # without v), the q and k multipliers
+    "max_position", "cache_stride", "qr_st", "qr_sh", "kr_st", "kr_sh", "v_st", "v_sh",
+    "q_mul", "k_mul",
+    # cache destinations: cache pages, then (page, entry, head) strides and an element offset
+    # in the row, with the multiplier of what goes there
+    "num_pages", "kc_mul", "krc_page", "krc_entry", "krc_head", "krc_off",
+    "vc_mul", "vc_page", "vc_entry", "vc_head",
     "knc_page", "knc_entry", "knc_head", "knc_off",
-    "vc_page", "vc_entry", "vc_head",
-    # bounds: slot_mapping entries, cache pages, kv_indices entries, requests
-    "num_slots", "num_pages", "num_indices", "batch_size",
-)
+    # the nope inputs (kn_off: the k nope part's offset in its row)
+    "kn_st", "kn_sh", "kn_off", "qn_st", "qn_sh",
+    # FlashInfer's outputs
+    "qro_st", "qro_sh", "qno_st", "qno_sh", "kro_st", "kro_sh", "kno_st", "kno_sh",
+    # the paged cache's tables: strides and bounds (requests, kv_indices entries), one line
+    # that the paged append's first index loads read, so that its page walk finds it cached
+    "batch_stride", "positions_stride", "batch_size", "kv_indptr_stride", "num_indices",
+    "kv_indices_stride",
+) + ROPE_FREQ  # only on-the-fly calls read the frequencies
+_FUSED_ROPE_DOUBLES = frozenset(ROPE_FREQ + FUSED_ROPE_MULS)
 FUSED_ROPE_PARAMS = ParamStruct(
     "FusedRopeParams",
-    [(n, "q") for n in FUSED_ROPE_POINTERS] + [(n, "d") for n in ROPE_FREQ + FUSED_ROPE_MULS]
-    + [(n, "q") for n in FUSED_ROPE_STATIC], pointers=FUSED_ROPE_POINTERS)
+    [(n, "d" if n in _FUSED_ROPE_DOUBLES else "q")
+     for n in FUSED_ROPE_LEAD + FUSED_ROPE_POINTERS + FUSED_ROPE_REST],
+    pointers=FUSED_ROPE_POINTERS)
 
 CACHE_MODES = ("none", "slots", "paged")
 K_ROPE_OUTS = ("none", "array", "inplace")
@@ -153,13 +168,17 @@ class FusedRopeSpec:
 
 # ------------------------------------------------------------------ QK RMSNorm + RoPE
 
-QK_NORM_ROPE_POINTERS = ("qkv", "q_weight", "k_weight", "position_ids", "cos_sin_cache")
-QK_NORM_ROPE_STATIC = ("num_tokens", "token_stride", "pos_stride", "max_position",
-                       "cache_stride", "q_weight_stride", "k_weight_stride")
+# In the order a decode call reads it (as FUSED_ROPE_PARAMS; kernels/qk_norm_rope.cu: the
+# token test and the row, then the position, the cos/sin row, eps and the weights): a call
+# with a cos/sin cache reads the first two 64-byte lines only.
+QK_NORM_ROPE_LEAD = ("num_tokens", "token_stride", "pos_stride")
+# (rope_jit.plan_fused.QKNormRopeArrays has the same fields, in the public function's order)
+QK_NORM_ROPE_POINTERS = ("qkv", "position_ids", "cos_sin_cache", "q_weight", "k_weight")
+QK_NORM_ROPE_NEAR = ("max_position", "cache_stride", "q_weight_stride", "k_weight_stride")
 QK_NORM_ROPE_PARAMS = ParamStruct(
     "QKNormRopeParams",
-    [(n, "q") for n in QK_NORM_ROPE_POINTERS] + [(n, "d") for n in ROPE_FREQ + ("eps",)]
-    + [(n, "q") for n in QK_NORM_ROPE_STATIC], pointers=QK_NORM_ROPE_POINTERS)
+    [(n, "q") for n in QK_NORM_ROPE_LEAD + QK_NORM_ROPE_POINTERS + QK_NORM_ROPE_NEAR]
+    + [(n, "d") for n in ("eps",) + ROPE_FREQ], pointers=QK_NORM_ROPE_POINTERS)
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,11 @@ writes (``plan_fused.MUTATES``), so functionalization and CUDA graphs see every 
   the K (and V) cache;
 * ``rope_jit::qk_norm_rope_``: fused_qk_norm_rope, qkv in place.
 
-The arrays are op arguments, in the kernel's pointer order; the call (``FusedRopeCall`` /
-``QKNormRopeCall``) follows as one argument per field. None of them is differentiable (they
-write in place or quantize). The outputs a FlashInfer function allocates are allocated
-here, before the op, as FlashInfer's Python does.
+The arrays are op arguments, in the order of the fields of ``plan_fused.FusedRopeArrays``
+/ ``QKNormRopeArrays``; the call (``FusedRopeCall`` / ``QKNormRopeCall``) follows as one
+argument per field. None of them is differentiable (they write in place or quantize). The
+outputs a FlashInfer function allocates are allocated here, before the op, as FlashInfer's
+Python does.
 """
 
 import torch

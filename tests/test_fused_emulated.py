@@ -21,6 +21,7 @@ from rope_jit.call_fused import (APPEND_PAGED, KV_BUFFER, KV_CACHE, MLA_CACHE, R
 from rope_jit.dtypes import numpy_dtype
 from rope_jit.plan_fused import (FusedRopeArrays, QKNormRopeArrays, plan_qk_norm_rope,
                                  plan_rope_fused)
+from rope_jit.specs_fused import FUSED_ROPE_POINTERS, QK_NORM_ROPE_POINTERS
 
 pytestmark = pytest.mark.skipif(not emu.available(), reason="needs g++ to emulate the kernels")
 
@@ -71,7 +72,7 @@ def run(call, arrays: dict, num_sms=132) -> dict:
                            num_sms=num_sms)
     for field, shape, dtype in plan.outputs:
         arrays[field] = poisoned(shape, dtype)
-    emu.run(plan, [emu.pointer(arrays.get(f)) for f in FusedRopeArrays._fields])
+    emu.run(plan, [emu.pointer(arrays.get(f)) for f in FUSED_ROPE_POINTERS])
     return arrays
 
 
@@ -308,7 +309,7 @@ def check_qk_norm_rope(case, per_warp=-1, expect_lanes=None):
     arrays = QKNormRopeArrays(qkv, qw, kw, pos, cache)
     plan = plan_qk_norm_rope(call, QKNormRopeArrays(*map(emu.desc, arrays)))
     assert expect_lanes is None or plan.spec.lanes == expect_lanes
-    emu.run(plan, [emu.pointer(x) for x in arrays])
+    emu.run(plan, [emu.pointer(getattr(arrays, f)) for f in QK_NORM_ROPE_POINTERS])
     ref = reference.qk_norm_rope(x64, hq, hk, head, 1e-6, f64(qw), f64(kw), cos, sin, neox).reshape(T, -1, head)
     n = hq + hk
     got = f64(qkv).reshape(T, -1, head)
@@ -328,8 +329,7 @@ def test_kernel_loops_over_several_batches_per_thread(item_batch, cache_vec):
 
     from rope_jit.plan import Launch
     from rope_jit.plan_fused import fused_items
-    from rope_jit.specs import ROPE_FREQ
-    from rope_jit.specs_fused import FUSED_ROPE_MULS, FUSED_ROPE_STATIC
+    from rope_jit.specs_fused import FUSED_ROPE_PARAMS
 
     rng = np.random.default_rng(3)
     T, hq, hk, rot, nope = 5, 8, 2, 64, 64
@@ -341,9 +341,8 @@ def test_kernel_loops_over_several_batches_per_thread(item_batch, cache_vec):
     plan = plan_rope_fused(call_of(ROPE_QUANTIZE, False, quantize_dtype="float8_e5m2"),
                            FusedRopeArrays(**{f: emu.desc(v) for f, v in arrays.items()}))
     _, items = fused_items(plan.spec)
-    names = ROPE_FREQ + FUSED_ROPE_MULS + FUSED_ROPE_STATIC
     static = list(plan.static)
-    static[names.index("split_items")] = items
+    static[FUSED_ROPE_PARAMS.static_names.index("split_items")] = items
     assert plan.spec.cos_sin_in_regs and plan.spec.cache_vec == 4
     spec = dataclasses.replace(plan.spec, item_batch=item_batch, cache_vec=cache_vec)
     assert -(-items // 8) > 2 * item_batch
@@ -351,7 +350,7 @@ def test_kernel_loops_over_several_batches_per_thread(item_batch, cache_vec):
                                launch=Launch((-(-T // 2), 1, 1), (8, 2, 1), 2 * rot // 2 * 8))
     for field, shape, dtype in plan.outputs:
         arrays[field] = poisoned(shape, dtype)
-    emu.run(plan, [emu.pointer(arrays.get(f)) for f in FusedRopeArrays._fields])
+    emu.run(plan, [emu.pointer(arrays.get(f)) for f in FUSED_ROPE_POINTERS])
     q64, k64 = f64(q), f64(k)
     ref = reference.rope_quantize(q64[..., :rot], k64[..., :rot], q64[..., rot:], k64[..., rot:], cos, sin, False)
     for field, r in zip(("q_rope_out", "k_rope_out", "q_nope_out", "k_nope_out"), ref):

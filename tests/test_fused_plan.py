@@ -22,11 +22,11 @@ from rope_jit.plan_fused import (BLOCK_THREADS, ITEM_BATCH, THREAD_BATCHES, QKNo
                                  choose_fused_launch, fused_items, plan_qk_norm_rope,
                                  widest_vec)
 from rope_jit.specs import ROPE_FREQ
-from rope_jit.specs_fused import (FUSED_ROPE_MULS, FUSED_ROPE_PARAMS, FUSED_ROPE_STATIC,
-                                  QK_NORM_ROPE_STATIC)
+from rope_jit.specs_fused import FUSED_ROPE_PARAMS, QK_NORM_ROPE_PARAMS
+
 
 def values(p) -> dict:
-    names = ROPE_FREQ + FUSED_ROPE_MULS + FUSED_ROPE_STATIC
+    names = FUSED_ROPE_PARAMS.static_names
     assert len(p.static) == len(names) == len(FUSED_ROPE_PARAMS.names) - 20
     return dict(zip(names, p.static))
 
@@ -525,7 +525,7 @@ def test_qk_norm_rope_launch(head, rot):
              position_ids=desc((1 << 16,), "int64"), cos_sin_cache=desc((4096, rot), "bfloat16"))
     assert not big.spec.cos_sin_in_regs  # many: the shared tile (registers cost more)
     assert big.launch.smem == 2 * head * 4 + big.launch.block[2] * rot // 2 * 8
-    v = dict(zip(ROPE_FREQ + ("eps",) + QK_NORM_ROPE_STATIC, p.static))
+    v = dict(zip(QK_NORM_ROPE_PARAMS.static_names, p.static))
     assert (v["eps"], v["token_stride"], v["max_position"]) == (1e-6, 14 * head, 4096)
 
 
@@ -551,9 +551,90 @@ def test_qk_norm_rope_forced_token_heads_per_warp():
 def test_qk_norm_rope_on_the_fly_and_strided_rows():
     p = qk(call=(4, 2, 2, 128, 1e-5, True, frequencies_json(1e6), 64), cos_sin_cache=None,
            qkv=desc((T, 1024), strides=(1100, 1)))
-    v = dict(zip(ROPE_FREQ + ("eps",) + QK_NORM_ROPE_STATIC, p.static))
+    v = dict(zip(QK_NORM_ROPE_PARAMS.static_names, p.static))
     assert p.spec.cache_dtype is None and p.spec.rotary_dim == 64 and p.spec.vec == 4
     assert not p.spec.cos_sin_in_regs  # on the fly: the shared tile of weights and cos/sin
     assert p.launch.smem == 2 * 128 * 4 + p.launch.block[2] * 64 // 2 * 8
     assert v["token_stride"] == 1100 and v["max_position"] == 0
     assert qk(qkv=desc((0, 1024))).spec is None
+
+
+# ------------------------------------------------------------------ the argument structs
+
+# What a decode call of each function reads of FusedRopeParams (kernels/rope_fused.cu; the
+# sets SASS of sm_90 builds showed): the token test, the position, the cos/sin row, the
+# q/k/v item addressing (v's even without v) and the q multiplier, then each function's own.
+_EVERY = ("num_tokens", "split_items", "pos_stride", "pos_ids", "cos_sin_cache", "max_position",
+          "cache_stride", "q_rope", "k_rope", "v", "qr_st", "qr_sh", "kr_st", "kr_sh", "v_st",
+          "v_sh", "q_mul")
+_SLOTS = ("num_slots", "slot_stride", "slot_mapping", "num_pages", "cache0", "kc_mul",
+          "krc_page", "krc_entry", "krc_head", "krc_off")
+_V_CACHE = ("cache1", "vc_mul", "vc_page", "vc_entry", "vc_head")
+_K_NOPE = ("k_nope", "kn_st", "kn_sh", "kn_off")
+_K_NOPE_CACHE = ("knc_page", "knc_entry", "knc_head", "knc_off")
+_Q_OUT = ("q_nope", "qn_st", "qn_sh", "q_rope_out", "q_nope_out", "qro_st", "qro_sh",
+          "qno_st", "qno_sh")
+_PAGED = ("batch_stride", "positions_stride", "batch_indices", "positions", "batch_size",
+          "kv_indptr", "kv_indptr_stride", "num_indices", "kv_indices", "kv_indices_stride",
+          "num_pages", "cache0", "kc_mul", "krc_page", "krc_entry", "krc_head", "krc_off")
+# (what it reads, the 64-byte lines that holds at most)
+_DECODE_READS = {
+    "vLLM / SGLang KV cache": (_EVERY + _SLOTS + _V_CACHE + ("k_mul", "k_scale", "v_scale"), 5),
+    "vLLM MLA cache": (_EVERY + _SLOTS + _K_NOPE + _K_NOPE_CACHE + ("k_mul", "k_scale"), 6),
+    "rope_quantize_fp8": (_EVERY + _K_NOPE + _Q_OUT + (
+        "k_mul", "k_rope_out", "k_nope_out", "kro_st", "kro_sh", "kno_st", "kno_sh"), 7),
+    "append paged": (_EVERY + _PAGED + _V_CACHE + _K_NOPE + _K_NOPE_CACHE + _Q_OUT, 9),
+}
+
+
+def _lines(params, names) -> set:
+    """The constant-bank lines of struct fields on sm_90 (arguments at c[0x0][0x210])."""
+    return {(0x210 + 8 * params.names.index(n)) // 64 for n in names}
+
+
+@pytest.mark.parametrize("params, hot", [
+    (FUSED_ROPE_PARAMS, ("num_tokens", "split_items", "pos_stride", "pos_ids", "num_slots",
+                         "slot_stride")),
+    (QK_NORM_ROPE_PARAMS, ("num_tokens", "token_stride", "qkv", "pos_stride", "position_ids",
+                           "cos_sin_cache")),
+], ids=["rope_fused", "qk_norm_rope"])
+def test_fused_argument_struct_layout_and_packing(params, hot):
+    """As tests/test_plan.py's for the plain kernel: what a decode call reads first (the
+    token test, the first row or index loads) shares the first 64-byte constant-cache line
+    on sm_90; the pointers are contiguous, packed alone at pointer_offset (in the struct's
+    order, which the warm path maps the arrays onto by name); the plan's values fill the
+    rest, in static_names order."""
+    assert _lines(params, hot) == {0x210 // 64}
+    first = params.pointer_offset // 8
+    assert params.names[first:first + len(params.pointers)] == params.pointers
+    assert set(params.static_names).isdisjoint(params.pointers)
+    assert len(params.static_names) + len(params.pointers) == len(params.names)
+    static = tuple(range(1, len(params.static_names) + 1))  # distinct values (doubles too)
+    pointers = tuple(1000 + i for i in range(len(params.pointers)))
+    fields = dict(zip(params.names, params.packer.unpack(params.pack(pointers, static))))
+    assert all(fields[n] == v for n, v in zip(params.pointers, pointers))
+    assert all(fields[n] == v for n, v in zip(params.static_names, static))
+
+
+@pytest.mark.parametrize("function", _DECODE_READS)
+def test_fused_decode_reads_few_constant_lines(function):
+    """Each function's decode call reads its fields from few 64-byte lines (specs_fused)."""
+    reads, most = _DECODE_READS[function]
+    assert set(reads) <= set(FUSED_ROPE_PARAMS.names)
+    assert len(_lines(FUSED_ROPE_PARAMS, reads)) <= most
+
+
+def test_qk_norm_rope_decode_reads_two_constant_lines():
+    """With a cos/sin cache, every field but the on-the-fly frequencies: two lines."""
+    reads = [n for n in QK_NORM_ROPE_PARAMS.names if n not in ROPE_FREQ]
+    assert len(_lines(QK_NORM_ROPE_PARAMS, reads)) == 2
+
+
+def test_plans_fill_the_struct_by_name():
+    """The plans' static values land in the fields of their names (the planner produces
+    them in static_names order, whatever the struct's order)."""
+    v = values(plan("ap"))
+    assert (v["num_tokens"], v["batch_size"], v["max_position"]) == (T, B, 4096)
+    assert v["q_mul"] == 1.0 and v["kc_mul"] == 1.0
+    q = dict(zip(QK_NORM_ROPE_PARAMS.static_names, qk().static))
+    assert (q["num_tokens"], q["token_stride"], q["eps"]) == (T, 8 * 128, 1e-6)
