@@ -86,8 +86,9 @@ def _prepare(kind: _Kind, call, arrays: tuple) -> _Prepared:
 
 def run_fused(call: FusedRopeCall | QKNormRopeCall, arrays: tuple, *, fw: Framework | None = None):
     """Run a fused call on arrays of any supported framework, given in the order of the
-    fields of plan_fused.FusedRopeArrays or QKNormRopeArrays (None where absent). Returns the outputs of a FlashInfer function (given ones as they were,
-    missing ones new, of the caller's array type), else None.
+    fields of plan_fused.FusedRopeArrays or QKNormRopeArrays (None where absent). Returns
+    the outputs of a FlashInfer function (given ones as they were, missing ones new, of the
+    caller's array type), else None.
 
     fw: the first array's Framework when the caller already knows it.
     """
