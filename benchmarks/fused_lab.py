@@ -36,7 +36,8 @@ from ceilings import narrow_copy  # noqa: E402
 from fused import AppendPaged, FlashInfer, QKNormRope, RopeQuantize, _check  # noqa: E402
 from timing import buffer_sets, copy_bandwidth, time_calls  # noqa: E402
 
-KNOBS = ("ITEM_BATCH", "THREAD_BATCHES", "BLOCK_THREADS", "MIN_BLOCKS", "QK_COS_SIN_IN_REGS")
+KNOBS = ("ITEM_BATCH", "THREAD_BATCHES", "BLOCK_THREADS", "FEW_BLOCK_THREADS", "MIN_BLOCKS",
+         "QK_COS_SIN_IN_REGS")
 DEFAULT = ("default", {k: getattr(plan_fused, k) for k in KNOBS})
 
 
@@ -53,6 +54,12 @@ CONFIGS = ([DEFAULT] + [config(cap, th, n) for th in (64, 128, 256) for cap in (
 # --configs regs: register caps (64, 40, 32 registers: more threads resident) x batches
 REG_CONFIGS = ([DEFAULT] + [config(cap, 128, n, mb) for mb in (2, 3, 4)
                             for cap, n in ((2, 4), (2, 8), (4, 2), (1, 8))])
+# --configs blocks: few tokens (a thread does one item there): only the block's threads
+# matter, and with them how many SMs the grid reaches (Llama's paged append at 16 tokens
+# makes 96 blocks of 128 threads on a 132-SM GPU; plan_fused.FEW_BLOCK_THREADS came from
+# this sweep, off here so each block size is its own)
+BLOCK_CONFIGS = [DEFAULT] + [(name, dict(knobs, FEW_BLOCK_THREADS=0)) for name, knobs in
+                             (config(1, th, 1) for th in (32, 64, 128, 256))]
 # fused_qk_norm_rope (--qk): cos/sin and weights per thread, or the shared tile
 QK_CONFIGS = [DEFAULT, ("qk tile", dict(DEFAULT[1], QK_COS_SIN_IN_REGS=False))]
 
@@ -95,15 +102,15 @@ def main(argv=None) -> int:
     ap.add_argument("--flashinfer", default=str(HERE.parent / ".peers" / "libfi_rope.so"))
     ap.add_argument("--ncu", action="store_true", help="one call of each kernel at 8192 tokens")
     ap.add_argument("--qk", action="store_true", help="fused_qk_norm_rope (Qwen3-8B) instead")
-    ap.add_argument("--configs", choices=("batch", "regs"), default="batch",
+    ap.add_argument("--configs", choices=("batch", "regs", "blocks"), default="batch",
                     help="batch: item batches x batches a thread x block threads; "
-                         "regs: register caps x batches")
+                         "regs: register caps x batches; blocks: block threads, few tokens")
     args = ap.parse_args(argv)
     fi = FlashInfer(args.flashinfer) if Path(args.flashinfer).exists() else None
     cases = [RopeQuantize("llama3-8b", 32, 8, 128, 0, 0, fi),
              AppendPaged("llama3-8b", 32, 8, 128, 0, fi),
              RopeQuantize("dsv3-mla-absorbed", 128, 0, 64, 512, 512, fi)]
-    configs = CONFIGS if args.configs == "batch" else REG_CONFIGS
+    configs = {"batch": CONFIGS, "regs": REG_CONFIGS, "blocks": BLOCK_CONFIGS}[args.configs]
     if args.qk:
         cases, configs = [QKNormRope("qwen3-8b", 32, 8, 128)], QK_CONFIGS
     if args.ncu:
@@ -144,7 +151,7 @@ def main(argv=None) -> int:
             if isinstance(case, RopeQuantize) and T <= 128:
                 line["default pdl"] = time_calls([lambda x=x: rope_quantize_pdl(x) for x in sets])
             for cfg in configs:
-                if T <= 128 and cfg is not DEFAULT and configs is not QK_CONFIGS:
+                if T <= 128 and cfg is not DEFAULT and (configs is CONFIGS or configs is REG_CONFIGS):
                     continue  # a thread does one item there, whatever the batch knobs say
                 if cfg[0] in wrong:
                     line[cfg[0]] = "WRONG"

@@ -103,6 +103,12 @@ def arg_name(call, field: str) -> str:
 ITEM_BATCH = 2
 THREAD_BATCHES = 4
 BLOCK_THREADS = 128
+# Few tokens of few items (a token in at most four such blocks, the grid at most one block
+# an SM): blocks this large instead (0: never). H200, Llama-3-8B, 1 / 16 tokens: paged
+# append 2.29 -> 2.19 / 2.47 -> 2.31 us, rope_quantize_fp8 1.74 -> 1.70 / 1.86 -> 1.81 us;
+# slower where one token fills many blocks (DeepSeek-V3 absorbed MLA, 9288 items a token:
+# 1.83 -> 1.94 us) or the grid is larger (Llama at 128 tokens: 2.81 -> 2.90 us).
+FEW_BLOCK_THREADS = 256
 MIN_BLOCKS = 1          # kernels/rope_fused.cu register cap (1: none below 128)
 MAX_BLOCK_TOKENS = 16   # tokens of a block (blockDim.y), at most
 QK_BLOCK_THREADS = 256  # kernels/qk_norm_rope.cu
@@ -665,7 +671,8 @@ class FusedLaunch(NamedTuple):
 
 def choose_fused_launch(num_tokens: int, items: int, half: int, num_sms: int, chunks: int = 0, *,
                         batch_cap: int = ITEM_BATCH, thread_batches: int = THREAD_BATCHES,
-                        block_threads: int = BLOCK_THREADS) -> FusedLaunch:
+                        block_threads: int = BLOCK_THREADS,
+                        few_block_threads: int = FEW_BLOCK_THREADS) -> FusedLaunch:
     """The fused kernel's launch and launch-dependent constants for num_tokens tokens of
     `items` items.
 
@@ -677,6 +684,7 @@ def choose_fused_launch(num_tokens: int, items: int, half: int, num_sms: int, ch
     tokens compile a lean kernel of one item a thread. The item lanes of a
     block (a power of two, 32 to block_threads) cover a token's items in `splits` blocks;
     the rest of the threads take more tokens. Shared memory: the tokens' cos/sin tile.
+    Few tokens of few items take blocks of few_block_threads (FEW_BLOCK_THREADS says when).
 
     chunks: the rotated chunks per head (kernels/rope_chunk.cuh CHUNKS) when cos/sin come
     from a cache, else 0. When they divide the item lanes, each block's items start at a
@@ -689,6 +697,9 @@ def choose_fused_launch(num_tokens: int, items: int, half: int, num_sms: int, ch
     per_thread = (min(batch_cap * thread_batches, wave_items)
                   if wave_items >= batch_cap * thread_batches else min(batch_cap, wave_items))
     item_batch = min(batch_cap, _pow2_ceil(per_thread))
+    if (per_thread == 1 and items <= 4 * few_block_threads
+            and num_tokens * items <= num_sms * few_block_threads):
+        block_threads = max(block_threads, few_block_threads)
     lanes = min(block_threads, max(32, _pow2_ceil(-(-items // per_thread))))
     in_regs = chunks > 0 and lanes % chunks == 0
     tokens = max(1, min(MAX_BLOCK_TOKENS, block_threads // lanes, num_tokens,
@@ -752,7 +763,7 @@ def plan_rope_fused(call: FusedRopeCall, arrays: FusedRopeArrays, *,
     chunks = x.rot // 2 // spec.vec if call.from_cache else 0
     fl = choose_fused_launch(T, items, x.rot // 2, num_sms, chunks,
                              batch_cap=ITEM_BATCH, thread_batches=THREAD_BATCHES,
-                             block_threads=BLOCK_THREADS)
+                             block_threads=BLOCK_THREADS, few_block_threads=FEW_BLOCK_THREADS)
     launch, split_items = fl.launch, fl.split_items
     cache_vec = 1
     if fl.cos_sin_in_regs:  # vector loads of the thread's cos/sin, as wide as the cache allows

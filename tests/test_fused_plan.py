@@ -18,7 +18,8 @@ from fused_cases import (B, BASE, BS, D, HK, HQ, KINDS, NB, PS, L, N, P, R, T, b
 from rope_jit.arrays import HOST, ArrayDesc
 from rope_jit.call import frequencies_json
 from rope_jit.call_fused import APPEND_PAGED, ROPE_QUANTIZE, fused_rope_call, qk_norm_rope_call
-from rope_jit.plan_fused import (BLOCK_THREADS, ITEM_BATCH, THREAD_BATCHES, QKNormRopeArrays,
+from rope_jit.plan_fused import (BLOCK_THREADS, FEW_BLOCK_THREADS, ITEM_BATCH, THREAD_BATCHES,
+                                 QKNormRopeArrays,
                                  choose_fused_launch, fused_items, plan_qk_norm_rope,
                                  widest_vec)
 from rope_jit.specs import ROPE_FREQ
@@ -395,8 +396,10 @@ def test_launch_covers_every_item_of_every_token(tokens, items, chunks, cap, bat
     gx, splits, _ = launch.grid
     assert gx * block_tokens >= tokens and splits * split >= items
     assert (splits - 1) * split < items  # no empty split
-    assert lanes & (lanes - 1) == 0 and 32 <= lanes <= BLOCK_THREADS
-    assert lanes * block_tokens <= BLOCK_THREADS and 1 <= block_tokens <= 16
+    few = items <= 4 * FEW_BLOCK_THREADS and tokens * items <= 132 * FEW_BLOCK_THREADS
+    threads = max(BLOCK_THREADS, FEW_BLOCK_THREADS) if few else BLOCK_THREADS
+    assert lanes & (lanes - 1) == 0 and 32 <= lanes <= threads
+    assert lanes * block_tokens <= threads and 1 <= block_tokens <= 16
     # a thread does at most `batches` batches of item_batch items, item_batch a power of
     # two up to the cap, no larger than what a thread does (few tokens: a lean kernel)
     per_thread = -(-split // lanes)
@@ -425,6 +428,20 @@ def test_few_tokens_spread_over_the_gpu():
                              block_threads=128)  # 4 batches of 2 items a thread
     assert fl.launch.grid[1] == 3 and -(-fl.split_items // fl.launch.block[0]) == 7
     assert fl.item_batch == 2
+
+
+def test_few_tokens_of_few_items_take_larger_blocks():
+    """Llama-3-8B's paged append (768 items a token): 256-thread blocks, three a token, at 1
+    and 16 tokens; 128 again once the grid would pass one block an SM (128 tokens) and for
+    a token of many items (DeepSeek-V3 absorbed MLA, 9288)."""
+    for tokens in (1, 16):
+        fl = choose_fused_launch(tokens, 768, 64, 132, 8)
+        assert fl.launch.block[0] == FEW_BLOCK_THREADS == 256 and fl.launch.grid == (tokens, 3, 1)
+        assert fl.item_batch == 1 and fl.cos_sin_in_regs
+    assert choose_fused_launch(128, 768, 64, 132, 8).launch.block[0] == BLOCK_THREADS
+    assert choose_fused_launch(1, 9288, 32, 132, 4).launch.block[0] == BLOCK_THREADS
+    off = choose_fused_launch(16, 768, 64, 132, 8, few_block_threads=0)
+    assert off.launch.block[0] == BLOCK_THREADS and off.launch.grid == (16, 6, 1)
 
 
 @pytest.mark.parametrize("kind", KINDS)
