@@ -151,8 +151,9 @@ def main(argv=None) -> int:
             if isinstance(case, RopeQuantize) and T <= 128:
                 line["default pdl"] = time_calls([lambda x=x: rope_quantize_pdl(x) for x in sets])
             for cfg in configs:
-                if T <= 128 and cfg is not DEFAULT and (configs is CONFIGS or configs is REG_CONFIGS):
+                if T < 128 and cfg is not DEFAULT and (configs is CONFIGS or configs is REG_CONFIGS):
                     continue  # a thread does one item there, whatever the batch knobs say
+                    # (at 128 tokens DeepSeek-V3 absorbed MLA's threads do several)
                 if cfg[0] in wrong:
                     line[cfg[0]] = "WRONG"
                     continue
