@@ -19,9 +19,8 @@ from rope_jit.arrays import HOST, ArrayDesc
 from rope_jit.call import frequencies_json
 from rope_jit.call_fused import APPEND_PAGED, ROPE_QUANTIZE, fused_rope_call, qk_norm_rope_call
 from rope_jit.plan_fused import (BLOCK_THREADS, FEW_BLOCK_THREADS, ITEM_BATCH, THREAD_BATCHES,
-                                 QKNormRopeArrays,
-                                 choose_fused_launch, fused_items, plan_qk_norm_rope,
-                                 widest_vec)
+                                 QKNormRopeArrays, choose_fused_launch, fused_items,
+                                 plan_qk_norm_rope, widest_vec)
 from rope_jit.specs import ROPE_FREQ
 from rope_jit.specs_fused import FUSED_ROPE_PARAMS, QK_NORM_ROPE_PARAMS
 
